@@ -1,0 +1,124 @@
+"""The wire contract between edge agents and the ingest bridge: the MQTT batch, its topic and codec.
+
+This is the one place that defines what a gateway may send. The bridge validates every payload
+against it, Kafka carries it unchanged (``readings.v1``), and the writer flattens it into rows.
+Identifiers are restricted to a topic-safe alphabet so that no id can smuggle MQTT wildcards or
+extra topic levels.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from enum import IntFlag, StrEnum
+from typing import Annotated, Final, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+WIRE_VERSION: Final = 1
+TOPIC_ROOT: Final = "scopemeter/v1"
+MAX_READINGS_PER_BATCH: Final = 10_000
+
+Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+def _to_utc(ts: datetime) -> datetime:
+    return ts.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+class Quantity(StrEnum):
+    """What a reading measures; the unit is part of the name so it can never be ambiguous."""
+
+    ENERGY_IMPORT_KWH = "energy_import_kwh"  # cumulative counter
+    ENERGY_EXPORT_KWH = "energy_export_kwh"  # cumulative counter
+    POWER_W = "power_w"  # instantaneous total active power
+    GAS_M3 = "gas_m3"  # cumulative counter
+
+
+COUNTER_QUANTITIES: Final = frozenset(
+    {Quantity.ENERGY_IMPORT_KWH, Quantity.ENERGY_EXPORT_KWH, Quantity.GAS_M3}
+)
+
+
+class Quality(IntFlag):
+    """Quality bits set at the source; 0 means a plain good measurement."""
+
+    GOOD = 0
+    ESTIMATED = 1
+    COUNTER_WRAP = 2
+    COUNTER_RESET = 4
+    METER_REPLACED = 8
+    CLOCK_SUSPECT = 16
+    OUT_OF_RANGE = 32
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("value must be a finite number")
+    return v
+
+
+class Reading(BaseModel):
+    """One measurement; (meter_id, quantity, ts) is its identity everywhere downstream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    meter_id: Ident
+    quantity: Quantity
+    ts: UtcDatetime
+    value: Annotated[float, AfterValidator(_finite)]
+    quality: Annotated[int, Field(ge=0, le=0xFFFF)] = 0
+
+
+class Batch(BaseModel):
+    """What one MQTT message carries: readings of one gateway, numbered by a per-gateway sequence."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = WIRE_VERSION
+    supplier: Ident
+    site: Ident
+    gateway: Ident
+    seq: Annotated[int, Field(ge=0)]
+    sent_at: UtcDatetime
+    readings: Annotated[list[Reading], Field(min_length=1, max_length=MAX_READINGS_PER_BATCH)]
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, payload: bytes | str) -> Batch:
+        """Parse and validate; raises ``pydantic.ValidationError`` on anything off-contract."""
+        return cls.model_validate_json(payload)
+
+
+class TopicIdentity(BaseModel):
+    """The identity an MQTT topic claims; must equal the payload's."""
+
+    model_config = ConfigDict(frozen=True)
+
+    supplier: Ident
+    site: Ident
+    gateway: Ident
+
+
+def readings_topic(supplier: str, site: str, gateway: str) -> str:
+    return f"{TOPIC_ROOT}/{supplier}/{site}/{gateway}/readings"
+
+
+def status_topic(supplier: str, site: str, gateway: str) -> str:
+    return f"{TOPIC_ROOT}/{supplier}/{site}/{gateway}/status"
+
+
+READINGS_SUBSCRIPTION: Final = f"{TOPIC_ROOT}/+/+/+/readings"
+
+
+def parse_readings_topic(topic: str) -> TopicIdentity:
+    """Return the identity in a readings topic; raises ValueError for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 6 or "/".join(parts[:2]) != TOPIC_ROOT or parts[5] != "readings":
+        raise ValueError(f"not a readings topic: {topic!r}")
+    return TopicIdentity(supplier=parts[2], site=parts[3], gateway=parts[4])

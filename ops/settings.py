@@ -1,0 +1,87 @@
+"""The one settings model for every scopemeter process.
+
+Values come from (highest first) environment variables ``SCOPEMETER_<SECTION>__<FIELD>``
+(e.g. ``SCOPEMETER_DB__DSN``), then defaults. The defaults are the embedded stack that
+``scopemeter stack up`` starts on this machine, so nothing needs configuring for the demo.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class MqttSettings(BaseModel):
+    host: str = "127.0.0.1"
+    # The project's own Mosquitto listens here, beside any broker the machine already runs on 1883.
+    port: int = 18883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = 30
+    # Bridges share the subscription so that more of them split the load.
+    share_group: str = "ingest"
+
+
+class KafkaSettings(BaseModel):
+    bootstrap: str = "127.0.0.1:19092"
+    readings_topic: str = "readings.v1"
+    dlq_topic: str = "readings.dlq.v1"
+    committed_topic: str = "readings.committed.v1"
+    partitions: int = 4
+    writer_group: str = "writer"
+    compute_group: str = "compute"
+
+
+class DbSettings(BaseModel):
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/scopemeter"
+    # Used only to create the database when it does not exist.
+    admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+class ClockSettings(BaseModel):
+    """Accelerated time for simulations: every process given the same values agrees on 'now'.
+
+    sim_now = sim_start + (wall_now - wall_start) * speed.  Real UTC when ``speed`` is 1 and
+    ``sim_start`` is unset.
+    """
+
+    speed: float = Field(default=1.0, gt=0)
+    sim_start: datetime | None = None
+    wall_start: float | None = None
+
+    def now(self) -> datetime:
+        if self.sim_start is None:
+            return datetime.now(UTC)
+        wall_start = self.wall_start if self.wall_start is not None else time.time()
+        return self.sim_start + (time.time() - wall_start) * self.speed * _SECOND
+
+    def sleep_sim(self, sim_seconds: float) -> None:
+        time.sleep(sim_seconds / self.speed)
+
+
+_SECOND = datetime(2000, 1, 1, 0, 0, 1) - datetime(2000, 1, 1)
+
+
+class StackSettings(BaseModel):
+    state_dir: Path = REPO_ROOT / ".scopemeter"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCOPEMETER_", env_nested_delimiter="__")
+
+    mqtt: MqttSettings = MqttSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    db: DbSettings = DbSettings()
+    clock: ClockSettings = ClockSettings()
+    stack: StackSettings = StackSettings()
+    config_dir: Path = REPO_ROOT / "config"
