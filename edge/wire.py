@@ -22,8 +22,16 @@ MAX_READINGS_PER_BATCH: Final = 10_000
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
+# Outside this window a timestamp is a broken gateway clock, not a measurement.
+EARLIEST_TS: Final = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TS: Final = datetime(2100, 1, 1, tzinfo=UTC)
+
+
 def _to_utc(ts: datetime) -> datetime:
-    return ts.astimezone(UTC)
+    ts = ts.astimezone(UTC)
+    if not EARLIEST_TS <= ts < LATEST_TS:
+        raise ValueError(f"timestamp {ts.isoformat()} outside [{EARLIEST_TS.year}, {LATEST_TS.year})")
+    return ts
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]

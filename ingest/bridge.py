@@ -1,0 +1,138 @@
+"""MQTT → Kafka bridge.
+
+Each MQTT message (QoS 1, shared subscription, persistent session) is validated, then produced to
+``readings.v1`` (key = site) or to the DLQ. The MQTT PUBACK is sent only after Kafka acknowledged
+the record (paho manual ack), so a crash at any point leaves the message with Mosquitto, which
+redelivers it: nothing accepted is ever lost, and a redelivered duplicate is dropped by the DB key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from aiokafka import AIOKafkaProducer
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge.wire import READINGS_SUBSCRIPTION, Batch
+from ingest.validate import classify
+from ops import metrics
+from ops.settings import Settings
+
+log = logging.getLogger("scopemeter.bridge")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+def make_mqtt_client(settings: Settings, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
+    """A paho client configured from settings (credentials, TLS); the caller connects it."""
+    s = settings.mqtt
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=False,
+        manual_ack=manual_ack,
+    )
+    if s.username:
+        client.username_pw_set(s.username, s.password)
+    if s.tls:
+        client.tls_set(
+            ca_certs=str(s.ca_file) if s.ca_file else None,
+            certfile=str(s.cert_file) if s.cert_file else None,
+            keyfile=str(s.key_file) if s.key_file else None,
+        )
+    # Many in-flight messages keep the pipe full while Kafka acks arrive.
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    return client
+
+
+async def run_bridge(settings: Settings, stop: asyncio.Event, client_id: str | None = None) -> None:
+    """Run until ``stop`` is set; raises if Kafka refuses a record (un-acked messages stay in MQTT)."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    # A stable id keeps the persistent session (and its un-acked messages) across restarts.
+    client_id = client_id or f"scopemeter-bridge-{socket.gethostname()}"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap,
+        acks="all",
+        enable_idempotence=False,  # not supported by every Kafka-compatible broker; the DB key dedups
+        linger_ms=5,
+        max_request_size=8 * 1024 * 1024,
+    )
+    await producer.start()
+    subscribed = asyncio.Event()
+
+    def on_connect(client: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if rc.is_failure:
+            log.error("MQTT connect refused: %s", rc)
+            return
+        topic = f"$share/{settings.mqtt.share_group}/{READINGS_SUBSCRIPTION}"
+        client.subscribe(topic, qos=1)
+        loop.call_soon_threadsafe(subscribed.set)
+
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        item = Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
+        loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+    client = make_mqtt_client(settings, client_id, manual_ack=True)
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.connect_async(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive)
+    client.loop_start()
+    failure: list[BaseException] = []
+
+    def acked(item: Incoming, fut: asyncio.Future[object]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            failure.append(fut.exception() or asyncio.CancelledError())
+            return
+        if item.qos > 0:
+            client.ack(item.mid, item.qos)
+
+    try:
+        await asyncio.wait_for(subscribed.wait(), timeout=30)
+        log.info("bridge %s subscribed", client_id)
+        while not stop.is_set():
+            if failure:
+                raise RuntimeError(f"Kafka refused a record: {failure[0]!r}")
+            try:
+                item = await asyncio.wait_for(inbox.get(), timeout=0.2)
+            except TimeoutError:
+                continue
+            fut = await _produce(producer, settings, item)
+            fut.add_done_callback(functools.partial(acked, item))
+        await producer.flush()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        await producer.stop()
+
+
+async def _produce(producer: AIOKafkaProducer, settings: Settings, item: Incoming) -> asyncio.Future[object]:
+    decided = classify(item.topic, item.payload)
+    if isinstance(decided, Batch):
+        metrics.BRIDGE_MESSAGES.labels(outcome="accepted").inc()
+        metrics.BRIDGE_READINGS.inc(len(decided.readings))
+        return await producer.send(  # type: ignore[no-any-return]
+            settings.kafka.readings_topic,
+            value=decided.encode(),
+            key=decided.site.encode(),
+            headers=[("gateway", decided.gateway.encode()), ("seq", str(decided.seq).encode())],
+        )
+    metrics.BRIDGE_MESSAGES.labels(outcome="dlq").inc()
+    metrics.BRIDGE_DLQ.labels(reason=decided.reason.value).inc()
+    log.warning("DLQ %s: %s (%s)", decided.reason.value, decided.detail[:200], item.topic)
+    return await producer.send(  # type: ignore[no-any-return]
+        settings.kafka.dlq_topic, value=decided.encode(), key=item.topic.encode()
+    )
