@@ -1,0 +1,203 @@
+"""The fleet registry (``config/fleet.toml``): suppliers, sites, gateways, meters; validated and applied.
+
+Unknown keys are rejected everywhere, with one temporary exception: meters may still carry the
+simulation keys ``profile``, ``base_kw`` and ``peak_kw`` (moving to the simulator's own config);
+they are accepted and ignored.
+
+``apply_fleet`` upserts; it never deletes. Entities in the DB but no longer in the file are
+reported so that a person decides (readings and rollups may still reference them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import psycopg
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from compute.config import Carrier, ConfigError, entry_name, read_toml, validate
+from edge.wire import Ident
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+SIMULATION_KEYS = frozenset({"profile", "base_kw", "peak_kw"})
+
+
+def _timezone(tz: str) -> str:
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA timezone {tz!r}") from None
+    return tz
+
+
+def _ratio(v: float) -> float:
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError("must be a finite number > 0")
+    return v
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Supplier(_Entry):
+    id: Ident
+    name: Name
+
+
+class Site(_Entry):
+    id: Ident
+    supplier: Ident
+    name: Name
+    grid_region: Name
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+
+
+class Gateway(_Entry):
+    id: Ident
+    site: Ident
+
+
+class Meter(_Entry):
+    id: Ident
+    site: Ident
+    gateway: Ident | None = None
+    carrier: Carrier
+    model: Name
+    unit_id: Annotated[int, Field(ge=0, le=255)] | None = None
+    ct_ratio: Annotated[float, AfterValidator(_ratio)] = 1.0
+    pt_ratio: Annotated[float, AfterValidator(_ratio)] = 1.0
+    # Tolerated simulation keys (see module doc); not stored.
+    profile: Any = Field(default=None, exclude=True)
+    base_kw: Any = Field(default=None, exclude=True)
+    peak_kw: Any = Field(default=None, exclude=True)
+
+
+class Fleet(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    suppliers: list[Supplier]
+    sites: list[Site]
+    gateways: list[Gateway]
+    meters: list[Meter]
+
+
+_SECTIONS: dict[str, type[_Entry]] = {
+    "suppliers": Supplier,
+    "sites": Site,
+    "gateways": Gateway,
+    "meters": Meter,
+}
+
+
+def load_fleet(path: Path) -> Fleet:
+    """Parse and validate the registry, including references between entries."""
+    data = read_toml(path)
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected {sorted(_SECTIONS)}")
+    parsed: dict[str, list[Any]] = {}
+    for section, model in _SECTIONS.items():
+        raw = data.get(section, [])
+        if not isinstance(raw, list):
+            raise ConfigError(f"{path}: '{section}' must be an array of tables ([[{section}]])")
+        parsed[section] = [
+            validate(model, item, path, entry_name(item, section, i)) for i, item in enumerate(raw)
+        ]
+        ids: set[str] = set()
+        for entry in parsed[section]:
+            if entry.id in ids:
+                raise ConfigError(f"{path}: duplicate id {entry.id!r} in [[{section}]]")
+            ids.add(entry.id)
+    fleet = Fleet(**parsed)
+    suppliers = {s.id for s in fleet.suppliers}
+    sites = {s.id for s in fleet.sites}
+    gateway_site = {g.id: g.site for g in fleet.gateways}
+    for s in fleet.sites:
+        if s.supplier not in suppliers:
+            raise ConfigError(f"{path}: site {s.id!r}: unknown supplier {s.supplier!r}")
+    for g in fleet.gateways:
+        if g.site not in sites:
+            raise ConfigError(f"{path}: gateway {g.id!r}: unknown site {g.site!r}")
+    for m in fleet.meters:
+        if m.site not in sites:
+            raise ConfigError(f"{path}: meter {m.id!r}: unknown site {m.site!r}")
+        if m.gateway is not None:
+            if m.gateway not in gateway_site:
+                raise ConfigError(f"{path}: meter {m.id!r}: unknown gateway {m.gateway!r}")
+            if gateway_site[m.gateway] != m.site:
+                raise ConfigError(
+                    f"{path}: meter {m.id!r} is at site {m.site!r} but its gateway {m.gateway!r} "
+                    f"is at site {gateway_site[m.gateway]!r}"
+                )
+    return fleet
+
+
+@dataclass
+class FleetApplyResult:
+    inserted: dict[str, int] = field(default_factory=dict)
+    updated: dict[str, int] = field(default_factory=dict)
+    not_in_file: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _upsert(
+    cur: psycopg.Cursor[Any], table: str, key: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> tuple[int, int]:
+    cols = ", ".join(columns)
+    rest = [c for c in columns if c != key]
+    sql = (
+        f"INSERT INTO {table} ({cols}) VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in rest)} "
+        f"WHERE ({', '.join(f'{table}.{c}' for c in rest)}) IS DISTINCT FROM "
+        f"({', '.join(f'EXCLUDED.{c}' for c in rest)}) "
+        "RETURNING (xmax = 0)"
+    )
+    inserted = updated = 0
+    for row in rows:
+        cur.execute(sql, row)
+        got = cur.fetchone()
+        if got is None:
+            continue  # unchanged
+        if got[0]:
+            inserted += 1
+        else:
+            updated += 1
+    return inserted, updated
+
+
+def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
+    """Validate ``path`` and upsert suppliers, sites, gateways and meters in one transaction."""
+    fleet = load_fleet(path)
+    result = FleetApplyResult()
+    plan: list[tuple[str, str, tuple[str, ...], list[tuple[Any, ...]]]] = [
+        ("suppliers", "supplier_id", ("supplier_id", "name"), [(s.id, s.name) for s in fleet.suppliers]),
+        (
+            "sites",
+            "site_id",
+            ("site_id", "supplier_id", "name", "grid_region", "timezone"),
+            [(s.id, s.supplier, s.name, s.grid_region, s.timezone) for s in fleet.sites],
+        ),
+        ("gateways", "gateway_id", ("gateway_id", "site_id"), [(g.id, g.site) for g in fleet.gateways]),
+        (
+            "meters",
+            "meter_id",
+            ("meter_id", "site_id", "gateway_id", "carrier", "model", "unit_id", "ct_ratio", "pt_ratio"),
+            [
+                (m.id, m.site, m.gateway, m.carrier.value, m.model, m.unit_id, m.ct_ratio, m.pt_ratio)
+                for m in fleet.meters
+            ],
+        ),
+    ]
+    with conn.transaction(), conn.cursor() as cur:
+        for table, key, columns, rows in plan:
+            ins, upd = _upsert(cur, table, key, columns, rows)
+            result.inserted[table], result.updated[table] = ins, upd
+            cur.execute(f"SELECT {key} FROM {table} ORDER BY {key}")
+            in_file = {r[0] for r in rows}
+            result.not_in_file[table] = [r[0] for r in cur.fetchall() if r[0] not in in_file]
+    return result

@@ -1,0 +1,77 @@
+"""Fixtures and builders for the compute/factors tests (kept out of the shared conftest on purpose).
+
+Import the fixtures into a test module with ``from tests.test_compute_support import compute_dsn``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from ingest.db import drop_database, ensure_database, migrate
+
+ADMIN_DSN = os.environ.get("SCOPEMETER_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REPO = Path(__file__).resolve().parent.parent
+
+Row = tuple[str, str, datetime, float, int, str, str, int]
+
+
+def dsn_for(dbname: str) -> str:
+    return ADMIN_DSN.rsplit("/", 1)[0] + "/" + dbname
+
+
+@pytest.fixture(scope="module")
+def compute_dsn() -> Iterator[str]:
+    """A freshly migrated database of its own for one test module; dropped afterwards."""
+    name = f"scopemeter_test_compute_{uuid.uuid4().hex[:10]}"
+    dsn = dsn_for(name)
+    try:
+        ensure_database(dsn, ADMIN_DSN)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {ADMIN_DSN}: {exc}")
+    try:
+        migrate(dsn)
+        yield dsn
+    finally:
+        drop_database(name, ADMIN_DSN)
+
+
+def reset(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "TRUNCATE readings, meter_energy_15m, site_rollups_15m, emission_factors, meters, gateways, "
+        "sites, suppliers"
+    )
+    conn.commit()
+
+
+def insert_rows(conn: psycopg.Connection[Any], rows: list[Row]) -> int:
+    """What the writer does, minus the COPY: create partitions, insert, drop duplicates."""
+    if not rows:
+        return 0
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            "SELECT scopemeter_ensure_partitions(%s, %s)", (min(r[2] for r in rows), max(r[2] for r in rows))
+        )
+        cur.executemany(
+            "INSERT INTO readings (meter_id, quantity, ts, value, quality, site_id, gateway_id, batch_seq)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            rows,
+        )
+    return len(rows)
+
+
+def snapshot(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    energy = conn.execute("SELECT meter_id, bucket, kwh FROM meter_energy_15m ORDER BY 1, 2").fetchall()
+    rollups = conn.execute(
+        "SELECT site_id, bucket, carrier, scope, method, kwh, kg_co2e, factor_id FROM site_rollups_15m"
+        " ORDER BY 1, 2, 3, 4, 5"
+    ).fetchall()
+    conn.commit()
+    return energy, rollups
