@@ -1,0 +1,160 @@
+"""Device register maps as data (``config/devices/<model>.toml``) and their register codecs.
+
+A map says where each value lives (register type and address), how it is encoded (data type,
+word order, scale) and which wire ``Quantity`` it is, if any.  The edge poller reads maps to
+decide what to request and how to decode; the simulator reads the same map to encode, so the two
+cannot drift apart.  Only the standard library and pydantic are used: this runs on gateways.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge.wire import Quantity
+
+MAX_REGISTERS_PER_READ: Final = 125  # Modbus limit for function codes 3 and 4
+
+
+class RegisterType(StrEnum):
+    INPUT = "input"  # function code 4
+    HOLDING = "holding"  # function code 3
+
+
+class DataType(StrEnum):
+    FLOAT32 = "float32"
+    INT32 = "int32"
+    UINT32 = "uint32"
+    INT16 = "int16"
+    UINT16 = "uint16"
+
+
+_STRUCT: Final = {
+    DataType.FLOAT32: ">f",
+    DataType.INT32: ">i",
+    DataType.UINT32: ">I",
+    DataType.INT16: ">h",
+    DataType.UINT16: ">H",
+}
+
+WordOrder = Literal["big", "little"]  # big: high word first (Eastron); little: low word first
+
+
+class Register(BaseModel):
+    """One value in a device's register space."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    address: Annotated[int, Field(ge=0, le=0xFFFF)]
+    type: RegisterType = RegisterType.INPUT
+    data_type: DataType = DataType.FLOAT32
+    word_order: WordOrder = "big"
+    scale: float = 1.0  # engineering value = raw * scale
+    unit: str = ""
+    quantity: Quantity | None = None  # set when the value maps to a wire quantity
+    description: str = ""
+
+    @property
+    def count(self) -> int:
+        """Number of 16-bit registers the value occupies."""
+        return struct.calcsize(_STRUCT[self.data_type]) // 2
+
+    def decode(self, words: list[int]) -> float:
+        """Engineering value from the value's own registers (as received, in wire order)."""
+        if len(words) != self.count:
+            raise ValueError(f"{self.name}: expected {self.count} registers, got {len(words)}")
+        if self.word_order == "little":
+            words = list(reversed(words))
+        raw = struct.unpack(_STRUCT[self.data_type], b"".join(w.to_bytes(2, "big") for w in words))[0]
+        return float(raw) * self.scale
+
+    def encode(self, value: float) -> list[int]:
+        """Registers (in wire order) holding engineering ``value``; integers are rounded."""
+        raw: float | int = value / self.scale
+        if self.data_type != DataType.FLOAT32:
+            raw = round(raw)
+        data = struct.pack(_STRUCT[self.data_type], raw)
+        words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+        return list(reversed(words)) if self.word_order == "little" else words
+
+
+class DeviceMap(BaseModel):
+    """A meter model's register map."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
+    manufacturer: str = ""
+    description: str = ""
+    # Some devices refuse long reads; the poller never asks for more than this in one request.
+    max_registers_per_read: Annotated[int, Field(ge=1, le=MAX_REGISTERS_PER_READ)] = MAX_REGISTERS_PER_READ
+    registers: Annotated[tuple[Register, ...], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _check(self) -> DeviceMap:
+        names: set[str] = set()
+        quantities: set[Quantity] = set()
+        for reg in self.registers:
+            if reg.name in names:
+                raise ValueError(f"register name {reg.name!r} appears twice")
+            names.add(reg.name)
+            if reg.quantity is not None:
+                if reg.quantity in quantities:
+                    raise ValueError(f"quantity {reg.quantity.value!r} is mapped by two registers")
+                quantities.add(reg.quantity)
+        for rtype in RegisterType:
+            spans = sorted(
+                (r.address, r.address + r.count, r.name) for r in self.registers if r.type == rtype
+            )
+            for (_, end, name), (start, _, nxt) in itertools.pairwise(spans):
+                if start < end:
+                    raise ValueError(f"{rtype.value} registers {name!r} and {nxt!r} overlap")
+        return self
+
+    def by_quantity(self) -> dict[Quantity, Register]:
+        return {r.quantity: r for r in self.registers if r.quantity is not None}
+
+
+class DeviceMapError(ValueError):
+    """A register map that cannot be loaded; the message names the file and the problem."""
+
+
+def devices_dir(config_dir: Path) -> Path:
+    return config_dir / "devices"
+
+
+def load_device_map(path: Path) -> DeviceMap:
+    """Load and validate one map; every problem is reported as a DeviceMapError naming the file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise DeviceMapError(f"{path}: no such device map") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DeviceMapError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        device = DeviceMap.model_validate(data)
+    except ValidationError as exc:
+        raise DeviceMapError(f"{path}: {format_validation_error(exc)}") from None
+    if device.model != path.stem:
+        raise DeviceMapError(f"{path}: model {device.model!r} does not match the file name")
+    return device
+
+
+def load_model(config_dir: Path, model: str) -> DeviceMap:
+    return load_device_map(devices_dir(config_dir) / f"{model}.toml")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, with the location in the file as a dotted path."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)
