@@ -1,0 +1,284 @@
+"""The edge agent: poll meters on the shared clock's schedule, store each batch in the outbox,
+publish it with MQTT QoS 1 and delete it only when the broker acknowledged it.
+
+Threads: paho's network thread only forwards events (connect, PUBACK) into the asyncio loop, so the
+outbox (SQLite) is touched from one thread only.  Paho keeps QoS 1 messages it was handed and
+re-sends them after a reconnect; the outbox covers what paho cannot: a restart of the process.
+At most ``max_inflight`` batches are handed to paho at once, so a long outage does not load the
+whole outbox into memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge.clock import now_ms, pinned, wall_seconds_until
+from edge.config import EdgeConfig, load_device_maps
+from edge.devices import DeviceMap
+from edge.modbus import ModbusPoller
+from edge.outbox import Outbox
+from edge.wire import Batch, Reading, readings_topic, status_topic
+from ops.settings import ClockSettings, MqttSettings, Settings
+
+log = logging.getLogger("scopemeter.edge")
+
+
+@dataclass
+class RunReport:
+    """What a run did; printed as the final JSON line of ``scopemeter edge run``."""
+
+    gateway: str
+    polls: int = 0
+    missed_ticks: int = 0  # schedule ticks skipped because a poll overran
+    failed_meter_reads: int = 0
+    readings_produced: int = 0
+    batches_produced: int = 0
+    readings_published: int = 0  # acknowledged by the broker during this run (incl. older batches)
+    batches_published: int = 0
+    pending_batches: int = 0  # still in the outbox at exit (sent on the next run)
+    dropped_readings: int = 0  # dropped because the outbox was full
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+    def as_json(self) -> str:
+        return json.dumps({"event": "edge.report", **asdict(self)})
+
+
+def make_client(mqtt_settings: MqttSettings, config: EdgeConfig) -> mqtt.Client:
+    """A paho client with the gateway's persistent session and its last will."""
+    s = mqtt_settings
+    # The gateway id is the client id: a persistent session (clean_session False) survives restarts.
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=config.gateway,
+        clean_session=False,
+        protocol=mqtt.MQTTv311,
+    )
+    if s.username:
+        client.username_pw_set(s.username, s.password)
+    if s.tls:
+        client.tls_set(
+            ca_certs=str(s.ca_file) if s.ca_file else None,
+            certfile=str(s.cert_file) if s.cert_file else None,
+            keyfile=str(s.key_file) if s.key_file else None,
+        )
+    client.will_set(
+        status_topic(config.supplier, config.site, config.gateway),
+        json.dumps({"gateway": config.gateway, "state": "offline", "reason": "connection lost"}),
+        qos=1,
+        retain=True,
+    )
+    client.max_inflight_messages_set(config.max_inflight)
+    client.max_queued_messages_set(0)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    return client
+
+
+def next_tick(now: datetime, interval_s: float) -> datetime:
+    """The first instant after ``now`` on the grid of ``interval_s`` since the epoch."""
+    ts = now.timestamp()
+    return datetime.fromtimestamp(math.floor(ts / interval_s + 1) * interval_s, tz=now.tzinfo)
+
+
+def make_batches(
+    config: EdgeConfig, outbox: Outbox, readings: list[Reading], sent_at: datetime
+) -> list[Batch]:
+    """Store readings as one or more batches (at most ``max_readings_per_batch`` each)."""
+    size = config.max_readings_per_batch
+    return [
+        outbox.enqueue(_builder(config, readings[i : i + size], sent_at))
+        for i in range(0, len(readings), size)
+    ]
+
+
+def _builder(config: EdgeConfig, readings: list[Reading], sent_at: datetime) -> Callable[[int], Batch]:
+    def build(seq: int) -> Batch:
+        return Batch(
+            supplier=config.supplier,
+            site=config.site,
+            gateway=config.gateway,
+            seq=seq,
+            sent_at=sent_at,
+            readings=readings,
+        )
+
+    return build
+
+
+@dataclass
+class _Sender:
+    """Hands outbox batches to paho and deletes them on PUBACK (all on the event loop thread)."""
+
+    client: mqtt.Client
+    outbox: Outbox
+    topic: str
+    window: int
+    report: RunReport
+    inflight: dict[int, tuple[int, int]] = field(default_factory=dict)  # mid -> (seq, n_readings)
+    handed_up_to: int = -1  # highest seq handed to paho in this process
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def fill(self) -> None:
+        room = self.window - len(self.inflight)
+        if room <= 0:
+            return
+        for item in self.outbox.pending(after=self.handed_up_to, limit=room):
+            info = self.client.publish(self.topic, item.payload, qos=1)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                log.error("publish of seq %d refused by client: %s", item.seq, mqtt.error_string(info.rc))
+                return  # retried on the next fill
+            # NO_CONN: paho keeps the QoS 1 message and sends it once connected.
+            self.inflight[info.mid] = (item.seq, item.n_readings)
+            self.handed_up_to = item.seq
+
+    def on_puback(self, mid: int, failed: bool) -> None:
+        entry = self.inflight.pop(mid, None)
+        if entry is None:
+            return
+        seq, n = entry
+        if failed:  # MQTT 5 negative ack; not expected with 3.1.1, but never delete on it
+            log.error("broker refused seq %d; it stays in the outbox", seq)
+            return
+        if self.outbox.ack(seq):
+            self.report.batches_published += 1
+            self.report.readings_published += n
+        self.fill()
+        self.changed.set()
+
+
+async def run_agent(
+    config: EdgeConfig,
+    settings: Settings,
+    *,
+    polls: int | None = None,
+    stop: asyncio.Event | None = None,
+    drain_timeout_s: float = 30.0,
+    maps: dict[str, DeviceMap] | None = None,
+) -> RunReport:
+    """Run the agent: ``polls`` polls (forever if None, until ``stop``), then wait up to
+    ``drain_timeout_s`` wall seconds for every batch to be acknowledged, then disconnect cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    clock = pinned(settings.clock)
+    maps = maps if maps is not None else load_device_maps(config, settings.config_dir)
+    report = RunReport(gateway=config.gateway)
+    outbox = Outbox(
+        config.resolved_outbox(settings.stack.state_dir),
+        config.gateway,
+        max_batches=config.outbox_max_batches,
+    )
+    poller = ModbusPoller(config, maps, clock)
+    client = make_client(settings.mqtt, config)
+    sender = _Sender(
+        client,
+        outbox,
+        readings_topic(config.supplier, config.site, config.gateway),
+        config.max_inflight,
+        report,
+    )
+    status = status_topic(config.supplier, config.site, config.gateway)
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            log.error("MQTT connect refused: %s", rc)
+            return
+        log.info("MQTT connected to %s:%d", settings.mqtt.host, settings.mqtt.port)
+        c.publish(status, json.dumps({"gateway": config.gateway, "state": "online"}), qos=1, retain=True)
+
+    def on_publish(_c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
+        loop.call_soon_threadsafe(sender.on_puback, mid, rc.is_failure)
+
+    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("MQTT disconnected: %s (paho reconnects)", rc)
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.on_disconnect = on_disconnect
+    client.connect_async(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive)
+    client.loop_start()
+    try:
+        sender.fill()  # batches left by an earlier run go first
+        await _poll_loop(config, clock, poller, outbox, sender, report, polls, stop)
+        await _drain(outbox, sender, drain_timeout_s)
+        if client.is_connected():  # a clean exit says so; otherwise the broker publishes the will
+            info = client.publish(
+                status, json.dumps({"gateway": config.gateway, "state": "offline"}), qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                await loop.run_in_executor(None, info.wait_for_publish, 5.0)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        poller.close()
+        report.pending_batches = outbox.count()
+        report.dropped_readings = outbox.dropped_readings
+        outbox.close()
+    log.info("%s", report.as_json())
+    return report
+
+
+async def _poll_loop(
+    config: EdgeConfig,
+    clock: ClockSettings,
+    poller: ModbusPoller,
+    outbox: Outbox,
+    sender: _Sender,
+    report: RunReport,
+    polls: int | None,
+    stop: asyncio.Event,
+) -> None:
+    """Poll on the grid of ``poll_interval_s`` of the shared (simulated) clock."""
+    tick = next_tick(clock.now(), config.poll_interval_s)
+    while (polls is None or report.polls < polls) and not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=wall_seconds_until(clock, tick))
+            return  # stopped while waiting
+        except TimeoutError:
+            pass
+        result = await poller.poll()
+        report.polls += 1
+        report.failed_meter_reads += len(result.failed_meters)
+        if result.readings:
+            for batch in make_batches(config, outbox, result.readings, now_ms(clock)):
+                report.batches_produced += 1
+                report.readings_produced += len(batch.readings)
+                report.first_seq = batch.seq if report.first_seq is None else report.first_seq
+                report.last_seq = batch.seq
+            sender.fill()
+        following = tick + timedelta(seconds=config.poll_interval_s)
+        now = clock.now()
+        if following <= now:  # the poll overran: skip to the next future tick
+            nxt = next_tick(now, config.poll_interval_s)
+            report.missed_ticks += round((nxt - following).total_seconds() / config.poll_interval_s)
+            following = nxt
+        tick = following
+
+
+async def _drain(outbox: Outbox, sender: _Sender, timeout_s: float) -> None:
+    """Wait until every batch in the outbox was acknowledged, or the timeout passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while outbox.count() > 0:
+        sender.fill()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            log.warning(
+                "%d batches not acknowledged in %.1f s; they stay in the outbox", outbox.count(), timeout_s
+            )
+            return
+        sender.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sender.changed.wait(), timeout=remaining)
