@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[int]:
+def broker_port(tmp_path: Path) -> Iterator[int]:
     """A private Mosquitto on a free port; yields once it logged that it is running."""
     if not MOSQUITTO.exists():
         pytest.fail(f"{MOSQUITTO} missing: run `make services`")
@@ -92,9 +92,9 @@ class Subscriber:
                 self.status.append(json.loads(msg.payload))
             else:
                 try:
-                    self.batches.append(Batch.decode(msg.payload))
+                    self.batches.append(Batch.decode(bytes(msg.payload)))
                 except ValueError:
-                    self.invalid.append(msg.payload)
+                    self.invalid.append(bytes(msg.payload))
             self.cond.notify_all()
 
     def wait_for_readings(self, n: int, timeout: float = 5.0) -> int:
@@ -147,11 +147,11 @@ async def agent_with_simulator(
     return report, sim
 
 
-def test_every_polled_reading_reaches_the_broker_as_a_valid_batch(tmp_path: Path, mosquitto: int) -> None:
+def test_every_polled_reading_reaches_the_broker_as_a_valid_batch(tmp_path: Path, broker_port: int) -> None:
     polls = 5
     modbus_port = free_port()
-    config, settings = setup(tmp_path, mosquitto, modbus_port, ghost=True)
-    sub = Subscriber(mosquitto)
+    config, settings = setup(tmp_path, broker_port, modbus_port, ghost=True)
+    sub = Subscriber(broker_port)
     sub.start(config)
     try:
         report, sim = asyncio.run(agent_with_simulator(config, settings, polls, modbus_port))
@@ -192,15 +192,15 @@ def test_every_polled_reading_reaches_the_broker_as_a_valid_batch(tmp_path: Path
     assert sub.status[-1] == {"gateway": config.gateway, "state": "offline"}  # clean exit, not the LWT
 
 
-def test_batches_survive_a_broker_outage_and_a_restart(tmp_path: Path, mosquitto: int) -> None:
+def test_batches_survive_a_broker_outage_and_a_restart(tmp_path: Path, broker_port: int) -> None:
     modbus_port = free_port()
     # First run: the broker is unreachable, so both batches stay in the outbox.
     config, settings = setup(tmp_path, free_port(), modbus_port)
     first, _ = asyncio.run(agent_with_simulator(config, settings, 2, modbus_port, drain_timeout_s=0.3))
     assert (first.readings_produced, first.readings_published, first.pending_batches) == (24, 0, 2)
     # Second run, same outbox, broker up: the old batches go first, then the new one.
-    config, settings = setup(tmp_path, mosquitto, modbus_port)
-    sub = Subscriber(mosquitto)
+    config, settings = setup(tmp_path, broker_port, modbus_port)
+    sub = Subscriber(broker_port)
     sub.start(config)
     try:
         second, _ = asyncio.run(agent_with_simulator(config, settings, 1, modbus_port))

@@ -9,7 +9,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,7 +26,7 @@ CONFIG_DIR = Settings().config_dir
 T0 = datetime(2026, 11, 2, 2, tzinfo=UTC)  # 10:00 in Shenzhen: lines are running
 
 
-def f32(regs: list[int], address: int, base: int) -> float:
+def f32(regs: Sequence[int], address: int, base: int) -> float:
     """Independent of edge.devices: Eastron float32, big-endian, high word first."""
     i = address - base
     return float(struct.unpack(">f", struct.pack(">HH", regs[i], regs[i + 1]))[0])
