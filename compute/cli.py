@@ -85,11 +85,10 @@ def _run(args: Any) -> int:
 
 def _rebuild(_args: Any) -> int:
     from compute.recompute import recompute_all
-    from compute.worker import factor_series_of
 
     settings = Settings()
     with _connect(settings) as conn:
-        r = recompute_all(conn, factor_series=factor_series_of(settings))
+        r = recompute_all(conn, factor_series=settings.compute.factor_series)
     print(
         f"rebuilt {r.meters} meters: {r.buckets} meter buckets, {r.rollups} site rollups, "
         f"{r.negative_deltas} counter resets counted as 0 kWh"

@@ -19,18 +19,12 @@ from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from compute.recompute import DEFAULT_FACTOR_SERIES, RecomputeResult, recompute
+from compute.recompute import RecomputeResult, recompute
 from ingest.events import DirtyRange
 from ops import metrics
 from ops.settings import Settings
 
 log = logging.getLogger("scopemeter.compute.worker")
-
-
-def factor_series_of(settings: Settings) -> str:
-    """``settings.compute.factor_series`` once the settings model has a compute section."""
-    compute = getattr(settings, "compute", None)
-    return str(getattr(compute, "factor_series", DEFAULT_FACTOR_SERIES))
 
 
 def coalesce(ranges: Iterable[DirtyRange]) -> list[DirtyRange]:
@@ -83,7 +77,7 @@ async def run_worker(
 ) -> None:
     """Consume and recompute until ``stop`` is set; returns after finishing the current poll."""
     k = settings.kafka
-    series = factor_series_of(settings)
+    series = settings.compute.factor_series
     consumer = AIOKafkaConsumer(
         k.committed_topic,
         bootstrap_servers=k.bootstrap,

@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge.clock import now_ms, pinned, wall_seconds_until
+from edge.clock import now_ms, wall_seconds_until
 from edge.config import EdgeConfig, load_device_maps
 from edge.devices import DeviceMap
 from edge.modbus import ModbusPoller
@@ -171,7 +171,7 @@ async def run_agent(
     ``drain_timeout_s`` wall seconds for every batch to be acknowledged, then disconnect cleanly."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    clock = pinned(settings.clock)
+    clock = settings.clock
     maps = maps if maps is not None else load_device_maps(config, settings.config_dir)
     report = RunReport(gateway=config.gateway)
     outbox = Outbox(

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 
 from ops.settings import ClockSettings
-
-
-def pinned(clock: ClockSettings) -> ClockSettings:
-    """A clock whose simulated start is anchored to a wall instant.
-
-    ``ClockSettings.now()`` with ``sim_start`` set but no ``wall_start`` re-anchors on every call
-    (time would stand still), so a process given only ``sim_start`` anchors it once, here.
-    """
-    if clock.sim_start is not None and clock.wall_start is None:
-        return clock.model_copy(update={"wall_start": time.time()})
-    return clock
 
 
 def now_ms(clock: ClockSettings) -> datetime:

@@ -14,7 +14,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     isub = ingest.add_subparsers(dest="ingest_command", required=True, metavar="PROCESS")
     bridge = isub.add_parser("bridge", help="validate MQTT batches and produce them to Kafka")
     bridge.add_argument("--metrics-port", type=int, default=9101, help="0 disables /metrics")
-    bridge.add_argument("--client-id", default=None, help="persistent MQTT client id; unique per bridge (default: scopemeter-bridge-HOSTNAME)")
+    bridge.add_argument(
+        "--client-id",
+        default=None,
+        help="persistent MQTT client id, unique per bridge (default: scopemeter-bridge-HOSTNAME)",
+    )
     bridge.set_defaults(handler=_bridge)
     writer = isub.add_parser("writer", help="write readings from Kafka to PostgreSQL")
     writer.add_argument("--metrics-port", type=int, default=9102, help="0 disables /metrics")

@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,17 +59,28 @@ class ClockSettings(BaseModel):
     sim_start: datetime | None = None
     wall_start: float | None = None
 
+    @model_validator(mode="after")
+    def _anchor(self) -> ClockSettings:
+        # A simulated start without a wall anchor is anchored once, here: time then moves.
+        if self.sim_start is not None and self.wall_start is None:
+            self.wall_start = time.time()
+        return self
+
     def now(self) -> datetime:
-        if self.sim_start is None:
+        if self.sim_start is None or self.wall_start is None:
             return datetime.now(UTC)
-        wall_start = self.wall_start if self.wall_start is not None else time.time()
-        return self.sim_start + (time.time() - wall_start) * self.speed * _SECOND
+        return self.sim_start + (time.time() - self.wall_start) * self.speed * _SECOND
 
     def sleep_sim(self, sim_seconds: float) -> None:
         time.sleep(sim_seconds / self.speed)
 
 
 _SECOND = datetime(2000, 1, 1, 0, 0, 1) - datetime(2000, 1, 1)
+
+
+class ComputeSettings(BaseModel):
+    # Which published series of grid factors location-based Scope 2 uses (see config/factors.toml).
+    factor_series: str = "national-power-average"
 
 
 class StackSettings(BaseModel):
@@ -91,4 +102,5 @@ class Settings(BaseSettings):
     db: DbSettings = DbSettings()
     clock: ClockSettings = ClockSettings()
     stack: StackSettings = StackSettings()
+    compute: ComputeSettings = ComputeSettings()
     config_dir: Path = REPO_ROOT / "config"

@@ -20,7 +20,6 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimDataType
 from pymodbus.simulator import SimData, SimDevice
 
-from edge.clock import pinned
 from edge.devices import DeviceMap, RegisterType, load_model
 from ops.settings import ClockSettings
 from simulators.config import SimMeter, SimulationConfig
@@ -139,7 +138,6 @@ async def start_simulator(
     Counters start at each meter's initial value at ``clock.sim_start`` (or now, if the clock is
     real time).  ``port=0`` binds any free port; the bound one is in the result.
     """
-    clock = pinned(clock)
     origin = clock.sim_start if clock.sim_start is not None else clock.now()
     maps: dict[str, DeviceMap] = {}
     meters: dict[str, SimulatedMeter] = {}
