@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -58,8 +59,16 @@ def make_mqtt_client(settings: Settings, client_id: str, *, manual_ack: bool = F
     return client
 
 
-async def run_bridge(settings: Settings, stop: asyncio.Event, client_id: str | None = None) -> None:
-    """Run until ``stop`` is set; raises if Kafka refuses a record (un-acked messages stay in MQTT)."""
+async def run_bridge(
+    settings: Settings,
+    stop: asyncio.Event,
+    client_id: str | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run until ``stop`` is set; raises if Kafka refuses a record (un-acked messages stay in MQTT).
+
+    ``on_ready`` is called once the shared subscription is in place: from then on no batch is missed.
+    """
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     # A stable id keeps the persistent session (and its un-acked messages) across restarts.
@@ -80,7 +89,12 @@ async def run_bridge(settings: Settings, stop: asyncio.Event, client_id: str | N
             return
         topic = f"$share/{settings.mqtt.share_group}/{READINGS_SUBSCRIPTION}"
         client.subscribe(topic, qos=1)
-        loop.call_soon_threadsafe(subscribed.set)
+
+    def on_subscribe(_c: mqtt.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object) -> None:
+        if any(code.is_failure for code in codes):
+            log.error("MQTT subscription refused: %s", codes)
+            return
+        loop.call_soon_threadsafe(subscribed.set)  # SUBACK: from here on nothing is missed
 
     def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         item = Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
@@ -89,6 +103,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event, client_id: str | N
     client = make_mqtt_client(settings, client_id, manual_ack=True)
     client.on_connect = on_connect
     client.on_message = on_message
+    client.on_subscribe = on_subscribe
     client.connect_async(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive)
     client.loop_start()
     failure: list[BaseException] = []
@@ -103,6 +118,8 @@ async def run_bridge(settings: Settings, stop: asyncio.Event, client_id: str | N
     try:
         await asyncio.wait_for(subscribed.wait(), timeout=30)
         log.info("bridge %s subscribed", client_id)
+        if on_ready is not None:
+            on_ready()
         while not stop.is_set():
             if failure:
                 raise RuntimeError(f"Kafka refused a record: {failure[0]!r}")

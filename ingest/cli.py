@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from ops.runtime import run_service, setup_logging
@@ -38,7 +39,11 @@ def _bridge(args: Any) -> int:
     setup_logging()
     metrics.serve(args.metrics_port)
     settings = Settings()
-    return run_service(lambda stop: run_bridge(settings, stop, client_id=args.client_id))
+
+    def ready() -> None:  # one JSON line on stdout: supervisors and the demo wait for it
+        print(json.dumps({"event": "bridge.ready"}), flush=True)
+
+    return run_service(lambda stop: run_bridge(settings, stop, client_id=args.client_id, on_ready=ready))
 
 
 def _writer(args: Any) -> int:

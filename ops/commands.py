@@ -1,4 +1,5 @@
-"""``scopemeter stack up|down|status``: the embedded Mosquitto + Tansu beside the local PostgreSQL."""
+"""``scopemeter stack up|down|status`` (the embedded Mosquitto + Tansu beside the local PostgreSQL)
+and ``scopemeter demo`` (the whole pipeline on one simulated site)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     down.set_defaults(handler=_down)
     st = ssub.add_parser("status", help="table of pieces: reachable?, pid, port")
     st.set_defaults(handler=_status)
+
+    demo = sub.add_parser("demo", help="run one simulated site through the whole pipeline, check the result")
+    demo.add_argument("--hours", type=float, default=2.0, help="simulated hours (default 2)")
+    demo.add_argument("--speed", type=float, default=240.0, help="simulated seconds per second (default 240)")
+    demo.add_argument("--keep-stack", action="store_true", help="leave the brokers running afterwards")
+    demo.set_defaults(handler=_demo)
+
+
+def _demo(args: Any) -> int:
+    from ops import demo
+
+    return demo.run(args)
 
 
 def _up(args: Any) -> int:

@@ -20,15 +20,19 @@ def make_batch(
     start: datetime = T0,
     step: timedelta = timedelta(minutes=1),
     kw: float = 60.0,
+    meter_prefix: str = "m",
 ) -> Batch:
-    """Counter readings of ``meters`` meters at ``steps`` times: each meter draws ``kw`` constantly."""
+    """Counter readings of ``meters`` meters at ``steps`` times: each meter draws ``kw`` constantly.
+
+    Meters are named ``{meter_prefix}{i}``; tests sharing the session database give each their own
+    prefix so that their reading identities never collide."""
     readings = []
     for i in range(steps):
         ts = start + (seq * steps + i) * step
         hours = (ts - T0).total_seconds() / 3600
         for m in range(meters):
             readings.append(
-                Reading(meter_id=f"m{m}", quantity=Quantity.ENERGY_IMPORT_KWH, ts=ts, value=1000 + kw * hours)
+                Reading(meter_id=f"{meter_prefix}{m}", quantity=Quantity.ENERGY_IMPORT_KWH, ts=ts, value=1000 + kw * hours)
             )
     return Batch(
         supplier=supplier, site=site, gateway=gateway, seq=seq, sent_at=start, readings=readings
