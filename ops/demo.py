@@ -34,8 +34,9 @@ def demo_settings(base: Settings | None = None) -> Settings:
 
 
 def prepare(settings: Settings) -> None:
-    """A fresh demo database with the schema, the fleet registry and the factor library."""
-    drop_database(DEMO_DB, settings.db.admin_dsn)
+    """A fresh database (the one in ``settings.db.dsn``, dropped first) with the schema, the fleet
+    registry and the factor library."""
+    drop_database(str(conninfo_to_dict(settings.db.dsn)["dbname"]), settings.db.admin_dsn)
     stack.prepare_database(settings)
     with psycopg.connect(settings.db.dsn) as conn:
         apply_fleet(conn, settings.config_dir / "fleet.toml")

@@ -52,6 +52,7 @@ class BucketRow:
 class PipelineResult:
     site_id: str
     window: tuple[datetime, datetime]
+    polls: int
     readings_produced: int
     readings_published: int
     readings_in_db: int
@@ -297,6 +298,7 @@ def run_pipeline(
     return PipelineResult(
         site_id=site,
         window=(w0, w1),
+        polls=int(report["polls"]),
         readings_produced=int(report["readings_produced"]),
         readings_published=int(report["readings_published"]),
         readings_in_db=in_db,
