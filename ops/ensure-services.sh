@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Make sure the machine has what scopemeter expects beside its own venv:
 #  - the mosquitto binary (Debian package), which `scopemeter stack up` and the tests start on their own ports;
-#  - a reachable PostgreSQL on 127.0.0.1:5432 (started the Debian way if installed but stopped).
+#  - a reachable PostgreSQL on 127.0.0.1:5432 (started the Debian way if installed but stopped);
+#  - tools the tests drive for real: openssl (certificates), pdftoppm (statement PDFs to PNG),
+#    promtool (alert rule tests, from Debian's prometheus package).
 set -euo pipefail
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v pdftoppm >/dev/null 2>&1 || need_apt+=(poppler-utils)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need_apt[*]} with apt-get"
