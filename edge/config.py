@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -15,17 +15,35 @@ from edge.wire import MAX_READINGS_PER_BATCH, Ident, Quantity
 DEFAULT_QUANTITIES = (Quantity.ENERGY_IMPORT_KWH, Quantity.POWER_W)
 
 
+# tcp: Modbus TCP (MBAP framing).  rtu_over_tcp: RTU frames (with CRC) over a TCP socket -- what a
+# transparent RS485-to-Ethernet converter (USR-TCP232, Moxa NPort in TCP server mode) speaks.
+Transport = Literal["tcp", "rtu_over_tcp"]
+
+
 class EdgeMeter(BaseModel):
-    """A meter the gateway polls: a Modbus TCP endpoint and unit id, decoded with ``model``'s map."""
+    """A meter the gateway polls: a Modbus endpoint and unit id, decoded with ``model``'s map."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: Ident
     host: str
     port: Annotated[int, Field(ge=1, le=65535)] = 502
+    transport: Transport = "tcp"
     unit_id: Annotated[int, Field(ge=0, le=255)]
     model: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
     quantities: tuple[Quantity, ...] | None = None  # None: the gateway's default
+    # Meters wired to instrument transformers report secondary values: primary = value * CT * PT.
+    ct_ratio: Annotated[float, Field(gt=0)] = 1.0
+    pt_ratio: Annotated[float, Field(gt=0)] = 1.0
+    # None: the gateway's modbus_timeout_s / modbus_retries.
+    timeout_s: Annotated[float, Field(gt=0, le=60)] | None = None
+    retries: Annotated[int, Field(ge=0, le=10)] | None = None
+    # Largest plausible active power (primary side); enables spike detection when set.
+    max_power_w: Annotated[float, Field(gt=0)] | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.ct_ratio * self.pt_ratio
 
 
 class EdgeConfig(BaseModel):
@@ -43,6 +61,21 @@ class EdgeConfig(BaseModel):
     # Relative paths are under the state directory (Settings().stack.state_dir).
     outbox_path: Path = Path("edge/outbox.sqlite")
     modbus_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    modbus_retries: Annotated[int, Field(ge=0, le=10)] = 1
+    # Eviction when the outbox is full: the oldest unsent batches go first (counted and metered).
+    # Past data is what a long outage made stale; the newest readings keep the site visible.
+    outbox_eviction: Literal["drop_oldest"] = "drop_oldest"
+    # Batches per wall second handed to MQTT when backfilling after an outage, so the uplink of
+    # a factory (often a 4G router) and the broker are not flooded.
+    backfill_batches_per_s: Annotated[float, Field(gt=0)] = 50.0
+    # Readings stamped outside [now - max_reading_age_s, now + max_clock_ahead_s] of the gateway
+    # clock, or while the measured clock offset exceeds max_clock_offset_s, are quarantined.
+    max_clock_offset_s: Annotated[float, Field(gt=0)] = 300.0
+    # An HTTP(S) URL whose Date header is the clock reference (htpdate style: no NTP needed).
+    clock_reference_url: str | None = None
+    clock_check_interval_s: Annotated[float, Field(gt=0)] = 600.0  # wall seconds
+    # Prometheus /metrics on 127.0.0.1:metrics_port (0: off).
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     # Batches handed to the MQTT client at once; the rest wait in the outbox.
     max_inflight: Annotated[int, Field(ge=1, le=10_000)] = 100
     meters: Annotated[tuple[EdgeMeter, ...], Field(min_length=1)]
@@ -52,6 +85,10 @@ class EdgeConfig(BaseModel):
         ids = [m.id for m in self.meters]
         if dupes := sorted({i for i in ids if ids.count(i) > 1}):
             raise ValueError(f"meter ids must be unique; repeated: {', '.join(dupes)}")
+        transports: dict[tuple[str, int], str] = {}
+        for m in self.meters:
+            if transports.setdefault((m.host, m.port), m.transport) != m.transport:
+                raise ValueError(f"meters on {m.host}:{m.port} must share one transport")
         units = [(m.host, m.port, m.unit_id) for m in self.meters]
         if dupes_u := sorted({f"{h}:{p}/{u}" for h, p, u in units if units.count((h, p, u)) > 1}):
             raise ValueError(f"two meters share an endpoint and unit id: {', '.join(dupes_u)}")
@@ -59,6 +96,12 @@ class EdgeConfig(BaseModel):
 
     def quantities_of(self, meter: EdgeMeter) -> tuple[Quantity, ...]:
         return meter.quantities if meter.quantities is not None else self.quantities
+
+    def timeout_of(self, meter: EdgeMeter) -> float:
+        return meter.timeout_s if meter.timeout_s is not None else self.modbus_timeout_s
+
+    def retries_of(self, meter: EdgeMeter) -> int:
+        return meter.retries if meter.retries is not None else self.modbus_retries
 
     def resolved_outbox(self, state_dir: Path) -> Path:
         return self.outbox_path if self.outbox_path.is_absolute() else state_dir / self.outbox_path

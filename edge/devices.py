@@ -9,6 +9,7 @@ cannot drift apart.  Only the standard library and pydantic are used: this runs 
 from __future__ import annotations
 
 import itertools
+import math
 import struct
 import tomllib
 from enum import StrEnum
@@ -33,6 +34,8 @@ class DataType(StrEnum):
     UINT32 = "uint32"
     INT16 = "int16"
     UINT16 = "uint16"
+    INT64 = "int64"  # Schneider PM5xxx energy counters (Wh)
+    UINT64 = "uint64"
 
 
 _STRUCT: Final = {
@@ -41,9 +44,14 @@ _STRUCT: Final = {
     DataType.UINT32: ">I",
     DataType.INT16: ">h",
     DataType.UINT16: ">H",
+    DataType.INT64: ">q",
+    DataType.UINT64: ">Q",
 }
 
-WordOrder = Literal["big", "little"]  # big: high word first (Eastron); little: low word first
+WordOrder = Literal["big", "little"]  # big: high word first (Eastron); little: low word first (EM24)
+# Manuals number registers from 0 (protocol addresses, Eastron, Carlo Gavazzi) or from 1
+# (Schneider: "register 3204" is protocol address 3203).  A map states which, once.
+AddressBase = Literal[0, 1]
 
 
 class Register(BaseModel):
@@ -59,7 +67,31 @@ class Register(BaseModel):
     scale: float = 1.0  # engineering value = raw * scale
     unit: str = ""
     quantity: Quantity | None = None  # set when the value maps to a wire quantity
+    # Where a counter rolls over to 0 if not at the data type's limit (e.g. a 99999.9 kWh display).
+    rollover: Annotated[float, Field(gt=0)] | None = None
     description: str = ""
+
+    @property
+    def wraps_at(self) -> float:
+        return self.rollover if self.rollover is not None else self.max_raw
+
+    @property
+    def max_raw(self) -> float:
+        """The largest engineering value the register can hold: where a counter wraps."""
+        if self.data_type == DataType.FLOAT32:
+            return math.inf
+        bits = 8 * struct.calcsize(_STRUCT[self.data_type])
+        signed = self.data_type in (DataType.INT16, DataType.INT32, DataType.INT64)
+        return float((1 << (bits - 1 if signed else bits)) - 1) * self.scale
+
+    @property
+    def min_raw(self) -> float:
+        """The smallest engineering value the register can hold."""
+        if self.data_type == DataType.FLOAT32:
+            return -math.inf
+        if self.data_type in (DataType.INT16, DataType.INT32, DataType.INT64):
+            return -float(1 << (8 * struct.calcsize(_STRUCT[self.data_type]) - 1)) * self.scale
+        return 0.0
 
     @property
     def count(self) -> int:
@@ -93,6 +125,7 @@ class DeviceMap(BaseModel):
     model: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
     manufacturer: str = ""
     description: str = ""
+    address_base: AddressBase = 0  # 1: addresses below are the manual's 1-based register numbers
     # Some devices refuse long reads; the poller never asks for more than this in one request.
     max_registers_per_read: Annotated[int, Field(ge=1, le=MAX_REGISTERS_PER_READ)] = MAX_REGISTERS_PER_READ
     registers: Annotated[tuple[Register, ...], Field(min_length=1)]
@@ -102,6 +135,10 @@ class DeviceMap(BaseModel):
         names: set[str] = set()
         quantities: set[Quantity] = set()
         for reg in self.registers:
+            if reg.address < self.address_base:
+                raise ValueError(
+                    f"register {reg.name!r}: address {reg.address} is below address_base {self.address_base}"
+                )
             if reg.name in names:
                 raise ValueError(f"register name {reg.name!r} appears twice")
             names.add(reg.name)
@@ -120,6 +157,14 @@ class DeviceMap(BaseModel):
 
     def by_quantity(self) -> dict[Quantity, Register]:
         return {r.quantity: r for r in self.registers if r.quantity is not None}
+
+    def on_wire(self) -> DeviceMap:
+        """The same map with protocol (0-based) addresses: what pollers and simulators use."""
+        if self.address_base == 0:
+            return self
+        base = self.address_base
+        shifted = tuple(r.model_copy(update={"address": r.address - base}) for r in self.registers)
+        return self.model_copy(update={"address_base": 0, "registers": shifted})
 
 
 class DeviceMapError(ValueError):

@@ -1,33 +1,43 @@
-"""Polling Modbus TCP meters into wire readings.
+"""Polling Modbus meters (TCP, or RTU frames over TCP) into wire readings.
 
 Each meter's wanted values are read in as few requests as possible (contiguous blocks within the
-device's per-request limit), decoded with the device's register map and stamped with the shared
-clock at the moment the response arrived.  Meters behind one endpoint (an RS485 gateway) share
-one connection and are polled one after another; different endpoints are polled concurrently.
-A meter that does not answer yields no readings this round (a gap, flagged downstream), never a
-made-up value.
+device's per-request limit), decoded with the device's register map, scaled by the meter's CT/PT
+ratio, checked for counter wraps/resets/replacements and spikes, and stamped with the shared clock
+at the moment the response arrived.  Meters behind one endpoint (an RS485 line behind a gateway or
+converter) share one connection and are polled one after another, each with its own timeout and
+retries; different endpoints are polled concurrently.  A meter that does not answer yields no
+readings this round (a gap, flagged downstream), never a made-up value; a NaN is dropped and
+counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
+from pymodbus import FramerType
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
+from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from edge.clock import now_ms
-from edge.config import EdgeConfig, EdgeMeter
+from edge.config import EdgeConfig, EdgeMeter, Transport
+from edge.counters import CounterGuard
 from edge.devices import DeviceMap, Register, RegisterType
-from edge.wire import Reading
+from edge.wire import COUNTER_QUANTITIES, Quality, Quantity, Reading
 from ops.settings import ClockSettings
 
 log = logging.getLogger("scopemeter.edge.modbus")
 
 # Reading a few unused registers is cheaper than another round trip on a slow RS485 line.
 MAX_GAP_REGISTERS = 32
+# A map register with this name is read with the values: a changed serial means a new meter.
+SERIAL_REGISTER = "serial_number"
+_FRAMERS: dict[Transport, FramerType] = {"tcp": FramerType.SOCKET, "rtu_over_tcp": FramerType.RTU}
 
 
 @dataclass(frozen=True)
@@ -80,27 +90,44 @@ def decode_block(block: ReadBlock, words: Sequence[int]) -> dict[Register, float
 class MeterPlan:
     meter: EdgeMeter
     blocks: list[ReadBlock]
+    timeout_s: float
+    retries: int
 
 
 @dataclass
 class PollResult:
     readings: list[Reading] = field(default_factory=list)
     failed_meters: list[str] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)  # by kind: timeout, exception_N, …
 
 
 class ModbusPoller:
     """Polls every meter of a gateway config; keep one per agent (it holds the connections)."""
 
-    def __init__(self, config: EdgeConfig, maps: dict[str, DeviceMap], clock: ClockSettings) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        maps: dict[str, DeviceMap],
+        clock: ClockSettings,
+        guard: CounterGuard | None = None,
+    ) -> None:
         self.clock = clock
-        self.timeout = config.modbus_timeout_s
+        self.guard = guard if guard is not None else CounterGuard()
         self._endpoints: dict[tuple[str, int], list[MeterPlan]] = {}
+        self._transport: dict[tuple[str, int], Transport] = {}
         for meter in config.meters:
-            device = maps[meter.model]
+            device = maps[meter.model].on_wire()
             by_q = device.by_quantity()
             wanted = [by_q[q] for q in config.quantities_of(meter)]
-            plan = MeterPlan(meter, plan_blocks(wanted, device.max_registers_per_read))
+            wanted += [r for r in device.registers if r.name == SERIAL_REGISTER]
+            plan = MeterPlan(
+                meter,
+                plan_blocks(wanted, device.max_registers_per_read),
+                config.timeout_of(meter),
+                config.retries_of(meter),
+            )
             self._endpoints.setdefault((meter.host, meter.port), []).append(plan)
+            self._transport[(meter.host, meter.port)] = meter.transport
         self._clients: dict[tuple[str, int], AsyncModbusTcpClient] = {}
 
     async def poll(self) -> PollResult:
@@ -111,38 +138,49 @@ class ModbusPoller:
         for r in results:
             out.readings.extend(r.readings)
             out.failed_meters.extend(r.failed_meters)
+            out.errors.update(r.errors)
         return out
 
-    async def _client(self, endpoint: tuple[str, int]) -> AsyncModbusTcpClient:
+    async def _client(self, endpoint: tuple[str, int], timeout_s: float) -> AsyncModbusTcpClient:
         client = self._clients.get(endpoint)
         if client is None:
             # No background reconnects: the next poll reconnects, so a dead endpoint costs one timeout.
             client = AsyncModbusTcpClient(
-                endpoint[0], port=endpoint[1], timeout=self.timeout, retries=1, reconnect_delay=0
+                endpoint[0],
+                port=endpoint[1],
+                framer=_FRAMERS[self._transport[endpoint]],
+                timeout=timeout_s,
+                retries=0,
+                reconnect_delay=0,
             )
             self._clients[endpoint] = client
         if not client.connected:
             await client.connect()
             if not client.connected:
-                raise ModbusException(f"cannot connect to {endpoint[0]}:{endpoint[1]}")
+                raise ConnectionError(f"cannot connect to {endpoint[0]}:{endpoint[1]}")
         return client
 
     async def _poll_endpoint(self, endpoint: tuple[str, int], plans: list[MeterPlan]) -> PollResult:
         out = PollResult()
         for plan in plans:
             try:
-                client = await self._client(endpoint)
-                out.readings.extend(await self._read_meter(client, plan))
+                client = await self._client(endpoint, plan.timeout_s)
+                _set_limits(client, plan.timeout_s, plan.retries)
+                out.readings.extend(await self._read_meter(client, plan, out))
             except (ModbusException, OSError, ValueError) as exc:
                 log.warning("meter %s (%s:%d unit %d): %s", plan.meter.id, *endpoint, plan.meter.unit_id, exc)
                 out.failed_meters.append(plan.meter.id)
+                out.errors[_error_kind(exc)] += 1
                 if endpoint in self._clients and not self._clients[endpoint].connected:
                     self._clients.pop(endpoint).close()
         return out
 
-    async def _read_meter(self, client: AsyncModbusTcpClient, plan: MeterPlan) -> list[Reading]:
-        readings: list[Reading] = []
+    async def _read_meter(
+        self, client: AsyncModbusTcpClient, plan: MeterPlan, out: PollResult
+    ) -> list[Reading]:
+        values: dict[Register, float] = {}
         unit = plan.meter.unit_id
+        ts = now_ms(self.clock)
         for block in plan.blocks:
             if block.type == RegisterType.INPUT:
                 resp = await client.read_input_registers(block.address, count=block.count, device_id=unit)
@@ -150,13 +188,83 @@ class ModbusPoller:
                 resp = await client.read_holding_registers(block.address, count=block.count, device_id=unit)
             ts = now_ms(self.clock)
             if resp.isError():
-                raise ModbusException(f"exception response {resp}")
-            for reg, value in decode_block(block, resp.registers).items():
-                assert reg.quantity is not None  # only mapped registers are planned
-                readings.append(Reading(meter_id=plan.meter.id, quantity=reg.quantity, ts=ts, value=value))
+                raise _ExceptionResponse(resp.exception_code)
+            values.update(decode_block(block, resp.registers))
+        serial = next((int(v) for r, v in values.items() if r.name == SERIAL_REGISTER), None)
+        readings: list[Reading] = []
+        meter = plan.meter
+        for reg, raw in values.items():
+            if reg.quantity is None:
+                continue
+            if not math.isfinite(raw):
+                log.warning("meter %s: %s is %r; dropped", meter.id, reg.name, raw)
+                out.errors["invalid_value"] += 1
+                continue
+            value = raw * meter.ratio
+            readings.append(
+                Reading(
+                    meter_id=meter.id,
+                    quantity=reg.quantity,
+                    ts=ts,
+                    value=value,
+                    quality=self._quality(meter, reg, value, ts, serial),
+                )
+            )
         return readings
+
+    def _quality(
+        self, meter: EdgeMeter, reg: Register, value: float, ts: datetime, serial: int | None
+    ) -> int:
+        assert reg.quantity is not None
+        if reg.quantity in COUNTER_QUANTITIES:
+            rate = None
+            if meter.max_power_w is not None and reg.quantity != Quantity.GAS_M3:
+                rate = meter.max_power_w / 3.6e6  # kWh per second
+            return int(
+                self.guard.check(
+                    f"{meter.id}/{reg.quantity.value}",
+                    value,
+                    ts,
+                    wraps_at=reg.wraps_at * meter.ratio,
+                    serial=serial,
+                    max_rate_per_s=rate,
+                )
+            )
+        limit = meter.max_power_w
+        if reg.quantity == Quantity.POWER_W and limit is not None and abs(value) > SPIKE_POWER_FACTOR * limit:
+            return int(Quality.OUT_OF_RANGE)
+        return int(Quality.GOOD)
 
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
         self._clients.clear()
+
+
+SPIKE_POWER_FACTOR = 1.5  # instantaneous power above 1.5 x max_power_w is not a measurement
+
+
+class _ExceptionResponse(ModbusException):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exception response code {code}")
+        self.code = code
+
+
+def _error_kind(exc: Exception) -> str:
+    if isinstance(exc, _ExceptionResponse):
+        return f"exception_{exc.code}"
+    if isinstance(exc, ModbusIOException):
+        return "timeout"
+    if isinstance(exc, OSError):
+        return "connect"
+    return "decode"
+
+
+def _set_limits(client: AsyncModbusTcpClient, timeout_s: float, retries: int) -> None:
+    """Per-meter response timeout and retries on the endpoint's shared connection.
+
+    pymodbus keeps both on the client's transaction manager; meters of one endpoint are polled one
+    after another, so setting them before each meter's requests is exact.
+    """
+    client.ctx.comm_params.timeout_connect = timeout_s
+    client.ctx.retries = retries

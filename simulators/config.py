@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge.devices import format_validation_error
 from edge.wire import Ident
+from simulators.faults import Fault
 from simulators.loadprofile import ProfileSpec
 
 
@@ -18,6 +19,8 @@ class ServerConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 15020  # 0: any free port (reported on start)
+    # socket: Modbus TCP.  rtu: RTU frames over TCP, like an RS485-to-Ethernet converter.
+    framer: Literal["socket", "rtu"] = "socket"
 
 
 class SimMeter(BaseModel):
@@ -33,7 +36,9 @@ class SimMeter(BaseModel):
     nominal_voltage: Annotated[float, Field(gt=0)] = 220.0  # line to neutral (China: 220/380 V)
     frequency_hz: Annotated[float, Field(gt=0)] = 50.0
     seed: int = 0
+    serial: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] | None = None  # None: 20_000_000 + unit_id
     profile: ProfileSpec
+    faults: tuple[Fault, ...] = ()
 
     @model_validator(mode="before")
     @classmethod

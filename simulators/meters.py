@@ -1,31 +1,40 @@
 """Simulated Modbus meters served over TCP, one unit id per meter (an RS485 line behind a gateway).
 
 Register values are computed when a request arrives, from the shared clock and the meter's load
-profile, and encoded with the same device register map the edge agent decodes with.  The import
-counter is ``initial + energy since the simulation origin``: exactly the profile's ground truth,
-so tests and the demo can check what reached the database against ``loadprofile.energy_kwh``.
+profile, and encoded with the same device register map the edge agent decodes with (any model in
+config/devices: register names are shared across maps).  The import counter is ``initial +
+energy since the simulation origin``: exactly the profile's ground truth, so tests and the demo
+can check what reached the database against ``loadprofile.energy_kwh``.  Counters are served
+modulo the register's rollover, and configured faults (simulators/faults.py) change what is
+served.  The server speaks Modbus TCP or RTU frames over TCP (``[server].framer``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from pymodbus import FramerType
 from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import NoSuchIdException
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimDataType
 from pymodbus.simulator import SimData, SimDevice
 
-from edge.devices import DeviceMap, RegisterType, load_model
+from edge.devices import DataType, DeviceMap, Register, RegisterType, load_model
+from edge.wire import COUNTER_QUANTITIES
 from ops.settings import ClockSettings
 from simulators.config import SimMeter, SimulationConfig
+from simulators.faults import STEP_KINDS, FaultKind
 from simulators.loadprofile import UJ_PER_KWH, energy_uj, power_w, unit_noise
 
 log = logging.getLogger("scopemeter.sim")
+_SECOND = timedelta(seconds=1)
 
 _FC_TYPE = {3: RegisterType.HOLDING, 4: RegisterType.INPUT}
 
@@ -35,19 +44,43 @@ class SimulatedMeter:
 
     def __init__(self, meter: SimMeter, device: DeviceMap, origin: datetime) -> None:
         self.meter = meter
-        self.device = device
+        self.device = device.on_wire()
         self.origin = origin  # the counter equals ``initial_import_kwh`` at this instant
 
     def import_kwh(self, now: datetime) -> float:
+        """The energy truth: what the meter measured since the origin, plus its initial reading."""
         return self.meter.initial_import_kwh + energy_uj(self.meter.profile, self.origin, now) / UJ_PER_KWH
 
+    def elapsed_s(self, now: datetime) -> float:
+        return (now - self.origin).total_seconds()
+
+    def active_faults(self, now: datetime) -> set[FaultKind]:
+        elapsed = self.elapsed_s(now)
+        return {f.kind for f in self.meter.faults if f.kind not in STEP_KINDS and f.active(elapsed)}
+
+    def counter_kwh(self, now: datetime) -> tuple[float, int]:
+        """What the import register shows (before rollover) and the serial number, after any
+        reset or replacement."""
+        elapsed = self.elapsed_s(now)
+        serial = self.meter.serial if self.meter.serial is not None else 20_000_000 + self.meter.unit_id
+        counter = self.import_kwh(now)
+        for fault in sorted(self.meter.faults, key=lambda f: f.at_s):
+            if fault.kind in STEP_KINDS and fault.active(elapsed):
+                at = self.origin + fault.at_s * _SECOND
+                counter = counter - self.import_kwh(at) + (
+                    fault.replacement_kwh if fault.kind == FaultKind.REPLACE else 0.0
+                )
+                serial += fault.kind == FaultKind.REPLACE
+        return counter, serial
+
     def values(self, now: datetime) -> dict[str, float]:
-        """Values by register name (the names of ``config/devices/eastron_sdm630.toml``)."""
+        """Values by register name (names shared by the maps in config/devices)."""
         m, p = self.meter, self.meter.profile
         step = int((now - self.origin).total_seconds() // p.step_s)
         total_w = float(power_w(p, now))
-        imported = self.import_kwh(now)
+        imported, serial = self.counter_kwh(now)
         out: dict[str, float] = {
+            "serial_number": serial,
             "total_power": total_w,
             "total_import_kwh": imported,
             "total_export_kwh": m.initial_export_kwh,
@@ -64,14 +97,29 @@ class SimulatedMeter:
             out[f"power_l{ph}"] = phase_w
             out[f"current_l{ph}"] = phase_w / (volts * p.power_factor)
             out[f"power_factor_l{ph}"] = p.power_factor
+        out["voltage"], out["current"] = out["voltage_l1"], total_w / (out["voltage_l1"] * p.power_factor)
         return out
+
+    def served(self, reg: Register, values: dict[str, float], faults: set[FaultKind]) -> list[int]:
+        """The registers of one value as the (possibly faulty) device sends them."""
+        value = values.get(reg.name, 0.0)
+        if FaultKind.SPIKE in faults and reg.name != "serial_number":
+            value *= next(f.factor for f in self.meter.faults if f.kind == FaultKind.SPIKE)
+        if reg.quantity in COUNTER_QUANTITIES and math.isfinite(reg.wraps_at):
+            value %= reg.wraps_at
+        if reg.data_type == DataType.FLOAT32:
+            return reg.encode(math.nan if FaultKind.NAN in faults else value)
+        return reg.encode(min(max(value, reg.min_raw), reg.max_raw))
 
 
 def _device(unit_id: int, sim: SimulatedMeter, clock: ClockSettings) -> SimDevice:
     """A pymodbus device whose registers are rewritten from the meter's values on every request."""
-    end = max(r.address + r.count for r in sim.device.registers)
-    # Read-only; unmapped addresses inside the span read as 0, like many real meters.
-    block = SimData(address=0, count=end, values=0, datatype=SimDataType.REGISTERS, readonly=True)
+    # Read-only; unmapped addresses inside a span read as 0, like many real meters; addresses far
+    # from any mapped register (e.g. between the values and the serial number at 0xFC00) are illegal.
+    blocks = [
+        SimData(address=lo, count=hi - lo, values=0, datatype=SimDataType.REGISTERS, readonly=True)
+        for lo, hi in _spans(sim.device.registers)
+    ]
 
     async def on_request(
         func_code: int,
@@ -84,20 +132,38 @@ def _device(unit_id: int, sim: SimulatedMeter, clock: ClockSettings) -> SimDevic
         rtype = _FC_TYPE.get(func_code)
         if rtype is None or set_values is not None:
             return ExcCodes.ILLEGAL_FUNCTION
+        now = clock.now()
+        faults = sim.active_faults(now)
+        if FaultKind.TIMEOUT in faults:
+            raise NoSuchIdException("simulated timeout")  # the server then sends nothing
+        if FaultKind.EXCEPTION in faults:
+            return next(f.code for f in sim.meter.faults if f.kind == FaultKind.EXCEPTION)
         lo, hi = address - start_address, address - start_address + count
         registers[lo:hi] = [0] * count
-        values = sim.values(clock.now())
+        values = sim.values(now)
         for reg in sim.device.registers:
             if reg.type != rtype or reg.address + reg.count <= address or reg.address >= address + count:
                 continue
-            words = reg.encode(values.get(reg.name, 0.0))
+            words = sim.served(reg, values, faults)
             for i, word in enumerate(words):
                 pos = reg.address - start_address + i
                 if lo <= pos < hi:
                     registers[pos] = word
         return None
 
-    return SimDevice(id=unit_id, simdata=[block], action=on_request)
+    return SimDevice(id=unit_id, simdata=blocks, action=on_request)
+
+
+def _spans(registers: tuple[Register, ...], gap: int = 256) -> list[tuple[int, int]]:
+    """Address ranges [lo, hi) covering every register, starting at 0, merged across small gaps."""
+    spans: list[tuple[int, int]] = []
+    for reg in sorted(registers, key=lambda r: r.address):
+        lo, hi = reg.address, reg.address + reg.count
+        if spans and lo - spans[-1][1] <= gap:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((0 if not spans else lo, hi))
+    return spans
 
 
 def _absent_units() -> SimDevice:
@@ -150,7 +216,11 @@ async def start_simulator(
         devices.append(_device(meter.unit_id, sim, clock))
     host = host if host is not None else config.server.host
     port = port if port is not None else config.server.port
-    server = ModbusTcpServer([*devices, _absent_units()], address=(host, port))
+    framer = FramerType.RTU if config.server.framer == "rtu" else FramerType.SOCKET
+    # ignore_missing_devices: a simulated timeout raises NoSuchIdException and gets no answer.
+    server = ModbusTcpServer(
+        [*devices, _absent_units()], address=(host, port), framer=framer, ignore_missing_devices=True
+    )
     try:
         await server.serve_forever(background=True)
     except RuntimeError as exc:  # pymodbus reports a failed bind this way

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.devices import DataType, DeviceMapError, Register, load_device_map, load_model
+from edge.devices import DataType, DeviceMapError, Register, RegisterType, load_device_map, load_model
 from edge.modbus import decode_block, plan_blocks
 from edge.wire import Quantity
 from ops.settings import Settings
@@ -32,7 +32,10 @@ def test_sdm630_map_has_the_eastron_addresses() -> None:
         "total_export_kwh": 0x004A,
     }
     assert {n: by_name[n].address for n in expected} == expected
-    assert all(r.data_type is DataType.FLOAT32 and r.word_order == "big" for r in sdm.registers)
+    inputs = [r for r in sdm.registers if r.type is RegisterType.INPUT]
+    assert all(r.data_type is DataType.FLOAT32 and r.word_order == "big" for r in inputs)
+    serial = by_name["serial_number"]
+    assert serial.type is RegisterType.HOLDING and serial.address == 0xFC00
     q = sdm.by_quantity()
     assert q[Quantity.ENERGY_IMPORT_KWH].name == "total_import_kwh"
     assert q[Quantity.POWER_W].unit == "W"
