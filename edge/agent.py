@@ -5,7 +5,13 @@ Threads: paho's network thread only forwards events (connect, PUBACK) into the a
 outbox (SQLite) is touched from one thread only.  Paho keeps QoS 1 messages it was handed and
 re-sends them after a reconnect; the outbox covers what paho cannot: a restart of the process.
 At most ``max_inflight`` batches are handed to paho at once, so a long outage does not load the
-whole outbox into memory.
+whole outbox into memory, and at most ``backfill_batches_per_s`` per second, so the backlog of a
+long outage reaches the broker at a bounded rate.
+
+Before a reading is stored, its time stamp is checked (``edge.clock.ClockCheck``): readings with
+an implausible gateway time are quarantined in the outbox file and counted, never published.
+Reconnects back off exponentially with full jitter, so a fleet of gateways that lost the broker
+together does not reconnect in lockstep.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import contextlib
 import json
 import logging
 import math
+import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -24,12 +32,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge.clock import now_ms, wall_seconds_until
+from edge.clock import ClockCheck, measure_http_offset, now_ms, wall_seconds_until
 from edge.config import EdgeConfig, load_device_maps
+from edge.counters import CounterGuard
 from edge.devices import DeviceMap
 from edge.modbus import ModbusPoller
 from edge.outbox import Outbox
-from edge.wire import Batch, Reading, readings_topic, status_topic
+from edge.wire import Batch, Quality, Reading, readings_topic, status_topic
+from ops import metrics
 from ops.settings import ClockSettings, MqttSettings, Settings
 
 log = logging.getLogger("scopemeter.edge")
@@ -49,6 +59,9 @@ class RunReport:
     batches_published: int = 0
     pending_batches: int = 0  # still in the outbox at exit (sent on the next run)
     dropped_readings: int = 0  # dropped because the outbox was full
+    quarantined_readings: int = 0  # kept back for an implausible time stamp
+    flagged_readings: int = 0  # sent with quality bits (wrap, reset, replaced, out of range)
+    clock_offset_s: float | None = None  # last measured reference - gateway clock
     first_seq: int | None = None
     last_seq: int | None = None
 
@@ -56,7 +69,9 @@ class RunReport:
         return json.dumps({"event": "edge.report", **asdict(self)})
 
 
-def make_client(mqtt_settings: MqttSettings, config: EdgeConfig) -> mqtt.Client:
+def make_client(
+    mqtt_settings: MqttSettings, config: EdgeConfig, backoff: Backoff | None = None
+) -> mqtt.Client:
     """A paho client with the gateway's persistent session and its last will."""
     s = mqtt_settings
     # The gateway id is the client id: a persistent session (clean_session False) survives restarts.
@@ -82,8 +97,62 @@ def make_client(mqtt_settings: MqttSettings, config: EdgeConfig) -> mqtt.Client:
     )
     client.max_inflight_messages_set(config.max_inflight)
     client.max_queued_messages_set(0)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    backoff = backoff or Backoff()
+    backoff.apply(client)
+    client.on_connect_fail = lambda c, _u: backoff.apply(c)
     return client
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n))."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2**self.attempt)
+        self.attempt += 1
+        return max(0.05, self.rng.uniform(0, ceiling))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+    def apply(self, client: mqtt.Client) -> None:
+        """Set paho's next reconnect wait to a fresh draw (call after each failed attempt).
+
+        Paho waits min(previous wait * 2, max_delay); min = max = the draw bounds it by the draw.
+        """
+        delay = self.next()
+        client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+
+
+@dataclass
+class RateLimit:
+    """Token bucket: at most ``rate`` per second on average, bursts of at most ``burst``."""
+
+    rate: float
+    burst: float
+    clock: Callable[[], float] = time.monotonic
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def available(self) -> int:
+        now = self.clock()
+        if self.tokens < 0:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return int(self.tokens)
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+
+    def wait_s(self) -> float:
+        """Seconds until one more token is available."""
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 def next_tick(now: datetime, interval_s: float) -> datetime:
@@ -126,15 +195,22 @@ class _Sender:
     topic: str
     window: int
     report: RunReport
+    limit: RateLimit
     inflight: dict[int, tuple[int, int]] = field(default_factory=dict)  # mid -> (seq, n_readings)
     handed_up_to: int = -1  # highest seq handed to paho in this process
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _refill: asyncio.TimerHandle | None = None
 
     def fill(self) -> None:
-        room = self.window - len(self.inflight)
+        room = min(self.window - len(self.inflight), self.limit.available())
         if room <= 0:
+            self._schedule_refill()
             return
-        for item in self.outbox.pending(after=self.handed_up_to, limit=room):
+        items = self.outbox.pending(after=self.handed_up_to, limit=room)
+        self.limit.take(len(items))
+        if len(items) == room:  # more may wait: come back when the rate allows
+            self._schedule_refill()
+        for item in items:
             info = self.client.publish(self.topic, item.payload, qos=1)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 log.error("publish of seq %d refused by client: %s", item.seq, mqtt.error_string(info.rc))
@@ -142,6 +218,13 @@ class _Sender:
             # NO_CONN: paho keeps the QoS 1 message and sends it once connected.
             self.inflight[info.mid] = (item.seq, item.n_readings)
             self.handed_up_to = item.seq
+
+    def _schedule_refill(self) -> None:
+        if self._refill is None or self._refill.cancelled() or self._refill.when() < self._loop().time():
+            self._refill = self._loop().call_later(self.limit.wait_s() + 0.001, self.fill)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
 
     def on_puback(self, mid: int, failed: bool) -> None:
         entry = self.inflight.pop(mid, None)
@@ -154,6 +237,7 @@ class _Sender:
         if self.outbox.ack(seq):
             self.report.batches_published += 1
             self.report.readings_published += n
+            metrics.EDGE_PUBLISHED_BATCHES.inc()
         self.fill()
         self.changed.set()
 
@@ -179,39 +263,59 @@ async def run_agent(
         config.gateway,
         max_batches=config.outbox_max_batches,
     )
-    poller = ModbusPoller(config, maps, clock)
-    client = make_client(settings.mqtt, config)
+    guard = CounterGuard.loads(outbox.get_meta("counters"))
+    clock_check = ClockCheck(config.max_clock_offset_s)
+    clock_check.load(outbox.get_meta("last_ts"))
+    poller = ModbusPoller(config, maps, clock, guard)
+    backoff = Backoff()
+    client = make_client(settings.mqtt, config, backoff)
     sender = _Sender(
         client,
         outbox,
         readings_topic(config.supplier, config.site, config.gateway),
         config.max_inflight,
         report,
+        RateLimit(config.backfill_batches_per_s, burst=max(1.0, config.backfill_batches_per_s)),
     )
     status = status_topic(config.supplier, config.site, config.gateway)
+    metrics.serve(config.metrics_port)
+    metrics.EDGE_CLOCK_OFFSET.set(math.nan)
+    _update_outbox_gauges(outbox)
 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         if rc.is_failure:
             log.error("MQTT connect refused: %s", rc)
+            backoff.apply(c)
             return
+        backoff.reset()
+        metrics.EDGE_MQTT_CONNECTED.set(1)
         log.info("MQTT connected to %s:%d", settings.mqtt.host, settings.mqtt.port)
         c.publish(status, json.dumps({"gateway": config.gateway, "state": "online"}), qos=1, retain=True)
 
     def on_publish(_c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         loop.call_soon_threadsafe(sender.on_puback, mid, rc.is_failure)
 
-    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+    def on_disconnect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        metrics.EDGE_MQTT_CONNECTED.set(0)
         if rc.is_failure:
-            log.warning("MQTT disconnected: %s (paho reconnects)", rc)
+            backoff.apply(c)
+            log.warning("MQTT disconnected: %s (reconnecting with backoff)", rc)
 
     client.on_connect = on_connect
     client.on_publish = on_publish
     client.on_disconnect = on_disconnect
     client.connect_async(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive)
     client.loop_start()
+    offset_task = (
+        asyncio.create_task(_watch_clock(config, clock, clock_check, report, stop))
+        if config.clock_reference_url
+        else None
+    )
     try:
         sender.fill()  # batches left by an earlier run go first
-        await _poll_loop(config, clock, poller, outbox, sender, report, polls, stop)
+        if offset_task is not None:  # the first measurement precedes the first poll
+            await _measure_offset(config, clock, clock_check, report)
+        await _poll_loop(config, clock, poller, outbox, sender, report, polls, stop, clock_check)
         await _drain(outbox, sender, drain_timeout_s)
         if client.is_connected():  # a clean exit says so; otherwise the broker publishes the will
             info = client.publish(
@@ -220,6 +324,8 @@ async def run_agent(
             with contextlib.suppress(RuntimeError, ValueError):
                 await loop.run_in_executor(None, info.wait_for_publish, 5.0)
     finally:
+        if offset_task is not None:
+            offset_task.cancel()
         client.disconnect()
         client.loop_stop()
         poller.close()
@@ -239,6 +345,7 @@ async def _poll_loop(
     report: RunReport,
     polls: int | None,
     stop: asyncio.Event,
+    clock_check: ClockCheck,
 ) -> None:
     """Poll on the grid of ``poll_interval_s`` of the shared (simulated) clock."""
     tick = next_tick(clock.now(), config.poll_interval_s)
@@ -251,13 +358,25 @@ async def _poll_loop(
         result = await poller.poll()
         report.polls += 1
         report.failed_meter_reads += len(result.failed_meters)
-        if result.readings:
-            for batch in make_batches(config, outbox, result.readings, now_ms(clock)):
+        metrics.EDGE_POLLS.inc()
+        for kind, n in result.errors.items():
+            metrics.EDGE_POLL_ERRORS.labels(kind).inc(n)
+        if result.quarantined:
+            outbox.quarantine("outside_wire_window", result.quarantined)
+            report.quarantined_readings += len(result.quarantined)
+        readings = _screen(result.readings, clock_check, outbox, report)
+        if readings:
+            for batch in make_batches(config, outbox, readings, now_ms(clock)):
                 report.batches_produced += 1
                 report.readings_produced += len(batch.readings)
                 report.first_seq = batch.seq if report.first_seq is None else report.first_seq
                 report.last_seq = batch.seq
+            metrics.EDGE_READINGS.inc(len(readings))
             sender.fill()
+        # After the batch is stored: a crash in between re-checks against older state (harmless).
+        outbox.set_meta("counters", poller.guard.dumps())
+        outbox.set_meta("last_ts", clock_check.dumps())
+        _update_outbox_gauges(outbox)
         following = tick + timedelta(seconds=config.poll_interval_s)
         now = clock.now()
         if following <= now:  # the poll overran: skip to the next future tick
@@ -265,6 +384,60 @@ async def _poll_loop(
             report.missed_ticks += round((nxt - following).total_seconds() / config.poll_interval_s)
             following = nxt
         tick = following
+
+
+def _screen(readings: list[Reading], check: ClockCheck, outbox: Outbox, report: RunReport) -> list[Reading]:
+    """Readings that may be sent; the others are quarantined by reason, and flags are counted."""
+    keep: list[Reading] = []
+    held: dict[str, list[dict[str, object]]] = {}
+    for r in readings:
+        reason = check.verdict(r.meter_id, r.ts)
+        if reason is not None:
+            held.setdefault(reason, []).append(r.model_dump(mode="json"))
+            continue
+        keep.append(r)
+        if r.quality:
+            report.flagged_readings += 1
+            for flag in Quality(r.quality):
+                metrics.EDGE_FLAGGED_READINGS.labels(flag.name or str(flag.value)).inc()
+    for r in keep:
+        check.accept(r.meter_id, r.ts)
+    for reason, items in held.items():
+        log.warning("quarantined %d readings: %s", len(items), reason)
+        outbox.quarantine(reason, items)
+        report.quarantined_readings += len(items)
+    return keep
+
+
+def _update_outbox_gauges(outbox: Outbox) -> None:
+    metrics.EDGE_OUTBOX_BATCHES.set(outbox.count())
+    metrics.EDGE_OUTBOX_OLDEST_AGE.set(outbox.oldest_age_s())
+
+
+async def _measure_offset(
+    config: EdgeConfig, clock: ClockSettings, check: ClockCheck, report: RunReport
+) -> None:
+    assert config.clock_reference_url is not None
+    loop = asyncio.get_running_loop()
+    try:
+        offset = await loop.run_in_executor(None, measure_http_offset, config.clock_reference_url, clock.now)
+    except (OSError, ValueError) as exc:
+        log.warning("clock reference %s: %s", config.clock_reference_url, exc)
+        return
+    check.offset_s = report.clock_offset_s = offset
+    metrics.EDGE_CLOCK_OFFSET.set(offset)
+    if abs(offset) > config.max_clock_offset_s:
+        log.error("gateway clock is off by %.1f s: readings are quarantined until it is fixed", offset)
+
+
+async def _watch_clock(
+    config: EdgeConfig, clock: ClockSettings, check: ClockCheck, report: RunReport, stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=config.clock_check_interval_s)
+        if not stop.is_set():
+            await _measure_offset(config, clock, check, report)
 
 
 async def _drain(outbox: Outbox, sender: _Sender, timeout_s: float) -> None:
@@ -282,3 +455,4 @@ async def _drain(outbox: Outbox, sender: _Sender, timeout_s: float) -> None:
         sender.changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sender.changed.wait(), timeout=remaining)
+    _update_outbox_gauges(outbox)

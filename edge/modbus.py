@@ -28,7 +28,7 @@ from edge.clock import now_ms
 from edge.config import EdgeConfig, EdgeMeter, Transport
 from edge.counters import CounterGuard
 from edge.devices import DeviceMap, Register, RegisterType
-from edge.wire import COUNTER_QUANTITIES, Quality, Quantity, Reading
+from edge.wire import COUNTER_QUANTITIES, EARLIEST_TS, LATEST_TS, Quality, Quantity, Reading
 from ops.settings import ClockSettings
 
 log = logging.getLogger("scopemeter.edge.modbus")
@@ -99,6 +99,8 @@ class PollResult:
     readings: list[Reading] = field(default_factory=list)
     failed_meters: list[str] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)  # by kind: timeout, exception_N, …
+    # Values stamped outside the wire's time window (a gateway clock at 1970): not Readings at all.
+    quarantined: list[dict[str, object]] = field(default_factory=list)
 
 
 class ModbusPoller:
@@ -193,6 +195,13 @@ class ModbusPoller:
         serial = next((int(v) for r, v in values.items() if r.name == SERIAL_REGISTER), None)
         readings: list[Reading] = []
         meter = plan.meter
+        if not EARLIEST_TS <= ts < LATEST_TS:
+            out.quarantined.extend(
+                {"meter_id": meter.id, "quantity": r.quantity.value, "ts": ts.isoformat(), "value": v}
+                for r, v in values.items()
+                if r.quantity is not None
+            )
+            return []
         for reg, raw in values.items():
             if reg.quantity is None:
                 continue

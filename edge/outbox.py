@@ -5,10 +5,16 @@ pending batches are re-sent after restart (downstream drops the duplicates by re
 SQLite in WAL mode with ``synchronous=FULL``: a committed batch survives power loss.  The
 per-gateway sequence number is persisted separately from the rows, so it keeps increasing even
 when the outbox is empty or rows were dropped.
+
+Bounded: past ``max_batches`` unacknowledged batches the oldest are evicted, counted (here and in
+``scopemeter_edge_outbox_evicted_*``) and logged -- never silently.  Readings the gateway must
+not send (implausible timestamps) go to the ``quarantine`` table of the same file, with a reason,
+for a person to look at.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.wire import Batch
+from ops import metrics
 
 log = logging.getLogger("scopemeter.edge.outbox")
 
@@ -25,6 +32,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY,
     payload    BLOB    NOT NULL,
+    n_readings INTEGER NOT NULL,
+    created    REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id         INTEGER PRIMARY KEY,
+    reason     TEXT    NOT NULL,
+    readings   TEXT    NOT NULL,
     n_readings INTEGER NOT NULL,
     created    REAL    NOT NULL
 );
@@ -97,6 +111,8 @@ class Outbox:
         self._db.execute("DELETE FROM outbox WHERE seq <= ?", (rows[-1][0],))
         self.dropped_batches += len(rows)
         self.dropped_readings += sum(n for _, n in rows)
+        metrics.EDGE_OUTBOX_EVICTED_BATCHES.inc(len(rows))
+        metrics.EDGE_OUTBOX_EVICTED_READINGS.inc(sum(n for _, n in rows))
         log.warning("outbox full: dropped %d oldest batches (up to seq %d)", len(rows), rows[-1][0])
 
     def pending(self, *, after: int = -1, limit: int | None = None) -> list[Pending]:
@@ -115,6 +131,33 @@ class Outbox:
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def oldest_age_s(self, now: float | None = None) -> float:
+        """Wall seconds the oldest unacknowledged batch has waited (0 when empty)."""
+        row = self._db.execute("SELECT min(created) FROM outbox").fetchone()
+        return 0.0 if row[0] is None else max(0.0, (now or time.time()) - float(row[0]))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def quarantine(self, reason: str, readings: list[dict[str, object]]) -> None:
+        """Keep readings that must not be sent, with why; they are counted, never published."""
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO quarantine (reason, readings, n_readings, created) VALUES (?, ?, ?, ?)",
+                (reason, json.dumps(readings, default=str), len(readings), time.time()),
+            )
+        metrics.EDGE_QUARANTINED_READINGS.labels(reason).inc(len(readings))
+
+    def quarantined(self) -> dict[str, int]:
+        """Quarantined readings by reason."""
+        rows = self._db.execute("SELECT reason, sum(n_readings) FROM quarantine GROUP BY reason")
+        return {reason: int(n) for reason, n in rows}
 
     def close(self) -> None:
         self._db.close()

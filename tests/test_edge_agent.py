@@ -111,7 +111,7 @@ class Subscriber:
 
 
 def setup(
-    tmp_path: Path, mqtt_port: int, modbus_port: int, *, ghost: bool = False
+    tmp_path: Path, mqtt_port: int, modbus_port: int, *, ghost: bool = False, start: datetime = T0
 ) -> tuple[EdgeConfig, Settings]:
     config = load_edge_config(DEMO_GATEWAY)
     meters = [m.model_copy(update={"port": modbus_port}) for m in config.meters]
@@ -128,7 +128,7 @@ def setup(
     )
     settings = Settings(
         mqtt=MqttSettings(port=mqtt_port),
-        clock=ClockSettings(speed=SPEED, sim_start=T0, wall_start=time.time()),
+        clock=ClockSettings(speed=SPEED, sim_start=start, wall_start=time.time()),
         stack=StackSettings(state_dir=tmp_path),
     )
     return config, settings
@@ -198,8 +198,9 @@ def test_batches_survive_a_broker_outage_and_a_restart(tmp_path: Path, broker_po
     config, settings = setup(tmp_path, free_port(), modbus_port)
     first, _ = asyncio.run(agent_with_simulator(config, settings, 2, modbus_port, drain_timeout_s=0.3))
     assert (first.readings_produced, first.readings_published, first.pending_batches) == (24, 0, 2)
-    # Second run, same outbox, broker up: the old batches go first, then the new one.
-    config, settings = setup(tmp_path, broker_port, modbus_port)
+    # Second run, same outbox, broker up: the old batches go first, then the new one.  Simulated
+    # time goes on from where it was (restarting it at T0 would be a clock going back: quarantined).
+    config, settings = setup(tmp_path, broker_port, modbus_port, start=T0 + timedelta(hours=1))
     sub = Subscriber(broker_port)
     sub.start(config)
     try:
