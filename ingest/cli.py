@@ -1,4 +1,4 @@
-"""``scopemeter ingest bridge|writer`` and ``scopemeter db migrate``."""
+"""``scopemeter ingest bridge|writer`` and ``scopemeter db migrate|info|retention``."""
 
 from __future__ import annotations
 
@@ -29,7 +29,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     db = sub.add_parser("db", help="database schema")
     dsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     mig = dsub.add_parser("migrate", help="create the database if needed and apply migrations")
+    mig.add_argument(
+        "--storage",
+        choices=("auto", "timescaledb", "native"),
+        default=None,
+        help="storage path of readings, chosen at the first migration (default: the GUC"
+        " scopemeter.storage, else auto = TimescaleDB when the server has it)",
+    )
     mig.set_defaults(handler=_migrate)
+    info = dsub.add_parser("info", help="print the storage path of readings and its policies (JSON)")
+    info.set_defaults(handler=_info)
+    ret = dsub.add_parser("retention", help="drop readings past the retention horizon (cron it)")
+    ret.set_defaults(handler=_retention)
 
 
 def _bridge(args: Any) -> int:
@@ -56,11 +67,40 @@ def _writer(args: Any) -> int:
     return run_service(lambda stop: run_writer(settings, stop, batch_rows_target=args.batch_rows))
 
 
-def _migrate(_args: Any) -> int:
+def _migrate(args: Any) -> int:
+    import psycopg
+
     from ingest.db import ensure_database, migrate
+    from ingest.storage import storage_info
 
     settings = Settings()
     created = ensure_database(settings.db.dsn, settings.db.admin_dsn)
-    applied = migrate(settings.db.dsn)
-    print(f"database {'created' if created else 'exists'}; migrations applied: {applied or 'none'}")
+    applied = migrate(settings.db.dsn, storage=args.storage)
+    with psycopg.connect(settings.db.dsn) as conn:
+        backend = storage_info(conn).backend
+    print(
+        f"database {'created' if created else 'exists'}; migrations applied: {applied or 'none'};"
+        f" readings storage: {backend}"
+    )
+    return 0
+
+
+def _info(_args: Any) -> int:
+    import psycopg
+
+    from ingest.storage import storage_info
+
+    with psycopg.connect(Settings().db.dsn) as conn:
+        print(json.dumps(storage_info(conn).as_dict(), indent=2))
+    return 0
+
+
+def _retention(_args: Any) -> int:
+    import psycopg
+
+    from ingest.storage import apply_retention
+
+    with psycopg.connect(Settings().db.dsn) as conn:
+        dropped = apply_retention(conn)
+    print(f"dropped {dropped} partitions or chunks past the retention horizon")
     return 0

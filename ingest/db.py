@@ -3,6 +3,9 @@
 Migrations are the files ``ingest/migrations/NNNN_name.sql``, applied in order, each in its own
 transaction, recorded with a checksum in ``schema_migrations``. An advisory lock makes concurrent
 ``migrate`` calls (several processes starting at once) safe.
+
+``0002_readings.sql`` picks the storage path of ``readings`` once (TimescaleDB hypertable or native
+monthly partitions, see ``ingest/storage.py``); ``storage`` chooses it explicitly.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from ops.errors import UserError
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+STORAGE_CHOICES = ("auto", "timescaledb", "native")
 _LOCK_KEY = 0x5C0BE  # arbitrary, constant: the migration advisory lock
 
 
-class MigrationError(RuntimeError):
-    pass
+class MigrationError(UserError):
+    """A migration cannot be applied; the message says why (the CLI prints it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +71,21 @@ def drop_database(dbname: str, admin_dsn: str) -> None:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
 
-def migrate(dsn: str) -> list[int]:
-    """Apply pending migrations; returns the versions applied now."""
+def migrate(dsn: str, *, storage: str | None = None) -> list[int]:
+    """Apply pending migrations; returns the versions applied now.
+
+    ``storage`` (auto | timescaledb | native) sets the GUC ``scopemeter.storage`` that 0002 reads;
+    None leaves it to the server's setting (default auto). The path is chosen once: asking for
+    another one on a database that already has ``readings`` is an error, not a silent no-op.
+    """
+    if storage is not None and storage not in STORAGE_CHOICES:
+        raise MigrationError(f"storage must be one of {', '.join(STORAGE_CHOICES)}, not {storage!r}")
     applied_now: list[int] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
+            if storage is not None:
+                conn.execute("SELECT set_config('scopemeter.storage', %s, false)", (storage,))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
@@ -92,6 +107,13 @@ def migrate(dsn: str) -> list[int]:
                         (m.version, m.name, m.checksum),
                     )
                 applied_now.append(m.version)
+            if storage in ("timescaledb", "native"):
+                row = conn.execute("SELECT backend FROM scopemeter_storage").fetchone()
+                if row is not None and row[0] != storage:
+                    raise MigrationError(
+                        f"readings are already stored with {row[0]}; the storage path is chosen once, "
+                        f"at the first migration (asked for {storage})"
+                    )
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
     return applied_now

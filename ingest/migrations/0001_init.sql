@@ -1,6 +1,5 @@
--- scopemeter schema v1: fleet registry, factor library, raw readings, rollups.
--- Plain PostgreSQL path: readings are range-partitioned by month; partitions are created on demand
--- by scopemeter_ensure_partitions(), which the writer calls before it copies rows of a new month.
+-- scopemeter schema v1: fleet registry, factor library, rollups.
+-- Raw readings and their storage path (TimescaleDB or native partitions) are 0002_readings.sql.
 
 CREATE TABLE suppliers (
     supplier_id text PRIMARY KEY,
@@ -46,42 +45,6 @@ CREATE TABLE emission_factors (
     source      text NOT NULL,
     CHECK (valid_from < valid_to)
 );
-
-CREATE TABLE readings (
-    meter_id    text NOT NULL,
-    quantity    text NOT NULL,
-    ts          timestamptz NOT NULL,
-    value       double precision NOT NULL,
-    quality     integer NOT NULL DEFAULT 0,
-    site_id     text NOT NULL,
-    gateway_id  text NOT NULL,
-    batch_seq   bigint NOT NULL,
-    ingested_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (meter_id, quantity, ts)
-) PARTITION BY RANGE (ts);
-
-CREATE FUNCTION scopemeter_ensure_partitions(t_min timestamptz, t_max timestamptz) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    m date := date_trunc('month', t_min AT TIME ZONE 'UTC')::date;
-    created integer := 0;
-    name text;
-BEGIN
-    -- Serialise concurrent writers creating the same month.
-    PERFORM pg_advisory_xact_lock(hashtext('scopemeter_readings_partitions'));
-    WHILE m <= (t_max AT TIME ZONE 'UTC')::date LOOP
-        name := format('readings_y%sm%s', to_char(m, 'YYYY'), to_char(m, 'MM'));
-        IF to_regclass(name) IS NULL THEN
-            EXECUTE format(
-                'CREATE TABLE %I PARTITION OF readings FOR VALUES FROM (%L) TO (%L)',
-                name, (m::timestamp AT TIME ZONE 'UTC'),
-                ((m + interval '1 month')::timestamp AT TIME ZONE 'UTC'));
-            created := created + 1;
-        END IF;
-        m := (m + interval '1 month')::date;
-    END LOOP;
-    RETURN created;
-END $$;
 
 -- Energy per meter and 15-minute bucket, recomputed deterministically from readings.
 CREATE TABLE meter_energy_15m (
