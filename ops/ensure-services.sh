@@ -31,3 +31,12 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
   pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
 fi
+
+# A real TimescaleDB (PGlite WASM build, from npm) for the tests of the TimescaleDB storage path:
+# installed into ops/timescale/node_modules (gitignored) when missing or older than the lock file.
+ts_dir="$(dirname "$0")/timescale"
+if [ ! -f "$ts_dir/node_modules/.package-lock.json" ] || [ "$ts_dir/package-lock.json" -nt "$ts_dir/node_modules/.package-lock.json" ]; then
+  command -v npm >/dev/null 2>&1 || { echo "missing: node and npm (v20+), needed for ops/timescale" >&2; exit 1; }
+  echo "installing the TimescaleDB WASM server into ops/timescale/node_modules"
+  (cd "$ts_dir" && npm ci --no-audit --no-fund --loglevel=error)
+fi
