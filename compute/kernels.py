@@ -1,24 +1,34 @@
-"""Numba kernels: cumulative counter readings of one meter → energy per 15-minute bucket.
+"""Numba kernels: cumulative counter readings of one meter → energy per bucket (15 min, 1 h, …).
 
-Inputs are the readings of ONE meter and ONE counter quantity, sorted by time:
-``ts`` int64 epoch milliseconds (non-decreasing), ``value`` float64 register readings.
+Inputs are the readings of ONE meter and ONE counter quantity, sorted by time: ``ts`` int64 epoch
+milliseconds (non-decreasing), ``value`` float64 register readings, ``quality`` int64
+``edge.wire.Quality`` bits. A quality bit describes what happened just BEFORE its reading, so the
+bits of reading ``i + 1`` classify interval ``i`` (``ts[i]`` → ``ts[i+1]``).
 
-1. ``interval_energy``: the energy of interval ``i`` (``ts[i]`` → ``ts[i+1]``) is
-   ``value[i+1] - value[i]``. A NEGATIVE delta means the register went backwards: a reset, a wrap
-   or a meter replacement. The skeleton cannot tell how much energy flowed across such a step, so
-   that interval contributes 0 kWh and is flagged ``FLAG_NEGATIVE_DELTA`` (counted, not guessed).
-   Wrap recovery from the register width and the ``Quality`` bits sent by the edge are later work.
-2. ``apportion``: each interval's energy is spread linearly over time (uniform power between two
-   readings) across the bucket boundaries it straddles. Every bucket but the last one an interval
-   touches gets ``delta * overlap_ms / duration_ms``; the last gets the remainder, so an interval's
-   pieces sum exactly to its delta (up to one rounding per piece). A zero-length interval (two
-   readings in the same millisecond) puts its whole delta in the bucket containing it.
-3. Buckets span ``[floor(ts[0]), ceil(ts[-1]))`` in steps of ``bucket_ms``: every bucket that overlaps
-   the readings' time hull gets an entry, including 0 kWh ones. Per bucket, contributions are added
-   in interval order starting from 0.0, so the result for a bucket depends only on the intervals
-   overlapping it: recomputing a sub-range from the same readings is bit-identical.
+1. ``interval_energy`` — the energy of interval ``i`` and its flags:
+   - ``METER_REPLACED`` on the later reading: the new meter's starting value is unknown, so the
+     interval contributes 0 and is unmeasured (``F_REPLACED``);
+   - ``COUNTER_RESET``: the register restarted from 0, energy = the later value (``F_RESET``);
+   - ``COUNTER_WRAP`` (or, without bits, a drop from the top ``WRAP_BAND`` of ``counter_max`` into
+     its bottom band): energy = ``counter_max - v[i] + v[i+1]`` (``F_WRAP``); without a known
+     ``counter_max`` the wrap cannot be undone and the interval counts as a drop;
+   - any other backwards step (no bits): unexplained reset/replacement, 0 and unmeasured (``F_DROP``);
+   - otherwise ``v[i+1] - v[i]``.
+   An interval longer than ``max_gap_ms`` (> 0) is a gap (``F_GAP``): its energy is real (the
+   counter advanced) but when it flowed is not known, so it is apportioned as ESTIMATED energy. An
+   interval touching a reading marked ``ESTIMATED`` is estimated too (``F_ESTIMATED``).
+2. ``apportion`` — each interval's energy is spread linearly over time (uniform power) across the
+   bucket boundaries it straddles. Every bucket but the last one an interval touches gets
+   ``delta * overlap_ms / duration_ms``; the last gets the remainder, so an interval's pieces sum
+   exactly to its delta (up to one rounding per piece). A zero-length interval puts its whole delta
+   in the bucket containing it. Per bucket it returns total energy, the estimated part of it, the
+   milliseconds covered by measured intervals (coverage) and the OR of the interval flags.
+3. Buckets span ``[floor(ts[0]), ceil(ts[-1]))`` in steps of ``bucket_ms``: every bucket that
+   overlaps the readings' hull gets an entry, including 0 kWh ones. Per bucket, contributions are
+   added in interval order starting from 0.0, so a bucket depends only on the intervals overlapping
+   it: recomputing a sub-range from the same readings is bit-identical (what recompute relies on).
 
-The kernels are compiled once and cached on disk (``cache=True``).
+``compute.reference`` is the plain-Python oracle of all this. Kernels are cached on disk.
 """
 
 from __future__ import annotations
@@ -29,12 +39,31 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
+from edge.wire import Quality
+
 BUCKET_MS: Final = 15 * 60 * 1000
-FLAG_NEGATIVE_DELTA: Final = 1
+HOUR_MS: Final = 60 * 60 * 1000
+# A drop from above (1 - WRAP_BAND) * counter_max to below WRAP_BAND * counter_max is a wrap.
+WRAP_BAND: Final = 0.1
+
+# Interval flags (also OR-ed per bucket and stored with the meter's bucket rows).
+F_WRAP: Final = 1
+F_RESET: Final = 2
+F_REPLACED: Final = 4
+F_DROP: Final = 8
+F_GAP: Final = 16
+F_ESTIMATED: Final = 32
+F_UNMEASURED: Final = F_REPLACED | F_DROP  # contributes no energy at all
+F_TO_ESTIMATED: Final = F_GAP | F_ESTIMATED  # energy counted as estimated
+
+_Q_ESTIMATED: Final = int(Quality.ESTIMATED)
+_Q_WRAP: Final = int(Quality.COUNTER_WRAP)
+_Q_RESET: Final = int(Quality.COUNTER_RESET)
+_Q_REPLACED: Final = int(Quality.METER_REPLACED)
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
-U8 = npt.NDArray[np.uint8]
+I32 = npt.NDArray[np.int32]
 
 
 def floor_bucket(t: int, bucket_ms: int = BUCKET_MS) -> int:
@@ -46,27 +75,67 @@ def ceil_bucket(t: int, bucket_ms: int = BUCKET_MS) -> int:
 
 
 @njit(cache=True)
-def interval_energy(value: F64) -> tuple[F64, U8]:
-    """Delta per interval (length ``n - 1``); negative deltas become 0 and are flagged."""
+def interval_energy(
+    ts: I64, value: F64, quality: I64, counter_max: float, max_gap_ms: int
+) -> tuple[F64, I32]:
+    """Energy and flags per interval (length ``n - 1``); see the module doc for the rules."""
     n = value.shape[0]
     m = n - 1 if n > 0 else 0
     delta = np.zeros(m, dtype=np.float64)
-    flags = np.zeros(m, dtype=np.uint8)
+    flags = np.zeros(m, dtype=np.int32)
     for i in range(m):
-        d = value[i + 1] - value[i]
-        if d < 0.0:
-            flags[i] = FLAG_NEGATIVE_DELTA
+        a = value[i]
+        b = value[i + 1]
+        q = quality[i + 1]
+        f = 0
+        d = 0.0
+        if q & _Q_REPLACED:
+            f = F_REPLACED
+        elif q & _Q_RESET:
+            if b >= 0.0:
+                f = F_RESET
+                d = b
+            else:
+                f = F_DROP
+        elif q & _Q_WRAP or (
+            b < a
+            and counter_max > 0.0
+            and a >= (1.0 - WRAP_BAND) * counter_max
+            and b < WRAP_BAND * counter_max
+        ):
+            w = counter_max - a + b
+            if counter_max > 0.0 and w >= 0.0:
+                f = F_WRAP
+                d = w
+            else:
+                f = F_DROP
+        elif b < a:
+            f = F_DROP
         else:
-            delta[i] = d
+            d = b - a
+        if (f & F_UNMEASURED) == 0:
+            if max_gap_ms > 0 and ts[i + 1] - ts[i] > max_gap_ms:
+                f |= F_GAP
+            if (quality[i] | q) & _Q_ESTIMATED:
+                f |= F_ESTIMATED
+        delta[i] = d
+        flags[i] = f
     return delta, flags
 
 
 @njit(cache=True)
-def apportion(ts: I64, delta: F64, bucket_ms: int) -> tuple[I64, F64]:
-    """Spread ``delta[i]`` (interval ``ts[i]`` → ``ts[i+1]``) linearly over buckets of ``bucket_ms``."""
+def apportion(ts: I64, delta: F64, flags: I32, bucket_ms: int) -> tuple[I64, F64, F64, I64, I32]:
+    """Spread ``delta[i]`` linearly over buckets: (starts, kwh, kwh_estimated, measured_ms, flags)."""
     n = ts.shape[0]
     if n < 2:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        z = np.zeros(0, dtype=np.float64)
+        return (
+            np.zeros(0, dtype=np.int64),
+            z,
+            z.copy(),
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.int32),
+        )
     first = (ts[0] // bucket_ms) * bucket_ms
     last = -((-ts[n - 1]) // bucket_ms) * bucket_ms
     nb = (last - first) // bucket_ms
@@ -74,43 +143,92 @@ def apportion(ts: I64, delta: F64, bucket_ms: int) -> tuple[I64, F64]:
     for k in range(nb):
         starts[k] = first + k * bucket_ms
     energy = np.zeros(nb, dtype=np.float64)
+    estimated = np.zeros(nb, dtype=np.float64)
+    measured_ms = np.zeros(nb, dtype=np.int64)
+    bflags = np.zeros(nb, dtype=np.int32)
     for i in range(n - 1):
         s = ts[i]
         e = ts[i + 1]
         d = delta[i]
+        f = flags[i]
+        est = (f & F_TO_ESTIMATED) != 0
+        counted = (f & F_UNMEASURED) == 0
         k = (s - first) // bucket_ms
         dur = e - s
         if dur <= 0:
             energy[k] += d
+            if est:
+                estimated[k] += d
+            bflags[k] |= f
             continue
         given = 0.0
         while True:
-            b_end = first + (k + 1) * bucket_ms
-            if e <= b_end:
-                energy[k] += d - given
-                break
-            overlap = b_end - max(s, b_end - bucket_ms)
-            part = d * float(overlap) / float(dur)
+            b_start = first + k * bucket_ms
+            b_end = b_start + bucket_ms
+            overlap = min(e, b_end) - max(s, b_start)
+            part = d - given if e <= b_end else d * float(overlap) / float(dur)
             energy[k] += part
+            if est:
+                estimated[k] += part
+            elif counted:
+                measured_ms[k] += overlap
+            bflags[k] |= f
+            if e <= b_end:
+                break
             given += part
             k += 1
-    return starts, energy
+    return starts, energy, estimated, measured_ms, bflags
 
 
 class BucketEnergy(NamedTuple):
     starts: I64  # bucket start, epoch ms, multiples of bucket_ms
-    kwh: F64  # energy per bucket
-    negative_deltas: int  # intervals that went backwards and contributed 0
+    kwh: F64  # energy per bucket, measured + estimated (counter units: kWh, m3, …)
+    kwh_estimated: F64  # the part of ``kwh`` from gaps and estimated readings
+    measured_ms: I64  # time of the bucket covered by measured intervals
+    flags: I32  # OR of the flags of the intervals overlapping the bucket
+    interval_flags: I32  # per interval, for counting events
 
 
-def bucket_energy(ts: I64, value: F64, bucket_ms: int = BUCKET_MS) -> BucketEnergy:
-    """Readings of one counter → energy per bucket (see module doc)."""
+def _count(flags: I32, bit: int) -> int:
+    return int(np.count_nonzero(flags & bit))
+
+
+def bucket_energy(
+    ts: I64,
+    value: F64,
+    quality: I64 | None = None,
+    *,
+    bucket_ms: int = BUCKET_MS,
+    counter_max: float = 0.0,
+    max_gap_ms: int = 0,
+) -> BucketEnergy:
+    """Readings of one counter → energy per bucket (see module doc). ``counter_max`` 0 = unknown,
+    ``max_gap_ms`` 0 = no gap limit."""
     ts = np.ascontiguousarray(ts, dtype=np.int64)
     value = np.ascontiguousarray(value, dtype=np.float64)
-    if ts.shape != value.shape or ts.ndim != 1:
-        raise ValueError("ts and value must be 1-d arrays of the same length")
+    q = (
+        np.zeros(ts.shape, dtype=np.int64)
+        if quality is None
+        else np.ascontiguousarray(quality, dtype=np.int64)
+    )
+    if ts.shape != value.shape or ts.shape != q.shape or ts.ndim != 1:
+        raise ValueError("ts, value and quality must be 1-d arrays of the same length")
     if ts.shape[0] > 1 and bool(np.any(np.diff(ts) < 0)):
         raise ValueError("ts must be sorted")
-    delta, flags = interval_energy(value)
-    starts, kwh = apportion(ts, delta, bucket_ms)
-    return BucketEnergy(starts, kwh, int(np.count_nonzero(flags)))
+    if bucket_ms <= 0 or counter_max < 0 or max_gap_ms < 0:
+        raise ValueError("bucket_ms must be > 0, counter_max and max_gap_ms >= 0")
+    delta, flags = interval_energy(ts, value, q, float(counter_max), int(max_gap_ms))
+    starts, kwh, est, mms, bflags = apportion(ts, delta, flags, int(bucket_ms))
+    return BucketEnergy(starts, kwh, est, mms, bflags, flags)
+
+
+def event_counts(flags: I32) -> dict[str, int]:
+    """How many intervals carry each flag (for logs and results)."""
+    return {
+        "wraps": _count(flags, F_WRAP),
+        "resets": _count(flags, F_RESET),
+        "replacements": _count(flags, F_REPLACED),
+        "drops": _count(flags, F_DROP),
+        "gaps": _count(flags, F_GAP),
+        "estimated": _count(flags, F_ESTIMATED),
+    }
