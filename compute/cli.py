@@ -84,13 +84,11 @@ def _run(args: Any) -> int:
 
 
 def _rebuild(_args: Any) -> int:
-    from compute.recompute import recompute_all
+    from compute.recompute import Params, recompute_all
 
     settings = Settings()
     with _connect(settings) as conn:
-        r = recompute_all(conn, factor_series=settings.compute.factor_series)
-    print(
-        f"rebuilt {r.meters} meters: {r.buckets} meter buckets, {r.rollups} site rollups, "
-        f"{r.negative_deltas} counter resets counted as 0 kWh"
-    )
+        r = recompute_all(conn, Params.from_settings(settings.compute))
+    events = ", ".join(f"{v} {k}" for k, v in r.events.items() if v) or "no counter events"
+    print(f"rebuilt {r.meters} meters: {r.buckets} meter buckets, {r.rollups} site rollups; {events}")
     return 0

@@ -56,6 +56,8 @@ class Site(_Entry):
     name: Name
     grid_region: Name
     timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    # Published factor series for this site's location-based Scope 2 (default: settings).
+    factor_series: Name | None = None
 
 
 class Gateway(_Entry):
@@ -72,6 +74,11 @@ class Meter(_Entry):
     unit_id: Annotated[int, Field(ge=0, le=255)] | None = None
     ct_ratio: Annotated[float, AfterValidator(_ratio)] = 1.0
     pt_ratio: Annotated[float, AfterValidator(_ratio)] = 1.0
+    # Register rollover value (e.g. 99999.9 for a 6-digit counter, 2**32 for a uint32 register):
+    # lets compute undo wraps. Unset: wraps without a quality bit count as unexplained drops.
+    counter_max: Annotated[float, AfterValidator(_ratio)] | None = None
+    # Longest interval between readings still counted as measured (default: settings).
+    max_gap_s: Annotated[float, AfterValidator(_ratio)] | None = None
     # Tolerated simulation keys (see module doc); not stored.
     profile: Any = Field(default=None, exclude=True)
     base_kw: Any = Field(default=None, exclude=True)
@@ -179,16 +186,38 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
         (
             "sites",
             "site_id",
-            ("site_id", "supplier_id", "name", "grid_region", "timezone"),
-            [(s.id, s.supplier, s.name, s.grid_region, s.timezone) for s in fleet.sites],
+            ("site_id", "supplier_id", "name", "grid_region", "timezone", "factor_series"),
+            [(s.id, s.supplier, s.name, s.grid_region, s.timezone, s.factor_series) for s in fleet.sites],
         ),
         ("gateways", "gateway_id", ("gateway_id", "site_id"), [(g.id, g.site) for g in fleet.gateways]),
         (
             "meters",
             "meter_id",
-            ("meter_id", "site_id", "gateway_id", "carrier", "model", "unit_id", "ct_ratio", "pt_ratio"),
+            (
+                "meter_id",
+                "site_id",
+                "gateway_id",
+                "carrier",
+                "model",
+                "unit_id",
+                "ct_ratio",
+                "pt_ratio",
+                "counter_max",
+                "max_gap_s",
+            ),
             [
-                (m.id, m.site, m.gateway, m.carrier.value, m.model, m.unit_id, m.ct_ratio, m.pt_ratio)
+                (
+                    m.id,
+                    m.site,
+                    m.gateway,
+                    m.carrier.value,
+                    m.model,
+                    m.unit_id,
+                    m.ct_ratio,
+                    m.pt_ratio,
+                    m.counter_max,
+                    m.max_gap_s,
+                )
                 for m in fleet.meters
             ],
         ),

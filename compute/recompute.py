@@ -16,35 +16,84 @@ Why replays, duplicates, out-of-order and late data give exactly a clean run's r
   that bucket's site rollup; recomputes of one site are serialised by an advisory lock, so the last
   rollup of a bucket always sees every meter's final rows.
 
-Scope: Scope 2, location-based, for the Scope 2 carriers (electricity, heat, steam, cooling) from
-the ``energy_import_kwh`` counter. The factor is the ``emission_factors`` row for the site's
-``grid_region`` + carrier in the configured series whose validity (site-local calendar dates)
-covers the bucket, highest version first; ``kg_co2e`` is NULL where none does. Meters missing from
-the registry get ``meter_energy_15m`` rows but no rollup (no site/carrier to attribute them to).
+What is computed, per meter carrier (``CARRIERS``): Scope 2 location-based for electricity, heat,
+steam and cooling from the ``energy_import_kwh`` counter; Scope 1 ``direct`` for natural gas from
+the ``gas_m3`` counter, with CO2, CH4 and N2O kept apart. (Diesel, LPG and coal have factors in the
+library but no metered wire quantity yet.) Counter handling follows ``compute.kernels``: the
+meter's ``counter_max`` undoes wraps, quality bits mark resets/replacements, intervals longer
+than the meter's ``max_gap_s`` (default: settings) are estimated energy. Rollups keep
+``kwh_estimated`` apart and carry ``coverage`` (measured meter-time / registered meters × 15 min).
+
+Factors: Scope 2 uses the ``emission_factors`` row for the site's ``grid_region`` + carrier in the
+site's ``factor_series`` (default: settings); Scope 1 the fuel series, the site's region first,
+else ``GLOBAL``; unit must match the counter's; validity (site-local calendar dates) must cover
+the bucket; highest version first. ``kg_co2e`` is NULL where none does. Meters missing from the
+registry get ``meter_energy_15m`` rows (as electricity) but no rollup.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import numpy as np
 import psycopg
 
-from compute.config import SCOPE2_CARRIERS
-from compute.kernels import bucket_energy, ceil_bucket, floor_bucket
+from compute.config import Carrier
+from compute.kernels import BUCKET_MS, bucket_energy, ceil_bucket, event_counts, floor_bucket
 from edge.wire import Quantity
 from ingest.events import DirtyRange
+from ops.settings import ComputeSettings
 
 log = logging.getLogger("scopemeter.compute")
 
 COUNTER: Final = Quantity.ENERGY_IMPORT_KWH.value
 DEFAULT_FACTOR_SERIES: Final = "national-power-average"
+DEFAULT_FUEL_SERIES: Final = "ipcc-2006-default"
+DEFAULT_MAX_GAP_S: Final = 900.0
+
+
+@dataclass(frozen=True)
+class CarrierRule:
+    quantity: str  # the counter computed for meters of this carrier
+    unit: str  # its unit, which the factor's unit must equal
+    scope: int
+    method: str
+
+
+_S2 = (COUNTER, "kWh", 2, "location")
+CARRIERS: Final[dict[str, CarrierRule]] = {
+    Carrier.ELECTRICITY.value: CarrierRule(*_S2),
+    Carrier.HEAT.value: CarrierRule(*_S2),
+    Carrier.STEAM.value: CarrierRule(*_S2),
+    Carrier.COOLING.value: CarrierRule(*_S2),
+    Carrier.NATURAL_GAS.value: CarrierRule(Quantity.GAS_M3.value, "m3", 1, "direct"),
+}
+_RULE_COLUMNS = {
+    "r_carrier": list(CARRIERS),
+    "r_unit": [r.unit for r in CARRIERS.values()],
+    "r_scope": [r.scope for r in CARRIERS.values()],
+    "r_method": [r.method for r in CARRIERS.values()],
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """What a recompute needs besides the data (from settings)."""
+
+    factor_series: str = DEFAULT_FACTOR_SERIES
+    fuel_series: str = DEFAULT_FUEL_SERIES
+    max_gap_s: float = DEFAULT_MAX_GAP_S
+
+    @classmethod
+    def from_settings(cls, c: ComputeSettings) -> Params:
+        return cls(c.factor_series, c.fuel_factor_series, c.max_gap_s)
+
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
-_SCOPE2: Final = sorted(c.value for c in SCOPE2_CARRIERS)
 
 
 def to_ms(ts: datetime) -> int:
@@ -64,7 +113,7 @@ class RecomputeResult:
     bucket_to: datetime | None
     readings: int = 0  # readings loaded
     buckets: int = 0  # meter buckets written
-    negative_deltas: int = 0  # intervals that went backwards (reset/replacement): counted as 0 kWh
+    events: dict[str, int] = field(default_factory=dict)  # wraps, resets, drops, gaps, … (kernels)
     registered: bool = True  # meter found in the fleet registry
     skipped: str | None = None
 
@@ -76,43 +125,58 @@ _FIRST_AFTER = (
     "SELECT ts FROM readings WHERE meter_id = %s AND quantity = %s AND ts {op} %s ORDER BY ts LIMIT 1"
 )
 _LOAD = (
-    "SELECT floor(extract(epoch FROM ts) * 1000)::bigint, value FROM readings"
+    "SELECT floor(extract(epoch FROM ts) * 1000)::bigint, value, quality FROM readings"
     " WHERE meter_id = %s AND quantity = %s AND ts >= %s AND ts <= %s ORDER BY ts"
 )
 _LOAD_ALL = (
-    "SELECT floor(extract(epoch FROM ts) * 1000)::bigint, value FROM readings"
+    "SELECT floor(extract(epoch FROM ts) * 1000)::bigint, value, quality FROM readings"
     " WHERE meter_id = %s AND quantity = %s ORDER BY ts"
 )
 _INSERT_ENERGY = (
-    "INSERT INTO meter_energy_15m (meter_id, bucket, kwh)"
-    " SELECT %s, to_timestamp(b::float8 / 1000), k FROM unnest(%s::bigint[], %s::float8[]) AS u(b, k)"
+    "INSERT INTO meter_energy_15m (meter_id, bucket, kwh, kwh_estimated, measured_ms, flags)"
+    " SELECT %s, to_timestamp(b::float8 / 1000), k, e, ms, f"
+    " FROM unnest(%s::bigint[], %s::float8[], %s::float8[], %s::bigint[], %s::int[]) AS u(b, k, e, ms, f)"
 )
 # Bounds are optional: NULL means unbounded (the full rebuild).
 _DELETE_ROLLUPS = (
-    "DELETE FROM site_rollups_15m WHERE scope = 2 AND method = 'location'"
+    "DELETE FROM site_rollups_15m WHERE method IN ('location', 'direct')"
     " AND (%(site)s::text IS NULL OR site_id = %(site)s)"
     " AND (%(b0)s::timestamptz IS NULL OR bucket >= %(b0)s)"
     " AND (%(b1)s::timestamptz IS NULL OR bucket < %(b1)s)"
 )
 _INSERT_ROLLUPS = """
-INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, kwh, kg_co2e, factor_id)
-SELECT e.site_id, e.bucket, e.carrier, 2, 'location', e.kwh, e.kwh * f.kg_co2e_per_unit, f.factor_id
+INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, activity_unit, kwh, kwh_estimated,
+                              coverage, kg_co2e, kg_co2, kg_ch4, kg_n2o, factor_id)
+SELECT e.site_id, e.bucket, e.carrier, e.scope, e.method, e.unit, e.kwh, e.est,
+       e.measured_ms::float8 / (n.meters * %(bucket_ms)s),
+       e.kwh * f.kg_co2e_per_unit, e.kwh * f.kg_co2_per_unit, e.kwh * f.kg_ch4_per_unit,
+       e.kwh * f.kg_n2o_per_unit, f.factor_id
 FROM (
-    SELECT m.site_id, me.bucket, m.carrier, sum(me.kwh ORDER BY me.meter_id) AS kwh
+    SELECT m.site_id, me.bucket, m.carrier, r.unit, r.scope, r.method,
+           sum(me.kwh ORDER BY me.meter_id) AS kwh, sum(me.kwh_estimated ORDER BY me.meter_id) AS est,
+           sum(me.measured_ms) AS measured_ms
     FROM meter_energy_15m me JOIN meters m USING (meter_id)
-    WHERE m.carrier = ANY(%(carriers)s)
-      AND (%(site)s::text IS NULL OR m.site_id = %(site)s)
+    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
+         AS r(carrier, unit, scope, method) ON r.carrier = m.carrier
+    WHERE (%(site)s::text IS NULL OR m.site_id = %(site)s)
       AND (%(b0)s::timestamptz IS NULL OR me.bucket >= %(b0)s)
       AND (%(b1)s::timestamptz IS NULL OR me.bucket < %(b1)s)
-    GROUP BY m.site_id, me.bucket, m.carrier
+    GROUP BY m.site_id, me.bucket, m.carrier, r.unit, r.scope, r.method
 ) e
 JOIN sites s ON s.site_id = e.site_id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS meters FROM meters WHERE site_id = e.site_id AND carrier = e.carrier
+) n
 LEFT JOIN LATERAL (
-    SELECT ef.factor_id, ef.kg_co2e_per_unit FROM emission_factors ef
-    WHERE ef.region = s.grid_region AND ef.carrier = e.carrier AND ef.series = %(series)s
+    SELECT ef.factor_id, ef.kg_co2e_per_unit, ef.kg_co2_per_unit, ef.kg_ch4_per_unit, ef.kg_n2o_per_unit
+    FROM emission_factors ef
+    WHERE ef.carrier = e.carrier AND ef.unit = e.unit
+      AND CASE WHEN e.scope = 2
+               THEN ef.region = s.grid_region AND ef.series = coalesce(s.factor_series, %(series)s)
+               ELSE ef.region IN (s.grid_region, 'GLOBAL') AND ef.series = %(fuel_series)s END
       AND ef.valid_from <= (e.bucket AT TIME ZONE s.timezone)::date
       AND (e.bucket AT TIME ZONE s.timezone)::date < ef.valid_to
-    ORDER BY ef.version DESC, ef.factor_id
+    ORDER BY (ef.region = s.grid_region) DESC, ef.version DESC, ef.factor_id
     LIMIT 1
 ) f ON true
 """
@@ -128,55 +192,131 @@ def _lock_site(cur: psycopg.Cursor[Any], site_id: str) -> None:
 
 
 def _rollup(
-    cur: psycopg.Cursor[Any], site: str | None, b0: datetime | None, b1: datetime | None, series: str
+    cur: psycopg.Cursor[Any], site: str | None, b0: datetime | None, b1: datetime | None, params: Params
 ) -> None:
-    params = {"site": site, "b0": b0, "b1": b1, "series": series, "carriers": _SCOPE2}
-    cur.execute(_DELETE_ROLLUPS, params)
-    cur.execute(_INSERT_ROLLUPS, params)
+    args = {
+        "site": site,
+        "b0": b0,
+        "b1": b1,
+        "series": params.factor_series,
+        "fuel_series": params.fuel_series,
+        "bucket_ms": BUCKET_MS,
+        **_RULE_COLUMNS,
+    }
+    cur.execute(_DELETE_ROLLUPS, args)
+    cur.execute(_INSERT_ROLLUPS, args)
 
 
-def _load(cur: psycopg.Cursor[Any], sql: str, params: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _load(
+    cur: psycopg.Cursor[Any], sql: str, params: tuple[Any, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = cur.execute(sql, params).fetchall()
     ts = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     value = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
-    return ts, value
+    quality = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
+    return ts, value, quality
+
+
+@dataclass(frozen=True)
+class _Meter:
+    site_id: str
+    carrier: str
+    counter_max: float
+    max_gap_ms: int
+    registered: bool
+
+
+def _meter(cur: psycopg.Cursor[Any], meter_id: str, site_hint: str, params: Params) -> _Meter:
+    row = cur.execute(
+        "SELECT site_id, carrier, counter_max, max_gap_s FROM meters WHERE meter_id = %s", (meter_id,)
+    ).fetchone()
+    if row is None:
+        return _Meter(site_hint, Carrier.ELECTRICITY.value, 0.0, round(params.max_gap_s * 1000), False)
+    gap = row[3] if row[3] is not None else params.max_gap_s
+    return _Meter(row[0], row[1], float(row[2] or 0.0), round(gap * 1000), True)
+
+
+def _write_energy(cur: psycopg.Cursor[Any], meter_id: str, e: Any) -> None:
+    cur.execute(
+        _INSERT_ENERGY,
+        (
+            meter_id,
+            e.starts.tolist(),
+            e.kwh.tolist(),
+            e.kwh_estimated.tolist(),
+            e.measured_ms.tolist(),
+            e.flags.tolist(),
+        ),
+    )
+
+
+def _params(params: Params | None, factor_series: str | None) -> Params:
+    params = params or Params()
+    return replace(params, factor_series=factor_series) if factor_series else params
 
 
 def recompute(
-    conn: psycopg.Connection[Any], dirty: DirtyRange, *, factor_series: str = DEFAULT_FACTOR_SERIES
+    conn: psycopg.Connection[Any],
+    dirty: DirtyRange,
+    params: Params | None = None,
+    *,
+    factor_series: str | None = None,
 ) -> RecomputeResult:
-    """Recompute the buckets a dirty range can have changed; commits its own transaction."""
-    meter, q = dirty.meter_id, dirty.quantity
-    if q != COUNTER:
-        return RecomputeResult(meter, dirty.site_id, None, None, skipped=f"quantity {q} is not computed")
+    """Recompute the buckets a dirty range can have changed; commits its own transaction.
+    ``factor_series`` overrides ``params.factor_series``."""
+    params = _params(params, factor_series)
+    meter_id, q = dirty.meter_id, dirty.quantity
     with conn.transaction(), conn.cursor() as cur:
-        site = _one(cur, "SELECT site_id FROM meters WHERE meter_id = %s", (meter,))
-        registered = site is not None
-        if site is None:
-            site = dirty.site_id
-            log.warning("meter %s (site %s) is not in the fleet registry: no rollup", meter, site)
-        _lock_site(cur, site)
-        prev = _one(cur, _LAST_BEFORE.format(op="<"), (meter, q, dirty.t_min))
-        nxt = _one(cur, _FIRST_AFTER.format(op=">"), (meter, q, dirty.t_max))
+        meter = _meter(cur, meter_id, dirty.site_id, params)
+        rule = CARRIERS.get(meter.carrier)
+        if rule is None or rule.quantity != q:
+            return RecomputeResult(
+                meter_id,
+                meter.site_id,
+                None,
+                None,
+                registered=meter.registered,
+                skipped=f"quantity {q} is not computed for {meter.carrier} meters",
+            )
+        if not meter.registered:
+            log.warning("meter %s (site %s) is not in the fleet registry: no rollup", meter_id, meter.site_id)
+        _lock_site(cur, meter.site_id)
+        prev = _one(cur, _LAST_BEFORE.format(op="<"), (meter_id, q, dirty.t_min))
+        nxt = _one(cur, _FIRST_AFTER.format(op=">"), (meter_id, q, dirty.t_max))
         b0 = from_ms(floor_bucket(to_ms(prev or dirty.t_min)))
         b1 = from_ms(ceil_bucket(to_ms(nxt or dirty.t_max)))
         if b1 <= b0:  # a lone reading on a boundary: no interval, nothing to change
-            return RecomputeResult(meter, site, None, None, registered=registered, skipped="no interval")
-        lo = _one(cur, _LAST_BEFORE.format(op="<="), (meter, q, b0)) or b0
-        hi = _one(cur, _FIRST_AFTER.format(op=">="), (meter, q, b1)) or b1
-        ts, value = _load(cur, _LOAD, (meter, q, lo, hi))
-        energy = bucket_energy(ts, value)
+            return RecomputeResult(
+                meter_id, meter.site_id, None, None, registered=meter.registered, skipped="no interval"
+            )
+        lo = _one(cur, _LAST_BEFORE.format(op="<="), (meter_id, q, b0)) or b0
+        hi = _one(cur, _FIRST_AFTER.format(op=">="), (meter_id, q, b1)) or b1
+        ts, value, quality = _load(cur, _LOAD, (meter_id, q, lo, hi))
+        energy = bucket_energy(ts, value, quality, counter_max=meter.counter_max, max_gap_ms=meter.max_gap_ms)
         keep = (energy.starts >= to_ms(b0)) & (energy.starts < to_ms(b1))
-        starts, kwh = energy.starts[keep], energy.kwh[keep]
+        kept = energy._replace(
+            starts=energy.starts[keep],
+            kwh=energy.kwh[keep],
+            kwh_estimated=energy.kwh_estimated[keep],
+            measured_ms=energy.measured_ms[keep],
+            flags=energy.flags[keep],
+        )
         cur.execute(
             "DELETE FROM meter_energy_15m WHERE meter_id = %s AND bucket >= %s AND bucket < %s",
-            (meter, b0, b1),
+            (meter_id, b0, b1),
         )
-        cur.execute(_INSERT_ENERGY, (meter, starts.tolist(), kwh.tolist()))
-        if registered:
-            _rollup(cur, site, b0, b1, factor_series)
+        _write_energy(cur, meter_id, kept)
+        if meter.registered:
+            _rollup(cur, meter.site_id, b0, b1, params)
     return RecomputeResult(
-        meter, site, b0, b1, len(ts), len(starts), energy.negative_deltas, registered=registered
+        meter_id,
+        meter.site_id,
+        b0,
+        b1,
+        len(ts),
+        len(kept.starts),
+        event_counts(energy.interval_flags),
+        registered=meter.registered,
     )
 
 
@@ -185,29 +325,39 @@ class RebuildResult:
     meters: int
     buckets: int
     rollups: int
-    negative_deltas: int
+    events: dict[str, int]
 
 
 def recompute_all(
-    conn: psycopg.Connection[Any], *, factor_series: str = DEFAULT_FACTOR_SERIES
+    conn: psycopg.Connection[Any], params: Params | None = None, *, factor_series: str | None = None
 ) -> RebuildResult:
     """Rebuild both 15-minute tables from every reading, in one transaction (e.g. after the factor
     library or the fleet registry changed). Incremental recomputes wait for it."""
-    buckets = negatives = 0
+    params = _params(params, factor_series)
+    buckets = 0
+    events: dict[str, int] = {}
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("LOCK TABLE meter_energy_15m, site_rollups_15m IN EXCLUSIVE MODE")
-        meters = [
-            r[0]
-            for r in cur.execute(
-                "SELECT DISTINCT meter_id FROM readings WHERE quantity = %s ORDER BY meter_id", (COUNTER,)
-            ).fetchall()
-        ]
+        pairs = cur.execute(
+            "SELECT DISTINCT meter_id, quantity FROM readings WHERE quantity = ANY(%s) ORDER BY 1, 2",
+            (sorted({r.quantity for r in CARRIERS.values()}),),
+        ).fetchall()
         cur.execute("DELETE FROM meter_energy_15m")
-        for meter in meters:
-            energy = bucket_energy(*_load(cur, _LOAD_ALL, (meter, COUNTER)))
-            cur.execute(_INSERT_ENERGY, (meter, energy.starts.tolist(), energy.kwh.tolist()))
+        meters = 0
+        for meter_id, q in pairs:
+            meter = _meter(cur, meter_id, "", params)
+            rule = CARRIERS.get(meter.carrier)
+            if rule is None or rule.quantity != q:
+                continue
+            ts, value, quality = _load(cur, _LOAD_ALL, (meter_id, q))
+            energy = bucket_energy(
+                ts, value, quality, counter_max=meter.counter_max, max_gap_ms=meter.max_gap_ms
+            )
+            _write_energy(cur, meter_id, energy)
+            meters += 1
             buckets += len(energy.starts)
-            negatives += energy.negative_deltas
-        _rollup(cur, None, None, None, factor_series)
+            for k, v in event_counts(energy.interval_flags).items():
+                events[k] = events.get(k, 0) + v
+        _rollup(cur, None, None, None, params)
         rollups = cur.rowcount
-    return RebuildResult(len(meters), buckets, rollups, negatives)
+    return RebuildResult(meters, buckets, rollups, events)

@@ -19,7 +19,7 @@ from aiokafka.errors import CommitFailedError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from compute.recompute import RecomputeResult, recompute
+from compute.recompute import Params, RecomputeResult, recompute
 from ingest.events import DirtyRange
 from ops import metrics
 from ops.settings import Settings
@@ -59,11 +59,11 @@ def decode(records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[DirtyRange]:
 
 
 def recompute_many(
-    conn: psycopg.Connection[Any], ranges: list[DirtyRange], factor_series: str
+    conn: psycopg.Connection[Any], ranges: list[DirtyRange], params: Params
 ) -> list[RecomputeResult]:
     results = []
     for r in ranges:
-        results.append(recompute(conn, r, factor_series=factor_series))
+        results.append(recompute(conn, r, params))
         metrics.COMPUTE_RANGES.inc()
     return results
 
@@ -77,7 +77,7 @@ async def run_worker(
 ) -> None:
     """Consume and recompute until ``stop`` is set; returns after finishing the current poll."""
     k = settings.kafka
-    series = settings.compute.factor_series
+    params = Params.from_settings(settings.compute)
     consumer = AIOKafkaConsumer(
         k.committed_topic,
         bootstrap_servers=k.bootstrap,
@@ -91,7 +91,7 @@ async def run_worker(
         "compute worker consuming %s as group %s (factor series %s)",
         k.committed_topic,
         k.compute_group,
-        series,
+        params.factor_series,
     )
     try:
         while not stop.is_set():
@@ -100,7 +100,7 @@ async def run_worker(
             if not records:
                 continue
             ranges = coalesce(decode(records))
-            results = await asyncio.to_thread(recompute_many, conn, ranges, series)
+            results = await asyncio.to_thread(recompute_many, conn, ranges, params)
             offsets: dict[TopicPartition, OffsetAndMetadata] = {}
             for rec in records:
                 tp = TopicPartition(rec.topic, rec.partition)
@@ -110,9 +110,9 @@ async def run_worker(
                 await consumer.commit(offsets)
             except CommitFailedError as exc:  # rebalanced: the new owner replays; recompute is idempotent
                 log.warning("offset commit failed after recompute (replay is harmless): %s", exc)
-            resets = sum(r.negative_deltas for r in results)
+            events = sum(sum(r.events.values()) for r in results)
             log.debug(
-                "recomputed %d ranges from %d records (%d negative deltas)", len(ranges), len(records), resets
+                "recomputed %d ranges from %d records (%d counter events)", len(ranges), len(records), events
             )
     finally:
         await consumer.stop()

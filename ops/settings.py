@@ -81,6 +81,10 @@ _SECOND = datetime(2000, 1, 1, 0, 0, 1) - datetime(2000, 1, 1)
 class ComputeSettings(BaseModel):
     # Which published series of grid factors location-based Scope 2 uses (see config/factors.toml).
     factor_series: str = "national-power-average"
+    # Scope 1 fuel factors: this series, the site's region first, else region GLOBAL.
+    fuel_factor_series: str = "ipcc-2006-default"
+    # A counter interval longer than this is a gap: its energy is counted as estimated.
+    max_gap_s: float = Field(default=900.0, gt=0)
 
 
 class StackSettings(BaseModel):

@@ -13,6 +13,7 @@ import pytest
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from compute.recompute import recompute, recompute_all
+from edge.wire import Quality
 from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges
 from tests.test_compute_support import Row, compute_dsn, insert_rows, reset, snapshot
@@ -51,6 +52,14 @@ site = "s1"
 gateway = "gw1"
 carrier = "electricity"
 model = "eastron_sdm630"
+counter_max = 1000000.0     # a 6-digit register: wraps are undone
+
+[[meters]]
+id = "gas1"
+site = "s1"
+carrier = "natural_gas"
+model = "gas_pulse"
+max_gap_s = 600
 
 [[meters]]
 id = "m2"
@@ -103,6 +112,22 @@ version = 2
 source = "test"
 
 [[factors]]
+id = "gas-m3"
+publisher = "IPCC"
+series = "ipcc-2006-default"
+region = "GLOBAL"
+carrier = "natural_gas"
+valid_from = 2006-01-01
+valid_to = 2100-01-01
+kg_co2_per_unit = 2.0
+kg_ch4_per_unit = 0.001
+kg_n2o_per_unit = 0.0001
+gwp_set = "AR5"
+unit = "m3"
+version = 1
+source = "test"
+
+[[factors]]
 id = "cn-other-series"
 publisher = "MEE"
 series = "statistical"
@@ -117,7 +142,8 @@ source = "test"
 """
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-SITE_OF = {"m1": "s1", "m2": "s1", "m3": "s1", "m4": "s2", "ghost": "s1"}
+SITE_OF = {"m1": "s1", "m2": "s1", "m3": "s1", "m4": "s2", "ghost": "s1", "gas1": "s1"}
+QUALITY = [0] * 30 + [int(Quality.ESTIMATED), int(Quality.COUNTER_RESET), int(Quality.COUNTER_WRAP)]
 
 
 @pytest.fixture
@@ -137,23 +163,28 @@ def clear_data(conn: psycopg.Connection[Any]) -> None:
 
 
 def generate(seed: int) -> list[Row]:
-    """Irregular counter readings for five meters over ~8 h: sub-second timestamps, gaps, a meter
-    replacement (m2) and some power readings that compute must ignore."""
+    """Irregular counter readings for six meters over ~8 h: sub-second timestamps, gaps, quality bits,
+    register wraps (m1), a meter replacement (m2), a gas meter and power readings compute ignores."""
     rng = random.Random(seed)
     rows: list[Row] = []
     for meter, site in SITE_OF.items():
-        t, v = T0 + timedelta(seconds=rng.uniform(0, 600)), rng.uniform(0, 1e6)
+        quantity = "gas_m3" if meter == "gas1" else "energy_import_kwh"
+        t, v = T0 + timedelta(seconds=rng.uniform(0, 600)), rng.uniform(9.5e5, 1e6)
         end = T0 + timedelta(hours=8)
-        replaced = False
+        replaced, quality = False, 0
         while t < end:
-            rows.append((meter, "energy_import_kwh", t, v, 0, site, "gw", 0))
+            rows.append((meter, quantity, t, v, quality, site, "gw", 0))
             if rng.random() < 0.2:
                 rows.append((meter, "power_w", t, rng.uniform(0, 1e5), 0, site, "gw", 0))
             dt = rng.choice([rng.uniform(1, 60), rng.uniform(60, 900), rng.uniform(900, 5400)])
             t += timedelta(seconds=dt)
-            v += rng.uniform(0, 200) * dt / 3600
+            v += rng.uniform(0, 2000) * dt / 3600
+            quality = rng.choice(QUALITY)
+            if meter == "m1" and v >= 1e6:
+                v -= 1e6  # the register wraps
             if meter == "m2" and (rng.random() < 0.03 or (not replaced and t > T0 + timedelta(hours=4))):
                 v, replaced = rng.uniform(0, 10), True  # replaced: the register starts again near 0
+                quality = int(Quality.METER_REPLACED)
     return rows
 
 
@@ -171,7 +202,10 @@ def test_shuffled_chunks_replays_and_late_data_equal_clean_run(conn: Any, seed: 
 
     insert_rows(conn, rows)
     rebuilt = recompute_all(conn)
-    assert rebuilt.meters == 5 and rebuilt.negative_deltas > 0
+    assert rebuilt.meters == 6
+    assert all(
+        rebuilt.events[k] > 0 for k in ("wraps", "resets", "replacements", "drops", "gaps", "estimated")
+    )
     clean = snapshot(conn)
     assert clean[0] and clean[1]
 
@@ -248,3 +282,39 @@ def test_unregistered_meter_and_other_quantities(conn: Any) -> None:
     assert conn.execute("SELECT count(*) FROM site_rollups_15m").fetchone() == (0,)
     gas = DirtyRange(site_id="s1", meter_id="m1", quantity="gas_m3", t_min=ts, t_max=ts, rows=1)
     assert recompute(conn, gas).skipped
+
+
+def test_scope1_gas_gases_estimated_gap_and_coverage(conn: Any) -> None:
+    # gas1: 1 m3/min, read every minute 15:00-15:15, then nothing until 15:45 (a 30-min gap > 600 s).
+    t = datetime(2026, 11, 1, 15, tzinfo=UTC)
+    rows: list[Row] = [
+        ("gas1", "gas_m3", t + timedelta(minutes=k), float(k), 0, "s1", "gw1", 0) for k in range(16)
+    ]
+    rows.append(("gas1", "gas_m3", t + timedelta(minutes=45), 45.0, 0, "s1", "gw1", 0))
+    # m1 only of the three electricity meters at s1: electricity coverage is 1/3.
+    rows += [
+        ("m1", "energy_import_kwh", t + timedelta(minutes=k), 10.0 + k, 0, "s1", "gw1", 0) for k in range(16)
+    ]
+    insert_rows(conn, rows)
+    for d in dirty_ranges(rows):
+        recompute(conn, d)
+    got = conn.execute(
+        "SELECT carrier, scope, method, activity_unit, kwh, kwh_estimated, coverage, kg_co2e, kg_co2, kg_ch4,"
+        " kg_n2o, factor_id FROM site_rollups_15m WHERE site_id = 's1' ORDER BY carrier, bucket"
+    ).fetchall()
+    elec = [r for r in got if r[0] == "electricity"]
+    assert [r[1:4] for r in elec] == [(2, "location", "kWh")]
+    assert elec[0][4] == pytest.approx(15.0) and elec[0][5] == 0.0 and elec[0][6] == pytest.approx(1 / 3)
+    gas = [r for r in got if r[0] == "natural_gas"]
+    assert [r[1:4] for r in gas] == [(1, "direct", "m3")] * 3
+    assert [r[4] for r in gas] == pytest.approx([15.0, 15.0, 15.0])
+    assert [r[5] for r in gas] == pytest.approx([0.0, 15.0, 15.0])  # the gap is estimated
+    assert [r[6] for r in gas] == pytest.approx([1.0, 0.0, 0.0])
+    for r in gas:
+        assert r[8:11] == pytest.approx((r[4] * 2.0, r[4] * 0.001, r[4] * 0.0001))
+        assert r[7] == pytest.approx(r[4] * (2.0 + 0.001 * 28 + 0.0001 * 265))
+        assert r[11] == "gas-m3"
+    hourly = conn.execute(
+        "SELECT kwh, kwh_estimated FROM site_rollups_1h WHERE site_id = 's1' AND carrier = 'natural_gas'"
+    ).fetchall()
+    assert hourly == [pytest.approx((45.0, 30.0))]

@@ -45,8 +45,8 @@ def compute_dsn() -> Iterator[str]:
 
 def reset(conn: psycopg.Connection[Any]) -> None:
     conn.execute(
-        "TRUNCATE readings, meter_energy_15m, site_rollups_15m, emission_factors, meters, gateways, "
-        "sites, suppliers"
+        "TRUNCATE readings, meter_energy_15m, site_rollups_15m, site_market_1h, contractual_instruments, "
+        "emission_factors, meters, gateways, sites, suppliers"
     )
     conn.commit()
 
@@ -68,10 +68,12 @@ def insert_rows(conn: psycopg.Connection[Any], rows: list[Row]) -> int:
 
 
 def snapshot(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    energy = conn.execute("SELECT meter_id, bucket, kwh FROM meter_energy_15m ORDER BY 1, 2").fetchall()
+    energy = conn.execute(
+        "SELECT meter_id, bucket, kwh, kwh_estimated, measured_ms, flags FROM meter_energy_15m ORDER BY 1, 2"
+    ).fetchall()
     rollups = conn.execute(
-        "SELECT site_id, bucket, carrier, scope, method, kwh, kg_co2e, factor_id FROM site_rollups_15m"
-        " ORDER BY 1, 2, 3, 4, 5"
+        "SELECT site_id, bucket, carrier, scope, method, activity_unit, kwh, kwh_estimated, coverage,"
+        " kg_co2e, kg_co2, kg_ch4, kg_n2o, factor_id FROM site_rollups_15m ORDER BY 1, 2, 3, 4, 5"
     ).fetchall()
     conn.commit()
     return energy, rollups

@@ -129,3 +129,64 @@ def test_apply_rejects_overlap_with_factor_already_in_db(compute_dsn: str, tmp_p
         with pytest.raises(ConfigError, match="already in the database"):
             apply_factors(conn, write(tmp_path, renamed))
         assert conn.execute("SELECT count(*) FROM emission_factors").fetchone() == (1,)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "factors.toml"
+    p.write_text(text)
+    return p
+
+
+GAS = """
+[[factors]]
+id = "ng"
+publisher = "IPCC"
+series = "ipcc-2006-default"
+region = "GLOBAL"
+carrier = "natural_gas"
+valid_from = 2006-01-01
+valid_to = 2100-01-01
+kg_co2_per_unit = 2.0
+kg_ch4_per_unit = 0.001
+kg_n2o_per_unit = 0.0001
+unit = "m3"
+version = 1
+source = "test"
+"""
+
+
+@pytest.mark.parametrize(("gwp", "ch4", "n2o"), [("AR5", 28.0, 265.0), ("AR6", 29.8, 273.0)])
+def test_co2e_from_gases_uses_the_stated_gwp_set(tmp_path: Path, gwp: str, ch4: float, n2o: float) -> None:
+    (f,) = load_factors(_write(tmp_path, GAS + f'gwp_set = "{gwp}"\n'))
+    assert f.kg_co2e_per_unit == pytest.approx(2.0 + 0.001 * ch4 + 0.0001 * n2o)
+
+
+def test_gas_factor_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="need a gwp_set"):
+        load_factors(_write(tmp_path, GAS))
+    with pytest.raises(ConfigError, match="disagrees with the gases"):
+        load_factors(_write(tmp_path, GAS + 'gwp_set = "AR5"\nkg_co2e_per_unit = 2.0\n'))
+    with pytest.raises(ConfigError, match="give kg_co2e_per_unit or the per-gas"):
+        load_factors(_write(tmp_path, entry(kg_co2e_per_unit=None)))
+
+
+def test_same_key_in_other_units_may_overlap(tmp_path: Path) -> None:
+    other = GAS.replace('id = "ng"', 'id = "ng-kg"').replace('unit = "m3"', 'unit = "kg"')
+    assert len(load_factors(_write(tmp_path, GAS + 'gwp_set = "AR5"\n' + other + 'gwp_set = "AR5"\n'))) == 2
+
+
+def test_repo_library_has_both_china_series_uk_and_ipcc_fuels() -> None:
+    by_id = {f.id: f for f in load_factors(REPO / "config" / "factors.toml")}
+    assert by_id["cn-mee-stat-2022-national-v1"].kg_co2e_per_unit == 0.5366
+    assert by_id["cn-mee-ets-2022-national-v1"].kg_co2e_per_unit == 0.5703
+    assert by_id["cn-mee-stat-2022-national-v1"].series != by_id["cn-mee-ets-2022-national-v1"].series
+    assert {
+        f.data_year for f in by_id.values() if f.publisher == "UK DESNZ" and f.carrier == "electricity"
+    } == {2022, 2023, 2024, 2025}
+    fuels = {f.carrier.value for f in by_id.values() if f.series == "ipcc-2006-default"}
+    assert fuels == {"natural_gas", "diesel", "lpg", "coal"}
+    assert all(
+        f.gwp_set and f.kg_ch4_per_unit and f.kg_n2o_per_unit
+        for f in by_id.values()
+        if f.series == "ipcc-2006-default"
+    )
