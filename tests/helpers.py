@@ -32,7 +32,12 @@ def make_batch(
         hours = (ts - T0).total_seconds() / 3600
         for m in range(meters):
             readings.append(
-                Reading(meter_id=f"{meter_prefix}{m}", quantity=Quantity.ENERGY_IMPORT_KWH, ts=ts, value=1000 + kw * hours)
+                Reading(
+                    meter_id=f"{meter_prefix}{m}",
+                    quantity=Quantity.ENERGY_IMPORT_KWH,
+                    ts=ts,
+                    value=1000 + kw * hours,
+                )
             )
     return Batch(
         supplier=supplier, site=site, gateway=gateway, seq=seq, sent_at=start, readings=readings

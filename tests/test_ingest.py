@@ -182,7 +182,9 @@ async def until(
                 task.result()  # raises the service's exception, if any
                 raise AssertionError(f"{task.get_name()} stopped while waiting for {what}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last seen: {value!r}")
+            seen = repr(value)
+            seen = seen if len(seen) <= 300 else seen[:300] + "…"
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last seen: {seen}")
         await asyncio.sleep(0.1)
 
 
@@ -199,7 +201,7 @@ def writer_rows() -> dict[str, float]:
 
 def _db_rows(lane: Lane) -> list[DbRow]:
     with psycopg.connect(lane.settings.db.dsn) as conn:
-        return conn.execute(  # type: ignore[return-value]
+        return conn.execute(
             "SELECT meter_id, quantity, ts, value, quality, site_id, gateway_id, batch_seq"
             " FROM readings WHERE meter_id LIKE %s ORDER BY 1, 2, 3",
             (lane.meters + "%",),
@@ -212,6 +214,19 @@ async def db_rows(lane: Lane) -> list[DbRow]:
 
 async def db_count(lane: Lane) -> int:
     return len(await db_rows(lane))
+
+
+async def rows_arrive(
+    lane: Lane, want: list[DbRow], *tasks: asyncio.Task[None], timeout: float = WAIT
+) -> None:
+    """Wait until the lane has as many rows as ``want``; on timeout, name the missing identities."""
+    try:
+        await until(f"{len(want)} rows", lambda: db_count(lane), lambda n: n >= len(want), *tasks,
+                    timeout=timeout)  # fmt: skip
+    except AssertionError as exc:
+        have = {r[:3] for r in await db_rows(lane)}
+        missing = [r for r in want if r[:3] not in have]
+        raise AssertionError(f"{exc}; {len(missing)} missing, e.g. {missing[:3]}") from None
 
 
 def expected_rows(batches: list[Batch]) -> list[DbRow]:
@@ -256,7 +271,9 @@ def tail(lane: Lane, topic: str) -> TopicTail:
 async def committed_offsets(lane: Lane) -> int:
     """Sum over partitions of the offsets the writer group committed on the readings topic."""
     k = lane.settings.kafka
-    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap, group_id=k.writer_group, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=k.bootstrap, group_id=k.writer_group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         parts = [TopicPartition(k.readings_topic, p) for p in range(k.partitions)]
@@ -286,9 +303,13 @@ def test_batches_become_exact_rows_and_dirty_ranges(lane: Lane) -> None:
     accepted0 = metric("scopemeter_bridge_messages_total", outcome="accepted")
 
     async def scenario() -> tuple[list[DbRow], list[DirtyRange], list[ConsumerRecord[bytes, bytes]]]:
-        async with writer(lane) as w, bridge(lane) as b, tail(lane, lane.settings.kafka.committed_topic) as dirty:
+        async with (
+            writer(lane) as w,
+            bridge(lane) as b,
+            tail(lane, lane.settings.kafka.committed_topic) as dirty,
+        ):
             await publish_async(lane, messages(lane, batches))
-            await until("all rows", lambda: db_count(lane), lambda n: n >= len(want), w, b)
+            await rows_arrive(lane, want, w, b)
             await until(
                 "dirty ranges of all counter rows",
                 dirty.poll,
@@ -329,9 +350,13 @@ def test_duplicates_and_resent_batches_are_dropped(lane: Lane) -> None:
     before = writer_rows()
 
     async def scenario() -> tuple[list[DbRow], list[DbRow], dict[str, float], int]:
-        async with writer(lane) as w, bridge(lane) as b, tail(lane, lane.settings.kafka.committed_topic) as dirty:
+        async with (
+            writer(lane) as w,
+            bridge(lane) as b,
+            tail(lane, lane.settings.kafka.committed_topic) as dirty,
+        ):
             await publish_async(lane, messages(lane, batches))
-            await until("first copy", lambda: db_count(lane), lambda n: n >= len(want), w, b)
+            await rows_arrive(lane, want, w, b)
             first = await db_rows(lane)
             # The edge re-sends everything (lost PUBACKs), and once more one batch under a new seq.
             await publish_async(lane, messages(lane, [*batches, resent]))
@@ -384,8 +409,7 @@ def test_invalid_messages_go_to_the_dlq_and_the_bridge_keeps_going(lane: Lane) -
         async with writer(lane) as w, bridge(lane) as b, tail(lane, lane.settings.kafka.dlq_topic) as dlq:
             await publish_async(lane, list(invalid.values()))
             await publish_async(lane, messages(lane, valid))
-            await until("the valid batches after the bad ones", lambda: db_count(lane),
-                        lambda n: n >= len(want), w, b)  # fmt: skip
+            await rows_arrive(lane, want, w, b)  # the valid batches after the bad ones
             await until("dead letters", dlq.poll, lambda recs: len(recs) >= len(invalid), w, b)
             running = not b.done()
             letters = [DeadLetter.model_validate_json(r.value or b"") for r in dlq.records]
@@ -415,14 +439,14 @@ def test_batches_published_while_the_bridge_is_down_all_arrive(lane: Lane) -> No
         async with writer(lane) as w:
             async with bridge(lane) as b:
                 await publish_async(lane, messages(lane, first))
-                await until("the first batch", lambda: db_count(lane), lambda n: n >= 60, w, b)
+                await rows_arrive(lane, expected_rows(first), w, b)
             # The bridge is gone; its persistent session is not. The edge keeps publishing.
             await publish_async(lane, messages(lane, offline))
             await asyncio.sleep(0.5)  # give a (wrongly) still-running consumer the chance to show up
             while_down = await db_count(lane)
             accepted0 = metric("scopemeter_bridge_messages_total", outcome="accepted")
             async with bridge(lane) as b:
-                await until("every batch", lambda: db_count(lane), lambda n: n >= 9 * 60, w, b)
+                await rows_arrive(lane, expected_rows(first + offline), w, b)
                 accepted = metric("scopemeter_bridge_messages_total", outcome="accepted") - accepted0
             return while_down, await db_rows(lane), accepted
 
@@ -447,8 +471,7 @@ def test_writer_restart_resumes_after_the_last_db_commit(lane: Lane) -> None:
         async with bridge(lane) as b:
             async with writer(lane) as w:
                 await publish_async(lane, messages(lane, batches[:5]))
-                await until("the first five batches", lambda: db_count(lane),
-                            lambda n: n >= 5 * per_batch, w, b)  # fmt: skip
+                await rows_arrive(lane, expected_rows(batches[:5]), w, b)
             # Stopped cleanly: it committed its offsets after its last DB commit.
             committed_after_first = await committed_offsets(lane)
             await publish_async(lane, messages(lane, batches[5:]))
@@ -456,13 +479,18 @@ def test_writer_restart_resumes_after_the_last_db_commit(lane: Lane) -> None:
             rows_while_down = await db_count(lane)
             before = writer_rows()
             async with writer(lane) as w:  # same group: resumes from the committed offsets
-                await until("every batch", lambda: db_count(lane), lambda n: n >= len(want), w, b,
-                            timeout=45)  # fmt: skip
+                await rows_arrive(lane, want, w, b, timeout=45)
                 await until("the second writer's offsets", lambda: committed_offsets(lane),
                             lambda n: n >= 10, w)  # fmt: skip
                 after = writer_rows()
         delta = {o: after[o] - before[o] for o in after}
-        return committed_after_first, rows_while_down, await db_rows(lane), delta, await committed_offsets(lane)
+        return (
+            committed_after_first,
+            rows_while_down,
+            await db_rows(lane),
+            delta,
+            await committed_offsets(lane),
+        )
 
     committed_first, rows_while_down, rows, delta, committed_final = asyncio.run(scenario())
 
@@ -509,7 +537,7 @@ def test_writer_creates_monthly_partitions_across_a_year_end(lane: Lane) -> None
     async def scenario() -> None:
         async with writer(lane) as w, bridge(lane) as b:
             await publish_async(lane, messages(lane, [batch]))
-            await until("the batch", lambda: db_count(lane), lambda n: n >= 60, w, b)
+            await rows_arrive(lane, expected_rows([batch]), w, b)
 
     asyncio.run(scenario())
 
