@@ -100,12 +100,17 @@ def migrate(dsn: str, *, storage: str | None = None) -> list[int]:
                             "add a new migration instead of editing an applied one"
                         )
                     continue
-                with conn.transaction():
-                    conn.execute(m.sql.encode())
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                        (m.version, m.name, m.checksum),
-                    )
+                try:
+                    with conn.transaction():
+                        conn.execute(m.sql.encode())
+                        conn.execute(
+                            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                            (m.version, m.name, m.checksum),
+                        )
+                except psycopg.Error as exc:  # rolled back; say which migration and why, with the hint
+                    hint = f" ({exc.diag.message_hint})" if exc.diag.message_hint else ""
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise MigrationError(f"migration {m.version}_{m.name} failed: {first}{hint}") from exc
                 applied_now.append(m.version)
             if storage in ("timescaledb", "native"):
                 row = conn.execute("SELECT backend FROM scopemeter_storage").fetchone()
