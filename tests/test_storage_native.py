@@ -59,8 +59,8 @@ def bounds(y: int, m: int) -> str:
     return f"FOR VALUES FROM ('{y}-{m:02d}-01 00:00:00+00') TO ('{ny}-{nm:02d}-01 00:00:00+00')"
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_on_conflict_drops_duplicates_across_partitions(db: str) -> None:
         later = [(f"m{i % 3}", start + timedelta(minutes=20 * (i // 3)), 100.0 + i) for i in range(18, 24)]
         # a replay of the whole batch plus six new rows: only the new rows land, first write wins
         assert insert(conn, [(m, t, v + 1000) for m, t, v in batch] + later) == 6
-        per_partition = dict(
+        per_partition: dict[str, int] = dict(
             conn.execute("SELECT tableoid::regclass::text, count(*) FROM readings GROUP BY 1").fetchall()
         )
         assert per_partition == {"readings_y2030m01": 9, "readings_y2030m02": 15}  # 23:00, 23:20, 23:40
