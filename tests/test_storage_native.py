@@ -124,6 +124,8 @@ def test_asking_for_timescaledb_without_the_extension_fails_and_leaves_nothing(
     assert "readings storage: native" in capsys.readouterr().out
     assert cli_main(["db", "info"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "native"
+    assert cli_main(["db", "retention"]) == 0
+    assert "dropped 0 partitions or chunks" in capsys.readouterr().out
 
 
 def test_partitions_cover_month_and_year_boundaries_in_utc(db: str) -> None:
