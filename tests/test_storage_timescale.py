@@ -92,6 +92,27 @@ def job_id(conn: psycopg.Connection[Any], proc_name: str) -> int:
     return int(row[0])
 
 
+def test_native_path_can_be_forced_on_a_timescaledb_server(tmp_path: Path) -> None:
+    # First in the module, so that its server (about 0.5 GB) never runs beside the module's one.
+    proc = start_timescale(tmp_path)
+    try:
+        dsn = dsn_of(proc)
+        migrate(dsn, storage="native")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert storage_info(conn).backend == "native"
+            assert conn.execute(
+                "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
+            ).fetchone() == (0,)
+            assert conn.execute(
+                "SELECT relkind FROM pg_class WHERE oid = 'readings'::regclass"
+            ).fetchone() == ("p",)
+            now = server_now(conn)
+            assert conn.execute("SELECT scopemeter_ensure_partitions(%s, %s)", (now, now)).fetchone() == (1,)
+            assert insert(conn, [("m1", now, 1.0), ("m1", now, 2.0)]) == 1
+    finally:
+        proc.stop()
+
+
 def test_auto_migration_makes_readings_a_compressed_hypertable_with_policies(ts_dsn: str) -> None:
     with psycopg.connect(ts_dsn, autocommit=True) as conn:
         info = storage_info(conn)
@@ -205,23 +226,3 @@ def test_db_info_cli_reports_the_timescaledb_path(
     info = json.loads(capsys.readouterr().out)
     assert info["backend"] == "timescaledb" and info["timescaledb_version"].startswith("2.23")
     assert sorted(j["proc_name"] for j in info["jobs"]) == ["policy_compression", "policy_retention"]
-
-
-def test_native_path_can_be_forced_on_a_timescaledb_server(tmp_path: Path) -> None:
-    proc = start_timescale(tmp_path)
-    try:
-        dsn = dsn_of(proc)
-        migrate(dsn, storage="native")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            assert storage_info(conn).backend == "native"
-            assert conn.execute(
-                "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
-            ).fetchone() == (0,)
-            assert conn.execute(
-                "SELECT relkind FROM pg_class WHERE oid = 'readings'::regclass"
-            ).fetchone() == ("p",)
-            now = server_now(conn)
-            assert conn.execute("SELECT scopemeter_ensure_partitions(%s, %s)", (now, now)).fetchone() == (1,)
-            assert insert(conn, [("m1", now, 1.0), ("m1", now, 2.0)]) == 1
-    finally:
-        proc.stop()
