@@ -1,4 +1,4 @@
-"""``scopemeter fleet apply``, ``scopemeter factors apply``, ``scopemeter compute run|rebuild``."""
+"""``scopemeter fleet apply``, ``factors apply``, ``compute run|rebuild`` and ``bench compute``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "rebuild", help="recompute every rollup from all readings (after factor or fleet changes)"
     )
     rebuild.set_defaults(handler=_rebuild)
+
+    bench = bench_subparsers(sub).add_parser(
+        "compute", help="numba rollup vs the same rollup in pandas, measured side by side"
+    )
+    bench.add_argument("--meters", type=int, default=200)
+    bench.add_argument("--readings", type=int, default=2_880, help="readings per meter")
+    bench.add_argument("--repeat", type=int, default=3, help="best of N runs each")
+    bench.set_defaults(handler=_bench)
+
+
+def bench_subparsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The ``scopemeter bench`` sub-command's own sub-parsers, creating ``bench`` if no other
+    package did yet: every package adds ``bench <what>`` through this, whichever registers first."""
+    parser = sub.choices.get("bench")
+    if parser is None:
+        parser = sub.add_parser("bench", help="benchmarks that print ratios measured in one run")
+        return parser.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+
+
+def _bench(args: Any) -> int:
+    from compute.benchmark import run
+    from ops.errors import UserError
+
+    if args.meters < 1 or args.readings < 2 or args.repeat < 1:
+        raise UserError("--meters >= 1, --readings >= 2 and --repeat >= 1 are required")
+    r = run(args.meters, args.readings, args.repeat)
+    print(
+        f"rollup of {r.readings:,} readings ({args.meters} meters) into 15-min site buckets,"
+        f" best of {args.repeat}"
+    )
+    print(f"numba  {r.numba_s * 1e3:9.2f} ms  {r.readings / r.numba_s / 1e6:8.1f} M readings/s")
+    print(f"pandas {r.pandas_s * 1e3:9.2f} ms  {r.readings / r.pandas_s / 1e6:8.1f} M readings/s")
+    print(f"numba is {r.ratio:.1f}x pandas (goal >= 10x)")
+    return 0
 
 
 def _connect(settings: Settings) -> Any:

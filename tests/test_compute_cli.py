@@ -49,3 +49,23 @@ def test_bad_file_is_a_user_error(tmp_path: Path) -> None:
     bad.write_text("[[meters]]\nid = 'm1'\n")
     with pytest.raises(UserError, match="meters"):
         run("fleet", "apply", str(bad))
+
+
+def test_bench_compute_prints_the_measured_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("bench", "compute", "--meters", "4", "--readings", "200", "--repeat", "1") == 0
+    out = capsys.readouterr().out
+    assert "numba is" in out and "x pandas" in out
+
+
+def test_bench_parser_is_shared_with_other_packages() -> None:
+    import argparse
+
+    from compute.cli import bench_subparsers, register
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    other = bench_subparsers(sub).add_parser("ingest")  # another package registered first
+    other.set_defaults(handler="ingest")
+    register(sub)
+    assert parser.parse_args(["bench", "ingest"]).handler == "ingest"
+    assert parser.parse_args(["bench", "compute"]).handler.__name__ == "_bench"

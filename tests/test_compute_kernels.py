@@ -220,3 +220,24 @@ def test_subrange_recompute_is_bit_identical() -> None:
     # Interior buckets (not touching the slice's first/last interval) must match bit for bit.
     for b, k, e in zip(part.starts[1:-1], part.kwh[1:-1], part.kwh_estimated[1:-1], strict=True):
         assert by_start[int(b)] == (k, e)
+
+
+def test_rollup_sites_equals_per_meter_kernels_and_pandas() -> None:
+    from compute.benchmark import check_equal, rollup_numba, rollup_pandas, synthetic
+
+    f = synthetic(meters=7, readings_per_meter=300, meters_per_site=3, seed=5)
+    grid = rollup_numba(f, BUCKET_MS)
+    for m in range(7):
+        a, b = f.bounds[m], f.bounds[m + 1]
+        e = bucket_energy(f.ts[a:b], f.value[a:b], max_gap_ms=BUCKET_MS)
+        site = m // 3
+        cols = (e.starts - grid.first) // BUCKET_MS
+        grid.kwh[site, cols] -= e.kwh
+        grid.est[site, cols] -= e.kwh_estimated
+    assert np.allclose(grid.kwh, 0.0, atol=1e-9) and np.allclose(grid.est, 0.0, atol=1e-9)
+    ref = rollup_pandas(f, BUCKET_MS)
+    check_equal(rollup_numba(f, BUCKET_MS), ref)
+    broken = rollup_numba(f, BUCKET_MS)
+    broken.kwh[1, 3] += 1e-3
+    with pytest.raises(AssertionError):
+        check_equal(broken, ref)
