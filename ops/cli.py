@@ -16,7 +16,7 @@ def _registrars() -> list[Registrar]:
 
     found: list[Registrar] = [ops_commands.register, edge_cli.register]
     # Server-side and simulator commands are optional on a gateway install.
-    for name in ("ingest.cli", "compute.cli", "simulators.cli"):
+    for name in ("ingest.cli", "compute.cli", "compute.statements.cli", "simulators.cli"):
         try:
             module = __import__(name, fromlist=["register"])
         except ImportError:

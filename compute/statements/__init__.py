@@ -1,0 +1,1 @@
+"""Monthly supplier emission statements: figures from the rollups, signed versions, PDF/CSV/JSON, delivery."""

@@ -1,0 +1,124 @@
+"""``scopemeter statements keygen|issue|verify``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ops.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    st = sub.add_parser("statements", help="monthly supplier emission statements: PDF + CSV + signed JSON")
+    ssub = st.add_subparsers(dest="statements_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="default: CONFIG_DIR/statements.toml")
+
+    keygen = ssub.add_parser("keygen", help="create the Ed25519 signing key named in the config")
+    common(keygen)
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    keygen.set_defaults(handler=_keygen)
+
+    issue = ssub.add_parser("issue", help="issue (or supersede) the statements of one month")
+    common(issue)
+    issue.add_argument("--month", required=True, help="YYYY-MM, or 'previous' (the month before now)")
+    issue.add_argument("--supplier", action="append", help="repeatable; default: every supplier")
+    issue.add_argument("--email", action="store_true", help="also e-mail each new version to its recipients")
+    issue.add_argument(
+        "--force", action="store_true", help="issue a new version even if inputs are unchanged"
+    )
+    issue.add_argument("--outbox", type=Path, help="override the config's outbox_dir")
+    issue.set_defaults(handler=_issue)
+
+    verify = ssub.add_parser(
+        "verify", help="check a statement's signature and recompute it from the readings"
+    )
+    common(verify)
+    verify.add_argument("file", type=Path, help="statement.json")
+    verify.add_argument(
+        "--public-key", type=Path, help="trusted key (default: the config's signing key .pub)"
+    )
+    verify.set_defaults(handler=_verify)
+
+
+def _config(args: Any, settings: Settings) -> Any:
+    from compute.statements.config import load_statements_config
+
+    cfg = load_statements_config(args.config or settings.config_dir / "statements.toml")
+    if getattr(args, "outbox", None):
+        cfg = cfg.model_copy(update={"outbox_dir": args.outbox.resolve()})
+    return cfg
+
+
+def _keygen(args: Any) -> int:
+    from compute.statements.document import keygen
+
+    cfg = _config(args, Settings())
+    pub = keygen(cfg.key_path, overwrite=args.force)
+    print(f"signing key: {cfg.key_path}\npublic key (give this to customers): {pub}")
+    return 0
+
+
+def _month(spec: str, settings: Settings) -> str:
+    from compute.statements.figures import month_bounds, previous_month
+
+    if spec == "previous":
+        return previous_month(settings.clock.now().strftime("%Y-%m"))
+    month_bounds(spec)
+    return spec
+
+
+def _issue(args: Any) -> int:
+    import sys
+
+    import psycopg
+
+    from compute.recompute import Params
+    from compute.statements.issue import issue_month
+
+    settings = Settings()
+    cfg = _config(args, settings)
+    month = _month(args.month, settings)
+    with psycopg.connect(settings.db.dsn, autocommit=True) as conn:
+        results = issue_month(
+            conn,
+            cfg,
+            month,
+            args.supplier,
+            now=settings.clock.now(),
+            params=Params.from_settings(settings.compute),
+            email=args.email,
+            force=args.force,
+            progress=sys.stderr.isatty(),
+        )
+    for r in results:
+        note = f", e-mailed to {', '.join(r.emailed_to)}" if r.emailed_to else ""
+        print(f"{r.supplier} {r.month}: v{r.version} {r.status} → {r.directory}{note}")
+        for c in r.changes:
+            print(f"    {c['figure']}: {c['old']:.6g} → {c['new']:.6g} ({c['delta']:+.6g})")
+    return 0
+
+
+def _verify(args: Any) -> int:
+    import psycopg
+
+    from compute.statements.document import load_public_key, public_key_path
+    from compute.statements.outbox import read_statement
+    from compute.statements.verify import verify_statement
+
+    settings = Settings()
+    cfg = _config(args, settings)
+    trusted = load_public_key(args.public_key or public_key_path(cfg.key_path))
+    read_statement(args.file)  # a missing or malformed file is reported before touching the database
+    with psycopg.connect(settings.db.dsn, autocommit=True) as conn:
+        v = verify_statement(conn, args.file, trusted, cfg)
+    print(f"{args.file}: {v.status}")
+    for p in v.problems:
+        print(f"  {p}")
+    for c in v.differences:
+        print(f"  {c['figure']}: signed {c['old']:.6g}, recomputed {c['new']:.6g} ({c['delta']:+.6g})")
+    if v.superseded_by:
+        print(f"  superseded by version {v.superseded_by}")
+    return 0 if v.status == "valid" else 1

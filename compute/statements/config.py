@@ -1,0 +1,139 @@
+"""``config/statements.toml``: customer allocation shares, production data, signing key, outbox, e-mail.
+
+Validated like the fleet and factor files: unknown keys are rejected and errors name the entry.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from compute.config import ConfigError, entry_name, read_toml, validate
+from edge.wire import Ident
+from ops.settings import REPO_ROOT
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+def _month(v: str) -> str:
+    if not MONTH_RE.match(v):
+        raise ValueError(f"month must be YYYY-MM, not {v!r}")
+    return v
+
+
+def _share(v: float) -> float:
+    if not math.isfinite(v) or not 0 < v <= 1:
+        raise ValueError("share must be a fraction in (0, 1]")
+    return v
+
+
+def _positive(v: float) -> float:
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError("must be a finite number > 0")
+    return v
+
+
+Month = Annotated[str, AfterValidator(_month)]
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Allocation(_Entry):
+    supplier: Ident
+    customer: Ident
+    customer_name: Text
+    share: Annotated[float, AfterValidator(_share)]
+    basis: Text = "revenue"
+
+
+class Production(_Entry):
+    supplier: Ident
+    month: Month
+    quantity: Annotated[float, AfterValidator(_positive)]
+    unit: Text
+
+
+class Recipients(_Entry):
+    supplier: Ident
+    to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(min_length=1)
+
+
+class EmailConfig(_Entry):
+    host: Text = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 25
+    sender: Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")] = "statements@localhost"
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+class StatementsConfig(_Entry):
+    signing_key: Path = Path(".scopemeter/keys/statements_ed25519.pem")
+    outbox_dir: Path = Path(".scopemeter/statements")
+    email: EmailConfig = EmailConfig()
+    allocations: list[Allocation] = []
+    production: list[Production] = []
+    recipients: list[Recipients] = []
+
+    def path(self, p: Path) -> Path:
+        """Relative paths are relative to the repository root (where the default config lives)."""
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    @property
+    def key_path(self) -> Path:
+        return self.path(self.signing_key)
+
+    @property
+    def outbox(self) -> Path:
+        return self.path(self.outbox_dir)
+
+    def allocations_for(self, supplier: str) -> list[Allocation]:
+        return [a for a in self.allocations if a.supplier == supplier]
+
+    def production_for(self, supplier: str, month: str) -> Production | None:
+        return next((p for p in self.production if p.supplier == supplier and p.month == month), None)
+
+    def recipients_for(self, supplier: str) -> list[str]:
+        return [addr for r in self.recipients if r.supplier == supplier for addr in r.to]
+
+
+_SECTIONS: dict[str, type[_Entry]] = {
+    "allocations": Allocation,
+    "production": Production,
+    "recipients": Recipients,
+}
+
+
+def load_statements_config(path: Path) -> StatementsConfig:
+    """Parse and validate; raises ``ConfigError`` (a ``UserError``) naming the bad entry."""
+    data = read_toml(path)
+    for section in _SECTIONS:
+        raw = data.get(section, [])
+        if not isinstance(raw, list):
+            raise ConfigError(f"{path}: '{section}' must be an array of tables ([[{section}]])")
+        model = _SECTIONS[section]
+        for i, item in enumerate(raw):
+            validate(model, item, path, entry_name(item, section, i))
+    cfg = validate(StatementsConfig, data, path, "top level")
+    totals: dict[str, float] = defaultdict(float)
+    seen: set[tuple[str, str]] = set()
+    for a in cfg.allocations:
+        if (a.supplier, a.customer) in seen:
+            raise ConfigError(f"{path}: customer {a.customer!r} is allocated twice for {a.supplier!r}")
+        seen.add((a.supplier, a.customer))
+        totals[a.supplier] += a.share
+    for supplier, total in totals.items():
+        if total > 1 + 1e-9:
+            raise ConfigError(f"{path}: allocation shares of {supplier!r} add up to {total:.4f} > 1")
+    months = [(p.supplier, p.month) for p in cfg.production]
+    if len(set(months)) != len(months):
+        raise ConfigError(f"{path}: production is given twice for the same supplier and month")
+    return cfg
