@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     xapply.add_argument("path", nargs="?", type=Path, help="default: CONFIG_DIR/factors.toml")
     xapply.set_defaults(handler=_factors_apply)
 
+    instruments = sub.add_parser("instruments", help="contractual instruments for market-based Scope 2")
+    isub = instruments.add_subparsers(dest="instruments_command", required=True, metavar="ACTION")
+    iapply = isub.add_parser("apply", help="validate the instruments file and upsert it into the database")
+    iapply.add_argument("path", nargs="?", type=Path, help="default: CONFIG_DIR/instruments.toml")
+    iapply.set_defaults(handler=_instruments_apply)
+
     compute = sub.add_parser("compute", help="readings → 15-minute energy and emissions rollups")
     csub = compute.add_subparsers(dest="compute_command", required=True, metavar="ACTION")
     run = csub.add_parser("run", help="consume dirty ranges from Kafka and recompute them")
@@ -110,6 +116,18 @@ def _factors_apply(args: Any) -> int:
     )
     if result.inserted or result.updated:
         print("existing rollups keep their factors until `scopemeter compute rebuild`")
+    return 0
+
+
+def _instruments_apply(args: Any) -> int:
+    from compute.market import apply_instruments, load_instruments
+
+    settings = Settings()
+    path = args.path or settings.config_dir / "instruments.toml"
+    load_instruments(path)  # a bad file is reported before touching the database
+    with _connect(settings) as conn:
+        n = apply_instruments(conn, path)
+    print(f"contractual_instruments: {n} upserted; run `scopemeter compute rebuild` to re-allocate")
     return 0
 
 

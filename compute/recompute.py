@@ -23,6 +23,7 @@ library but no metered wire quantity yet.) Counter handling follows ``compute.ke
 meter's ``counter_max`` undoes wraps, quality bits mark resets/replacements, intervals longer
 than the meter's ``max_gap_s`` (default: settings) are estimated energy. Rollups keep
 ``kwh_estimated`` apart and carry ``coverage`` (measured meter-time / registered meters × 15 min).
+Scope 2 changes also rebuild the affected hours of market-based Scope 2 (``compute.market``).
 
 Factors: Scope 2 uses the ``emission_factors`` row for the site's ``grid_region`` + carrier in the
 site's ``factor_series`` (default: settings); Scope 1 the fuel series, the site's region first,
@@ -43,6 +44,7 @@ import psycopg
 
 from compute.config import Carrier
 from compute.kernels import BUCKET_MS, bucket_energy, ceil_bucket, event_counts, floor_bucket
+from compute.market import recompute_market
 from edge.wire import Quantity
 from ingest.events import DirtyRange
 from ops.settings import ComputeSettings
@@ -308,6 +310,8 @@ def recompute(
         _write_energy(cur, meter_id, kept)
         if meter.registered:
             _rollup(cur, meter.site_id, b0, b1, params)
+            if rule.scope == 2:
+                recompute_market(cur, meter.site_id, b0, b1)
     return RecomputeResult(
         meter_id,
         meter.site_id,
@@ -360,4 +364,11 @@ def recompute_all(
                 events[k] = events.get(k, 0) + v
         _rollup(cur, None, None, None, params)
         rollups = cur.rowcount
+        cur.execute("DELETE FROM site_market_1h")
+        spans = cur.execute(
+            "SELECT site_id, min(bucket), max(bucket) FROM site_rollups_15m WHERE scope = 2"
+            " GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        for site, first, last in spans:
+            recompute_market(cur, site, first, last + timedelta(minutes=15))
     return RebuildResult(meters, buckets, rollups, events)
