@@ -139,7 +139,7 @@ def admin_subscriber(b: SecureBroker) -> tuple[mqtt.Client, list[tuple[str, byte
     c.tls_set(
         ca_certs=str(b.dir / "ca.pem"), certfile=str(b.dir / "admin.pem"), keyfile=str(b.dir / "admin.key")
     )
-    c.on_message = lambda _c, _u, m: got.append((m.topic, m.payload))
+    c.on_message = lambda _c, _u, m: got.append((m.topic, bytes(m.payload)))
     c.on_subscribe = lambda *_a: ready.set()
     c.connect("127.0.0.1", b.tls_port)
     c.subscribe("scopemeter/v1/#", qos=1)
