@@ -63,3 +63,17 @@ EDGE_CLOCK_OFFSET = Gauge(
     "scopemeter_edge_clock_offset_seconds", "Reference clock minus gateway clock (NaN: not measured)"
 )
 EDGE_MQTT_CONNECTED = Gauge("scopemeter_edge_mqtt_connected", "1 while the MQTT session is up")
+
+# --- Operations alerts (ops/prometheus/alerts.yml, issue 6) -------------------------------------
+# Declared here so the alert rules and dashboards name real metrics; the consumers and the bridge
+# set them (wiring is the ingest/compute owners' part).
+KAFKA_CONSUMER_LAG = Gauge(
+    "scopemeter_kafka_consumer_lag",
+    "Messages between the group's committed offset and the partition end",
+    ["group", "topic", "partition"],
+)
+GATEWAY_LAST_SEEN = Gauge(
+    "scopemeter_gateway_last_seen_timestamp_seconds",
+    "Unix time the bridge last accepted a batch from the gateway",
+    ["site", "gateway"],
+)
