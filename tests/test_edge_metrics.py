@@ -1,0 +1,56 @@
+"""The edge agent's Prometheus endpoint serves what operations alert on, and config checks that
+catch wiring mistakes a plant engineer can make."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.config import EdgeConfigError, load_edge_config
+from ops import metrics
+from ops.procs import free_port
+from tests.test_edge_agent import agent_with_simulator, broker_port, setup
+
+__all__ = ["broker_port"]  # the fixture, re-used
+
+
+def _scrape(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+    return values
+
+
+def test_metrics_endpoint_counts_polls_and_reports_an_empty_outbox(tmp_path: Path, broker_port: int) -> None:
+    polls, modbus_port, metrics_port = 3, free_port(), free_port()
+    config, settings = setup(tmp_path, broker_port, modbus_port)
+    config = config.model_copy(update={"metrics_port": metrics_port})
+    polls_before = metrics.EDGE_POLLS._value.get()
+    published_before = metrics.EDGE_PUBLISHED_BATCHES._value.get()
+
+    report, _sim = asyncio.run(agent_with_simulator(config, settings, polls, modbus_port))
+
+    scraped = _scrape(metrics_port)  # the server thread outlives the run, as in a long-lived agent
+    assert report.polls == polls
+    assert scraped["scopemeter_edge_polls_total"] == polls_before + polls
+    assert scraped["scopemeter_edge_published_batches_total"] == published_before + report.batches_published
+    assert scraped["scopemeter_edge_outbox_batches"] == 0
+
+
+def test_mixed_transports_on_one_endpoint_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "gw.toml"
+    bad.write_text(
+        "supplier = 'acme'\nsite = 'x'\ngateway = 'gw'\n"
+        "[[meters]]\nid = 'm1'\nhost = 'h'\nport = 502\nunit_id = 1\nmodel = 'eastron_sdm630'\n"
+        "[[meters]]\nid = 'm2'\nhost = 'h'\nport = 502\nunit_id = 2\nmodel = 'eastron_sdm120'\n"
+        "transport = 'rtu_over_tcp'\n"
+    )
+    with pytest.raises(EdgeConfigError, match="must share one transport"):
+        load_edge_config(bad)
