@@ -18,8 +18,8 @@ Why replays, duplicates, out-of-order and late data give exactly a clean run's r
 
 What is computed, per meter carrier (``CARRIERS``): Scope 2 location-based for electricity, heat,
 steam and cooling from the ``energy_import_kwh`` counter; Scope 1 ``direct`` for natural gas from
-the ``gas_m3`` counter, with CO2, CH4 and N2O kept apart. (Diesel, LPG and coal have factors in the
-library but no metered wire quantity yet.) Counter handling follows ``compute.kernels``: the
+the ``gas_m3`` counter, diesel from ``fuel_l`` (litres), LPG and coal from ``fuel_kg``, with CO2,
+CH4 and N2O kept apart. Counter handling follows ``compute.kernels``: the
 meter's ``counter_max`` undoes wraps, quality bits mark resets/replacements, intervals longer
 than the meter's ``max_gap_s`` (default: settings) are estimated energy. Rollups keep
 ``kwh_estimated`` apart and carry ``coverage`` (measured meter-time / registered meters × 15 min).
@@ -72,6 +72,11 @@ CARRIERS: Final[dict[str, CarrierRule]] = {
     Carrier.STEAM.value: CarrierRule(*_S2),
     Carrier.COOLING.value: CarrierRule(*_S2),
     Carrier.NATURAL_GAS.value: CarrierRule(Quantity.GAS_M3.value, "m3", 1, "direct"),
+    # Diesel is metered by volume (flow totalisers on gensets and boilers); LPG and coal by mass
+    # (weighed cylinders, weighbridges), which is also the unit their IPCC factors are given in.
+    Carrier.DIESEL.value: CarrierRule(Quantity.FUEL_L.value, "l", 1, "direct"),
+    Carrier.LPG.value: CarrierRule(Quantity.FUEL_KG.value, "kg", 1, "direct"),
+    Carrier.COAL.value: CarrierRule(Quantity.FUEL_KG.value, "kg", 1, "direct"),
 }
 _RULE_COLUMNS = {
     "r_carrier": list(CARRIERS),

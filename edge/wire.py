@@ -44,10 +44,20 @@ class Quantity(StrEnum):
     ENERGY_EXPORT_KWH = "energy_export_kwh"  # cumulative counter
     POWER_W = "power_w"  # instantaneous total active power
     GAS_M3 = "gas_m3"  # cumulative counter
+    # Fuel meters (flow totalisers, weighbridges): the meter's carrier in the fleet registry says
+    # which fuel (diesel, lpg, coal, ...).
+    FUEL_L = "fuel_l"  # cumulative counter, litres
+    FUEL_KG = "fuel_kg"  # cumulative counter, kg
 
 
 COUNTER_QUANTITIES: Final = frozenset(
-    {Quantity.ENERGY_IMPORT_KWH, Quantity.ENERGY_EXPORT_KWH, Quantity.GAS_M3}
+    {
+        Quantity.ENERGY_IMPORT_KWH,
+        Quantity.ENERGY_EXPORT_KWH,
+        Quantity.GAS_M3,
+        Quantity.FUEL_L,
+        Quantity.FUEL_KG,
+    }
 )
 
 
