@@ -15,6 +15,7 @@ class Reason(StrEnum):
     SCHEMA = "schema"
     IDENTITY_MISMATCH = "identity_mismatch"
     TOO_LARGE = "too_large"
+    IMPLAUSIBLE_TIMESTAMP = "implausible_timestamp"  # outside the bridge's plausibility window
 
 
 class DeadLetter(BaseModel):

@@ -6,15 +6,22 @@ the bridge.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from pydantic import ValidationError
 
 from edge.wire import Batch, parse_readings_topic
 from ingest.dlq import DeadLetter, Reason
+from ops.settings import IngestSettings
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 
-def classify(topic: str, payload: bytes) -> Batch | DeadLetter:
+def classify(
+    topic: str, payload: bytes, *, now: datetime | None = None, limits: IngestSettings | None = None
+) -> Batch | DeadLetter:
+    """``now`` (aware) enables the plausibility window of ``limits``; without it only the wire
+    contract's fixed [2000, 2100) window applies."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         return DeadLetter.of(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}", topic, payload)
     try:
@@ -35,4 +42,22 @@ def classify(topic: str, payload: bytes) -> Batch | DeadLetter:
             f"payload says {batch.supplier}/{batch.site}/{batch.gateway}"
         )
         return DeadLetter.of(Reason.IDENTITY_MISMATCH, detail, topic, payload)
+    if now is not None:
+        implausible = _implausible(batch, now, limits or IngestSettings())
+        if implausible:
+            return DeadLetter.of(Reason.IMPLAUSIBLE_TIMESTAMP, implausible, topic, payload)
     return batch
+
+
+def _implausible(batch: Batch, now: datetime, limits: IngestSettings) -> str:
+    """Why the batch's timestamps cannot be a measurement (empty when they can). The whole batch is
+    refused: one bad clock taints its neighbours, and the DLQ keeps the bytes for a replay."""
+    lo = min(r.ts for r in batch.readings)
+    hi = max(r.ts for r in batch.readings)
+    earliest = now - timedelta(seconds=limits.max_age_s)
+    latest = now + timedelta(seconds=limits.max_future_s)
+    if hi > latest:
+        return f"reading at {hi.isoformat()} is after now + {limits.max_future_s:g} s ({latest.isoformat()})"
+    if lo < earliest:
+        return f"reading at {lo.isoformat()} is before now - {limits.max_age_s:g} s ({earliest.isoformat()})"
+    return ""

@@ -77,3 +77,15 @@ GATEWAY_LAST_SEEN = Gauge(
     "Unix time the bridge last accepted a batch from the gateway",
     ["site", "gateway"],
 )
+
+# --- Ingest (ingest/bridge.py, ingest/writer.py, issue 4) ----------------------------------------
+BRIDGE_IN_FLIGHT = Gauge(
+    "scopemeter_bridge_in_flight_messages", "MQTT messages produced to Kafka and not yet acked there"
+)
+WRITER_DECODE_SECONDS = Histogram(
+    "scopemeter_writer_decode_seconds", "Kafka records to DB rows, per DB transaction"
+)
+WRITER_SLOW_PATH = Counter(
+    "scopemeter_writer_dedup_path_total",
+    "Transactions that met an existing reading and went through staging + ON CONFLICT",
+)

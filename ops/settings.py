@@ -87,6 +87,14 @@ class ComputeSettings(BaseModel):
     max_gap_s: float = Field(default=900.0, gt=0)
 
 
+class IngestSettings(BaseModel):
+    """What the bridge accepts. A reading outside [now - max_age_s, now + max_future_s] is a broken
+    gateway clock: it goes to the DLQ instead of making the writer create partitions for it."""
+
+    max_future_s: float = Field(default=86_400.0, ge=0)
+    max_age_s: float = Field(default=400 * 86_400.0, ge=0)
+
+
 class StackSettings(BaseModel):
     """What ``scopemeter stack up`` runs: pid files, logs and broker data live in ``state_dir``."""
 
@@ -107,4 +115,5 @@ class Settings(BaseSettings):
     clock: ClockSettings = ClockSettings()
     stack: StackSettings = StackSettings()
     compute: ComputeSettings = ComputeSettings()
+    ingest: IngestSettings = IngestSettings()
     config_dir: Path = REPO_ROOT / "config"
