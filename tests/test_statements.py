@@ -135,19 +135,6 @@ kg_co2e_per_unit = {GAS_FACTOR}
 unit = "kWh"
 version = 1
 source = "test gas factor"
-
-[[factors]]
-id = "gec-v1"
-publisher = "China GEC"
-series = "contractual"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-kg_co2e_per_unit = 0.0
-unit = "kWh"
-version = 1
-source = "green electricity certificate"
 """
 
 
@@ -455,32 +442,40 @@ def test_late_data_supersedes_with_difference_and_is_emailed(
         smtp.stop()
 
 
-def test_reads_whatever_scopes_and_methods_exist(db: str) -> None:
-    """Scope 1 fuel rows and market-based Scope 2 rows (as the compute engine will write them)."""
-    bucket0 = datetime(2026, 11, 3, tzinfo=UTC)
+def test_reads_scope1_rollups_and_market_rows(db: str) -> None:
+    """Scope 1 fuel rollups and market-based Scope 2 hours (``site_market_1h``) as compute writes them;
+    stray 'market' rows in ``site_rollups_15m`` are not counted."""
+    hour0 = datetime(2026, 11, 3, tzinfo=UTC)
     gas_kwh, elec_kwh, gec_buckets, buckets = 40.0, 25.0, 3, 8
     with psycopg.connect(db, autocommit=True) as conn:
         with conn.transaction():
+            conn.execute(
+                "INSERT INTO contractual_instruments (instrument_id, site_id, kind, mwh, period_start,"
+                " period_end, reference)"
+                " VALUES ('gec-b1', 'b1', 'gec', 1, '2026-11-01', '2026-12-01', 'GEC-1')"
+            )
             for i in range(buckets):
-                b = bucket0 + i * timedelta(minutes=15)
-                market_factor = ("gec-v1", 0.0) if i < gec_buckets else ("cn-grid-v1", FACTOR)
+                b = hour0 + i * timedelta(minutes=15)
                 conn.execute(
                     "INSERT INTO site_rollups_15m"
                     " (site_id, bucket, carrier, scope, method, kwh, kg_co2e, factor_id)"
                     " VALUES ('b1', %s, 'natural_gas', 1, 'direct', %s, %s, 'ng-v1'),"
                     " ('b1', %s, 'electricity', 2, 'location', %s, %s, 'cn-grid-v1'),"
-                    " ('b1', %s, 'electricity', 2, 'market', %s, %s, %s)",
+                    " ('b1', %s, 'electricity', 2, 'market', %s, 0, 'cn-grid-v1')",
+                    (b, gas_kwh, gas_kwh * GAS_FACTOR, b, elec_kwh, elec_kwh * FACTOR, b, elec_kwh),
+                )
+            for h in range(buckets // 4):  # the GEC covers the first gec_buckets quarter hours
+                covered = elec_kwh * max(0, min(4, gec_buckets - 4 * h))
+                conn.execute(
+                    "INSERT INTO site_market_1h (site_id, bucket, carrier, kwh, kwh_instruments, kg_co2e,"
+                    " residual_factor_id, instrument_ids) VALUES ('b1', %s, 'electricity', %s, %s, %s,"
+                    " 'cn-grid-v1', %s)",
                     (
-                        b,
-                        gas_kwh,
-                        gas_kwh * GAS_FACTOR,
-                        b,
-                        elec_kwh,
-                        elec_kwh * FACTOR,
-                        b,
-                        elec_kwh,
-                        elec_kwh * market_factor[1],
-                        market_factor[0],
+                        hour0 + timedelta(hours=h),
+                        4 * elec_kwh,
+                        covered,
+                        (4 * elec_kwh - covered) * FACTOR,
+                        ["gec-b1"] if covered else [],
                     ),
                 )
         f = month_figures(conn, "beta", MONTH)
@@ -489,11 +484,13 @@ def test_reads_whatever_scopes_and_methods_exist(db: str) -> None:
     assert f["totals"]["scope2_market"] == pytest.approx((buckets - gec_buckets) * elec_kwh * FACTOR)
     assert f["market_fallback_sites"] == []
     assert f["renewable_share"] == pytest.approx(gec_buckets / buckets)
+    assert [x["instrument_id"] for x in f["instruments"]] == ["gec-b1"]
+    assert sum(d["scope2_market"] for d in f["daily"]) == pytest.approx(f["totals"]["scope2_market"])
     # Energy is counted once per carrier, not once per method.
     assert f["energy_by_carrier"]["electricity"]["amount"] == pytest.approx(buckets * elec_kwh)
     assert f["energy_by_carrier"]["natural_gas"]["amount"] == pytest.approx(buckets * gas_kwh)
     assert f["coverage"]["bucket_share"] == pytest.approx(2 * buckets / (2 * 30 * 96))
-    assert sorted(x["factor_id"] for x in f["factors"]) == ["cn-grid-v1", "gec-v1", "ng-v1"]
+    assert sorted(x["factor_id"] for x in f["factors"]) == ["cn-grid-v1", "ng-v1"]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,8 +7,9 @@ no whitespace, exact float repr) of the document without its ``signature`` membe
 The inputs digest is a SHA-256 over everything the figures derive from: every reading of the
 supplier's meters in the month (plus each counter's last reading before and first after it, which
 bound the energy of the month's edge buckets), the boundary (sites, meters with their ratios), the
-emission factors used, and the allocation and production data. Same inputs → same digest; late
-data changes it, and ``issue`` then writes a new version that supersedes the old one.
+emission factors and contractual instruments used, and the allocation and production data. Same
+inputs → same digest; late data changes it, and ``issue`` then writes a new version that
+supersedes the old one.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def build_inputs(
         "sites": figures["boundary"],
         "meters": meters_of(conn, supplier),
         "factors": figures["factors"],
+        "instruments": figures["instruments"],
         "allocations": [a.model_dump() for a in cfg.allocations_for(supplier)],
         "production": production.model_dump() if production else None,
     }

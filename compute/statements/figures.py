@@ -1,16 +1,20 @@
-"""The figures of one supplier's month, read from ``site_rollups_15m`` (what a statement states).
+"""The figures of one supplier's month (what a statement states), read from the compute tables.
 
 The month is each site's LOCAL calendar month (a Shenzhen site's November starts at 16:00 UTC on
-31 October). Rollups are read generically: whatever (scope, method) rows the compute engine wrote
-are grouped and reported, so Scope 1 fuels and market-based Scope 2 appear as soon as they exist.
+31 October). Location-based Scope 2 and Scope 1 come from ``site_rollups_15m``, read generically
+(whatever (scope, method) rows the compute engine wrote are grouped and reported); market-based
+Scope 2 comes from ``site_market_1h`` (``compute.market``: the one place instruments are allocated)
+and is presented as scope 2 / method ``market`` lines. Hours are whole UTC hours, so a site whose
+UTC offset is not a whole number of hours has its market month shifted by that fraction.
 
 GHG Protocol rules applied here:
 - energy is counted once per site and carrier, from one method's rows (``location`` for Scope 2,
   ``direct`` for Scope 1, else the first method alphabetically): methods differ in emissions only;
-- market-based Scope 2 equals location-based for a site without market rows (no contractual data),
-  and the statement says which sites fell back;
-- renewable share = electricity kWh in market-based buckets with zero emissions (covered by
-  contractual instruments such as GECs) / all electricity kWh;
+- market-based Scope 2 equals location-based for a site without market rows; the statement lists
+  the sites that fell back to location factors (no contractual instrument and no residual-mix
+  factor in the month) and the instruments used (``instruments``);
+- renewable share = electricity kWh covered by contractual instruments (GEC, I-REC, PPA, green
+  tariff: ``kwh_instruments``) / all electricity kWh;
 - coverage = measured kWh / all kWh, where the rollups carry a measured/estimated split
   (``kwh_estimated`` or ``kwh_measured`` column); otherwise all kWh is measured and coverage also
   reports the share of the month's 15-minute buckets that have data.
@@ -24,6 +28,7 @@ from typing import Any
 
 import psycopg
 
+from compute.market import RESIDUAL_SERIES
 from ops.errors import UserError
 
 BUCKET = timedelta(minutes=15)
@@ -122,6 +127,30 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
     ]
     buckets_in_month = {r[0]: int((r[5] - r[4]) / BUCKET) for r in sites}
 
+    # Market-based rows live in site_market_1h only; 'market' rows in site_rollups_15m are ignored
+    # so that nothing is counted twice.
+    rollup_lines = conn.execute(
+        _WINDOWS + "SELECT r.site_id, r.carrier, r.scope, r.method, sum(r.kwh ORDER BY r.bucket),"
+        f" {_estimated_expr(columns)},"
+        " coalesce(sum(r.kg_co2e ORDER BY r.bucket), 0), count(*),"
+        " count(*) FILTER (WHERE r.kg_co2e IS NULL), 0::float8,"
+        " coalesce(array_agg(DISTINCT r.factor_id) FILTER (WHERE r.factor_id IS NOT NULL), '{}'),"
+        f" min({_unit_expr(columns)})"
+        " FROM site_rollups_15m r JOIN w ON r.site_id = w.site_id"
+        " AND r.bucket >= w.t0 AND r.bucket < w.t1 WHERE r.method <> 'market'"
+        " GROUP BY r.site_id, r.carrier, r.scope, r.method",
+        p,
+    ).fetchall()
+    market_lines = conn.execute(
+        _WINDOWS + "SELECT m.site_id, m.carrier, 2, 'market', sum(m.kwh ORDER BY m.bucket), 0::float8,"
+        " coalesce(sum(m.kg_co2e ORDER BY m.bucket), 0), count(*),"
+        " count(*) FILTER (WHERE m.kg_co2e IS NULL), sum(m.kwh_instruments ORDER BY m.bucket),"
+        " coalesce(array_agg(DISTINCT m.residual_factor_id)"
+        "          FILTER (WHERE m.residual_factor_id IS NOT NULL), '{}'), 'kWh'"
+        " FROM site_market_1h m JOIN w ON m.site_id = w.site_id AND m.bucket >= w.t0 AND m.bucket < w.t1"
+        " GROUP BY m.site_id, m.carrier",
+        p,
+    ).fetchall()
     lines = [
         {
             "site_id": r[0],
@@ -133,32 +162,47 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             "kg_co2e": r[6],
             "buckets": r[7],
             "buckets_without_factor": r[8],
-            "zero_emission_kwh": r[9],
+            "instrument_kwh": r[9],
             "factor_ids": sorted(r[10]),
             "unit": r[11],
         }
-        for r in conn.execute(
-            _WINDOWS + "SELECT r.site_id, r.carrier, r.scope, r.method, sum(r.kwh ORDER BY r.bucket),"
-            f" {_estimated_expr(columns)},"
-            " coalesce(sum(r.kg_co2e ORDER BY r.bucket), 0), count(*),"
-            " count(*) FILTER (WHERE r.kg_co2e IS NULL),"
-            " coalesce(sum(r.kwh ORDER BY r.bucket) FILTER (WHERE r.kg_co2e = 0), 0),"
-            " coalesce(array_agg(DISTINCT r.factor_id) FILTER (WHERE r.factor_id IS NOT NULL), '{}'),"
-            f" min({_unit_expr(columns)})"
-            " FROM site_rollups_15m r JOIN w ON r.site_id = w.site_id"
-            " AND r.bucket >= w.t0 AND r.bucket < w.t1"
-            " GROUP BY r.site_id, r.carrier, r.scope, r.method ORDER BY 1, 2, 3, 4",
-            p,
-        ).fetchall()
+        for r in sorted(rollup_lines + market_lines, key=lambda r: (r[0], r[1], r[2], r[3]))
     ]
 
     daily_rows = conn.execute(
         _WINDOWS + "SELECT r.site_id, (r.bucket AT TIME ZONE w.timezone)::date, r.scope, r.method,"
         " r.carrier, coalesce(sum(r.kg_co2e ORDER BY r.bucket), 0)"
         " FROM site_rollups_15m r JOIN w ON r.site_id = w.site_id AND r.bucket >= w.t0 AND r.bucket < w.t1"
+        " WHERE r.method <> 'market' GROUP BY 1, 2, 3, 4, 5"
+        " UNION ALL SELECT m.site_id, (m.bucket AT TIME ZONE w.timezone)::date, 2, 'market', m.carrier,"
+        " coalesce(sum(m.kg_co2e ORDER BY m.bucket), 0)"
+        " FROM site_market_1h m JOIN w ON m.site_id = w.site_id AND m.bucket >= w.t0 AND m.bucket < w.t1"
         " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5",
         p,
     ).fetchall()
+
+    instruments = [
+        {
+            "instrument_id": r[0],
+            "site_id": r[1],
+            "kind": r[2],
+            "carrier": r[3],
+            "mwh": r[4],
+            "period_start": r[5].isoformat(),
+            "period_end": r[6].isoformat(),
+            "kg_co2e_per_kwh": r[7],
+            "hourly": r[8],
+            "reference": r[9],
+        }
+        for r in conn.execute(
+            _WINDOWS + "SELECT i.instrument_id, i.site_id, i.kind, i.carrier, i.mwh, i.period_start,"
+            " i.period_end, i.kg_co2e_per_kwh, i.hourly, i.reference FROM contractual_instruments i"
+            " WHERE i.instrument_id IN (SELECT unnest(m.instrument_ids) FROM site_market_1h m"
+            "   JOIN w ON m.site_id = w.site_id AND m.bucket >= w.t0 AND m.bucket < w.t1)"
+            " ORDER BY i.instrument_id",
+            p,
+        ).fetchall()
+    ]
 
     factor_ids = sorted({f for line in lines for f in line["factor_ids"]})
     factors = [
@@ -182,13 +226,15 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             (factor_ids,),
         ).fetchall()
     ]
+    residual = {f["factor_id"] for f in factors if f["series"] == RESIDUAL_SERIES}
     return {
         "supplier": {"id": supplier, "name": name},
         "month": month,
         "boundary": boundary,
         "lines": lines,
-        **_summarise(lines, daily_rows, buckets_in_month, first, nxt),
+        **_summarise(lines, daily_rows, buckets_in_month, residual, first, nxt),
         "factors": factors,
+        "instruments": instruments,
     }
 
 
@@ -196,6 +242,7 @@ def _summarise(
     lines: list[dict[str, Any]],
     daily_rows: list[tuple[Any, ...]],
     buckets_in_month: dict[str, int],
+    residual_factors: set[str],
     first: date,
     nxt: date,
 ) -> dict[str, Any]:
@@ -212,7 +259,11 @@ def _summarise(
     per_site: dict[str, dict[str, float]] = {
         s: {"scope1": 0.0, "scope2_location": 0.0, "scope2_market": 0.0} for s in buckets_in_month
     }
-    has_market = {ln["site_id"] for ln in lines if ln["scope"] == 2 and ln["method"] == "market"}
+    market = [ln for ln in lines if ln["scope"] == 2 and ln["method"] == "market"]
+    has_market = {ln["site_id"] for ln in market}
+    contractual = {
+        ln["site_id"] for ln in market if ln["instrument_kwh"] > 0 or residual_factors & set(ln["factor_ids"])
+    }
     coverage: list[dict[str, Any]] = []
     renewable = electricity = 0.0
     missing_factor = 0
@@ -247,7 +298,7 @@ def _summarise(
         elif scope == 2 and method == "market":
             per_site[site]["scope2_market"] += line["kg_co2e"]
             if line["carrier"] == "electricity":
-                renewable += line["zero_emission_kwh"]
+                renewable += line["instrument_kwh"]
 
     s1 = sum(scope1.values())
     s2l = sum(v["scope2_location"] for v in per_site.values())
@@ -269,7 +320,7 @@ def _summarise(
             "energy_kwh": total_kwh,
         },
         "market_fallback_sites": sorted(
-            {ln["site_id"] for ln in lines if ln["scope"] == 2 and ln["method"] == "location"} - has_market
+            {ln["site_id"] for ln in lines if ln["scope"] == 2 and ln["method"] == "location"} - contractual
         ),
         "renewable_share": renewable / electricity if electricity else 0.0,
         "coverage": {

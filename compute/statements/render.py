@@ -275,6 +275,27 @@ def _detail_page(doc: dict[str, Any]) -> Figure:
         factors,
     )
     top -= 0.08 + 0.022 * max(1, len(factors))
+    instruments = [
+        [
+            x["instrument_id"],
+            x["site_id"],
+            x["kind"].upper(),
+            f"{x['mwh']:,.3f}",
+            f"{x['kg_co2e_per_kwh']:.4f}",
+            f"{x['period_start']}…{x['period_end']}" + (" hourly" if x["hourly"] else ""),
+            x["reference"],
+        ]
+        for x in f["instruments"]
+    ]
+    _table(
+        fig,
+        top,
+        0.03 + 0.022 * max(1, len(instruments)),
+        "Contractual instruments used (market-based Scope 2)",
+        ["Instrument", "Site", "Kind", "MWh", "kg CO2e/kWh", "Period", "Reference"],
+        instruments,
+    )
+    top -= 0.08 + 0.022 * max(1, len(instruments))
     cov = [
         [
             c["site_id"],
@@ -391,6 +412,16 @@ def csv_text(doc: dict[str, Any]) -> str:
         row("energy", "estimated", e["estimated"], e["unit"], carrier=carrier)
     for fuel, kg in f["scope1_by_fuel"].items():
         row("scope1", "kg_co2e", kg, "kg CO2e", carrier=fuel, scope=1)
+    for x in f["instruments"]:
+        row(
+            "instrument",
+            x["instrument_id"],
+            x["mwh"],
+            "MWh",
+            site=x["site_id"],
+            carrier=x["carrier"],
+            scope=2,
+        )
     for ln in f["lines"]:
         row(
             "site",

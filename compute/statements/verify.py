@@ -2,7 +2,9 @@
 
 The recompute re-runs the compute engine (``compute.recompute.recompute``) over the month for every
 counter of the supplier's meters inside a transaction that is rolled back, so it reads the rollups
-the readings imply *now* without changing the database. Outcomes:
+the readings imply *now* without changing the database. That recompute also rebuilds market-based
+Scope 2 (``site_market_1h``) from the contractual instruments, so market figures and the renewable
+share are checked like the location-based ones. Outcomes:
 
 - ``valid``: signature good, files intact, inputs unchanged and the figures reproduce;
 - ``outdated``: signature good, but the inputs changed since issue (late data, new factor): the
