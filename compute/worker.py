@@ -4,12 +4,18 @@ Each poll's dirty ranges are coalesced per (meter, quantity) into one span (reco
 covers every part), recomputed in their own DB transactions, and only then are the Kafka offsets
 committed. A crash replays ranges, and recompute is idempotent, so nothing is lost or doubled.
 Messages that do not decode are logged and skipped (the writer is the only producer).
+
+Metrics: ``scopemeter_kafka_consumer_lag`` for the compute group after every poll (partition end
+minus the position, which is the committed offset once a poll's recompute is committed) and
+``scopemeter_compute_latency_seconds`` per record, from its Kafka timestamp (the writer publishes
+right after its DB commit) to after the recompute commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,6 +74,21 @@ def recompute_many(
     return results
 
 
+async def record_lag(consumer: AIOKafkaConsumer, group: str) -> None:
+    """Set the lag gauge of every assigned partition whose end offset the consumer has seen."""
+    for tp in consumer.assignment():
+        end = consumer.highwater(tp)
+        if end is None:
+            continue
+        lag = end - await consumer.position(tp)
+        metrics.KAFKA_CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(max(0, lag))
+
+
+def record_latency(records: Iterable[ConsumerRecord[bytes, bytes]], done_s: float) -> None:
+    for rec in records:
+        metrics.COMPUTE_LATENCY.observe(max(0.0, done_s - rec.timestamp / 1000))
+
+
 async def run_worker(
     settings: Settings,
     stop: asyncio.Event,
@@ -98,9 +119,11 @@ async def run_worker(
             data = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
             records = [rec for recs in data.values() for rec in recs]
             if not records:
+                await record_lag(consumer, k.compute_group)
                 continue
             ranges = coalesce(decode(records))
             results = await asyncio.to_thread(recompute_many, conn, ranges, params)
+            record_latency(records, time.time())
             offsets: dict[TopicPartition, OffsetAndMetadata] = {}
             for rec in records:
                 tp = TopicPartition(rec.topic, rec.partition)
@@ -110,6 +133,7 @@ async def run_worker(
                 await consumer.commit(offsets)
             except CommitFailedError as exc:  # rebalanced: the new owner replays; recompute is idempotent
                 log.warning("offset commit failed after recompute (replay is harmless): %s", exc)
+            await record_lag(consumer, k.compute_group)
             events = sum(sum(r.events.values()) for r in results)
             log.debug(
                 "recomputed %d ranges from %d records (%d counter events)", len(ranges), len(records), events

@@ -29,6 +29,13 @@ WRITER_LATENCY = Histogram(
 
 # Compute
 COMPUTE_RANGES = Counter("scopemeter_compute_ranges_total", "Dirty ranges recomputed")
+# The writer publishes a dirty range right after its DB commit, so the record's Kafka timestamp
+# stands for that commit.
+COMPUTE_LATENCY = Histogram(
+    "scopemeter_compute_latency_seconds",
+    "Dirty range published after its DB commit (Kafka timestamp) to the recompute commit",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
 
 
 def serve(port: int) -> None:
