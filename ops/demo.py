@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -15,6 +16,7 @@ from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from ingest.db import drop_database
 from ops import stack
+from ops.errors import UserError
 from ops.pipeline import PipelineResult, run_pipeline
 from ops.settings import Settings
 
@@ -49,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     settings = demo_settings()
     started_at = time.monotonic()
     with console.status("starting the stack (Mosquitto, Tansu, PostgreSQL)…"):
+        stack.ensure_postgres(settings)
+        prepare(settings)  # first: a demo database from an older schema is dropped, not migrated
         status = stack.up(settings)
-        prepare(settings)
     console.print(f"[bold]stack[/] up ({', '.join(status.started) or 'already running'} started); "
                   f"database [bold]{DEMO_DB}[/] prepared")
     try:
@@ -71,8 +74,42 @@ def run(args: argparse.Namespace) -> int:
         if not args.keep_stack and status.started:
             stack.down(settings)
     ok = render(console, result)
+    with console.status("issuing and verifying the month's signed statement…"):
+        statement, verdict = issue_statement(settings, result)
+    console.print(f"statement: {statement} — verify: [bold]{verdict}[/] (PDF, CSV and signed JSON beside it)")
     console.print(f"logs: {settings.stack.state_dir / 'demo'}   ({time.monotonic() - started_at:.0f} s)")
-    return 0 if ok else 1
+    return 0 if ok and verdict == "valid" else 1
+
+
+def issue_statement(settings: Settings, result: PipelineResult) -> tuple[Path, str]:
+    """Issue the supplier's statement for the window's month from the demo database, then verify it
+    by recomputing from the raw readings; the key and outbox are the demo's own."""
+    from datetime import UTC, datetime
+
+    from compute.recompute import Params
+    from compute.statements.config import load_statements_config
+    from compute.statements.document import keygen, load_public_key, public_key_path
+    from compute.statements.issue import issue_one
+    from compute.statements.verify import verify_statement
+
+    demo_dir = settings.stack.state_dir / "demo"
+    cfg = load_statements_config(settings.config_dir / "statements.toml").model_copy(
+        update={"signing_key": demo_dir / "keys" / "statements_ed25519.pem",
+                "outbox_dir": demo_dir / "statements"}
+    )
+    if not cfg.key_path.exists():
+        keygen(cfg.key_path)
+    month = result.window[0].astimezone(ZoneInfo("Asia/Shanghai")).strftime("%Y-%m")
+    with psycopg.connect(settings.db.dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT supplier_id FROM sites WHERE site_id = %s", (result.site_id,)).fetchone()
+        if row is None:
+            raise UserError(f"site {result.site_id} is not in the fleet registry")
+        supplier = row
+        issued = issue_one(conn, cfg, supplier[0], month, now=datetime.now(UTC),
+                           params=Params.from_settings(settings.compute), force=True)
+        statement = issued.directory / "statement.json"
+        verdict = verify_statement(conn, statement, load_public_key(public_key_path(cfg.key_path)), cfg)
+    return issued.directory / "statement.pdf", verdict.status
 
 
 def _rel(a: float, b: float) -> float:
