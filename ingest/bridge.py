@@ -72,6 +72,13 @@ def make_mqtt_client(settings: Settings, client_id: str, *, manual_ack: bool = F
     return client
 
 
+def subscription(settings: Settings) -> str:
+    """The bridge's topic filter: shared (scale-out) unless ``ingest.shared_subscription`` is off."""
+    if settings.ingest.shared_subscription:
+        return f"$share/{settings.mqtt.share_group}/{READINGS_SUBSCRIPTION}"
+    return READINGS_SUBSCRIPTION
+
+
 async def run_bridge(
     settings: Settings,
     stop: asyncio.Event,
@@ -91,6 +98,8 @@ async def run_bridge(
         acks="all",
         enable_idempotence=False,  # not supported by every Kafka-compatible broker; the DB key dedups
         linger_ms=5,
+        # Batches are ~100 kB: the 16 kB default would send each in its own request.
+        max_batch_size=1024 * 1024,
         max_request_size=8 * 1024 * 1024,
     )
     await producer.start()
@@ -105,8 +114,7 @@ async def run_bridge(
         connection[0] += 1
         if connection[0] > 1:
             log.warning("MQTT reconnected: un-acked messages will be redelivered")
-        topic = f"$share/{settings.mqtt.share_group}/{READINGS_SUBSCRIPTION}"
-        client.subscribe(topic, qos=1)
+        client.subscribe(subscription(settings), qos=1)
 
     def on_subscribe(_c: mqtt.Client, _u: object, _mid: int, codes: list[ReasonCode], _p: object) -> None:
         if any(code.is_failure for code in codes):

@@ -93,6 +93,10 @@ class IngestSettings(BaseModel):
 
     max_future_s: float = Field(default=86_400.0, ge=0)
     max_age_s: float = Field(default=400 * 86_400.0, ge=0)
+    # $share/<mqtt.share_group>/… lets bridges split the load, but Mosquitto 2.0.11 does not restore
+    # shared subscriptions from its persistence file: after a broker restart, batches published
+    # before the bridge re-subscribes are PUBACKed and dropped. A single bridge should say False.
+    shared_subscription: bool = True
 
 
 class StackSettings(BaseModel):
