@@ -1,4 +1,4 @@
-"""``scopemeter ingest bridge|writer`` and ``scopemeter db migrate|info|retention``."""
+"""``scopemeter ingest bridge|writer``, ``bench ingest`` and ``db migrate|info|retention``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     writer.add_argument("--metrics-port", type=int, default=9102, help="0 disables /metrics")
     writer.add_argument("--batch-rows", type=int, default=20_000, help="rows per DB transaction")
     writer.set_defaults(handler=_writer)
+
+    from compute.cli import bench_subparsers
+
+    bench = bench_subparsers(sub).add_parser(
+        "ingest", help="MQTT → bridge → Kafka → writer → PostgreSQL vs raw COPY, measured side by side"
+    )
+    bench.add_argument("--sites", type=int, default=10, help="sites, one gateway each")
+    bench.add_argument("--meters", type=int, default=100, help="meters per site")
+    bench.add_argument("--steps", type=int, default=10, help="timestamps per batch (batch = meters × steps)")
+    bench.add_argument("--rounds", type=int, default=60, help="batches per gateway in the sustained phase")
+    bench.add_argument("--latency-seconds", type=float, default=5.0, help="length of the paced phase")
+    bench.set_defaults(handler=_bench)
 
     db = sub.add_parser("db", help="database schema")
     dsub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -65,6 +77,42 @@ def _writer(args: Any) -> int:
     metrics.serve(args.metrics_port)
     settings = Settings()
     return run_service(lambda stop: run_writer(settings, stop, batch_rows_target=args.batch_rows))
+
+
+def _bench(args: Any) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.bench import run
+    from ops.errors import UserError
+
+    if min(args.sites, args.meters, args.steps, args.rounds) < 1 or args.latency_seconds <= 0:
+        raise UserError("--sites, --meters, --steps, --rounds >= 1 and --latency-seconds > 0 are required")
+    settings = Settings()
+    columns = (TextColumn("{task.description:<12}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(phase: str, done: float) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=1.0)
+            bar.update(tasks[phase], completed=min(1.0, done))
+
+        r = run(
+            settings, sites=args.sites, meters=args.meters, steps=args.steps, rounds=args.rounds,
+            latency_s=args.latency_seconds, log_dir=settings.stack.state_dir / "bench-ingest",
+            progress=progress,
+        )  # fmt: skip
+    batch = args.meters * args.steps
+    print(f"{r.readings:,} readings from {args.sites} gateways × {args.meters} meters,"
+          f" {batch:,} per MQTT batch")  # fmt: skip
+    print(f"raw binary COPY into readings {r.copy_s:8.2f} s {r.copy_rate:>12,.0f} readings/s")
+    print(f"end to end (MQTT→DB commit)   {r.e2e_s:8.2f} s {r.e2e_rate:>12,.0f} readings/s")
+    print(f"end to end is {r.ratio:.2f}x raw COPY (goal >= 0.5)")
+    print(
+        f"latency reading ts → ingested_at at {r.latency_rate:,.0f} readings/s ({r.latency_readings:,}):"
+        f" p50 {r.p50_s * 1e3:.0f} ms, p99 {r.p99_s * 1e3:.0f} ms"
+    )
+    return 0
 
 
 def _migrate(args: Any) -> int:

@@ -1,0 +1,233 @@
+"""``scopemeter bench ingest``: end-to-end ingest next to raw binary COPY, measured in one run.
+
+The bridge and the writer run as real ``scopemeter ingest`` processes on their own Kafka topics,
+consumer group, MQTT share group and client ids (a running stack's processes never see the load).
+The same rows are first COPYed straight into ``readings`` (then deleted again): the ceiling.
+Then the load generator publishes them over MQTT as fast as it can, and the clock stops when the
+writer's ``scopemeter_writer_rows_total{outcome="inserted"}`` (scraped from its /metrics) has
+counted them all. Last, a paced phase at a fraction of that rate measures the latency from each
+reading's timestamp (the wall time it was published) to ``ingested_at`` — the start of the
+writer's transaction, so the commit itself (see ``scopemeter_writer_commit_seconds``) is not in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingest.loadgen import Fleet, LoadGenerator, forget_session
+from ingest.writer import _COLS, _TYPES
+from ops.errors import UserError
+from ops.pipeline import _Proc, settings_env
+from ops.procs import free_port
+from ops.settings import Settings
+from ops.stack import ensure_topics_async
+
+Progress = Callable[[str, float], None]  # (phase, fraction done)
+
+
+@dataclass(frozen=True)
+class IngestBenchResult:
+    readings: int
+    copy_s: float
+    e2e_s: float
+    latency_readings: int
+    latency_rate: float
+    p50_s: float
+    p99_s: float
+
+    @property
+    def copy_rate(self) -> float:
+        return self.readings / self.copy_s
+
+    @property
+    def e2e_rate(self) -> float:
+        return self.readings / self.e2e_s
+
+    @property
+    def ratio(self) -> float:
+        return self.e2e_rate / self.copy_rate
+
+
+def lane_settings(settings: Settings, tag: str) -> Settings:
+    """Private topics, group and share group: the run can neither see nor disturb other traffic."""
+    kafka = settings.kafka.model_copy(
+        update={
+            "readings_topic": f"readings-{tag}",
+            "dlq_topic": f"dlq-{tag}",
+            "committed_topic": f"committed-{tag}",
+            "writer_group": f"writer-{tag}",
+        }
+    )
+    mqtt = settings.mqtt.model_copy(update={"share_group": f"ingest-{tag}"})
+    return settings.model_copy(update={"kafka": kafka, "mqtt": mqtt})
+
+
+def scrape(port: int, name: str, **labels: str) -> float:
+    """One sample of a process's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def wait_inserted(
+    port: int, want: float, proc: _Proc, timeout: float, progress: Callable[[float], None] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = scrape(port, "scopemeter_writer_rows_total", outcome="inserted")
+        except OSError:
+            got = 0.0
+        if progress is not None:
+            progress(got)
+        if got >= want:
+            return
+        if proc.popen.poll() is not None:
+            raise UserError(f"the writer exited ({proc.popen.returncode}); see {proc.log_path}")
+        if time.monotonic() > deadline:
+            raise UserError(f"the writer inserted {got:.0f} of {want:.0f} rows in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def raw_copy_seconds(dsn: str, rows: list[tuple[str, str, datetime, float, int, str, str, int]]) -> float:
+    """Binary COPY of ``rows`` straight into ``readings`` and commit, timed; then deleted again."""
+    with psycopg.connect(dsn) as conn:
+        t_min = min(r[2] for r in rows)
+        t_max = max(r[2] for r in rows)
+        conn.execute("SELECT scopemeter_ensure_partitions(%s, %s)", (t_min, t_max))
+        conn.commit()
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(f"COPY readings ({_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(list(_TYPES))
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+        elapsed = time.perf_counter() - started
+        meters = sorted({r[0] for r in rows})
+        conn.execute(
+            "DELETE FROM readings WHERE meter_id = ANY(%s) AND ts BETWEEN %s AND %s", (meters, t_min, t_max)
+        )
+        conn.commit()
+    return elapsed
+
+
+def run(
+    settings: Settings,
+    *,
+    sites: int,
+    meters: int,
+    steps: int,
+    rounds: int,
+    latency_s: float,
+    latency_fraction: float = 0.5,
+    log_dir: Path,
+    progress: Progress = lambda _phase, _done: None,
+    timeout: float = 300.0,
+) -> IngestBenchResult:
+    tag = f"bench-{uuid.uuid4().hex[:10]}"
+    s = lane_settings(settings, tag)
+    asyncio.run(ensure_topics_async(s.kafka))
+    fleet = Fleet(tag.replace("-", ""), sites, meters)
+    gen = LoadGenerator(s, fleet, steps=steps, spacing=timedelta(milliseconds=1))
+    env = settings_env(s)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    bridge_port, writer_port = free_port(), free_port()
+    bridge_id = f"{tag}-bridge"
+    procs: list[_Proc] = []
+    try:
+        writer = _Proc("bench-writer", ["ingest", "writer", "--metrics-port", str(writer_port)], env, log_dir)
+        procs.append(writer)
+        bridge = _Proc(
+            "bench-bridge",
+            ["ingest", "bridge", "--metrics-port", str(bridge_port), "--client-id", bridge_id],
+            env, log_dir,
+        )  # fmt: skip
+        procs.append(bridge)
+        bridge.wait_event("bridge.ready", 60)
+        gen.connect()
+
+        # Warm-up: processes joined, partitions created, code paths hot; not timed.
+        now = datetime.now(UTC).replace(microsecond=0)
+        base = now - timedelta(hours=2)
+        gen.publish_round(base - timedelta(minutes=30))
+        wait_inserted(writer_port, gen.total, writer, timeout)
+        progress("warm-up", 1.0)
+
+        # The ceiling: the same rows the load phase will publish, COPYed straight into readings.
+        span = steps * gen.spacing
+        starts = [base + r * span for r in range(rounds)]
+        first = len(gen.rounds)
+        rows = [row for r, start in enumerate(starts) for row in gen.rows(first + r, start)]
+        copy_s = raw_copy_seconds(s.db.dsn, rows)
+        n = len(rows)
+        del rows
+        progress("raw COPY", 1.0)
+
+        # Sustained end to end: publish everything, stop the clock when the writer has it all.
+        encoded = []
+        for r, start in enumerate(starts):
+            encoded.append(gen.encode_round(start))
+            progress("encode", (r + 1) / rounds)
+        warm = gen.total
+        started = time.perf_counter()
+        for start, payloads in zip(starts, encoded, strict=True):
+            gen.publish_round(start, payloads)
+        wait_inserted(writer_port, warm + n, writer, timeout,
+                      lambda got: progress("end to end", (got - warm) / n))  # fmt: skip
+        e2e_s = time.perf_counter() - started
+
+        # Latency at a sustainable pace: timestamps are the wall clock when published.
+        rate = latency_fraction * n / e2e_s
+        pause = gen.readings_per_round / rate
+        latency_from = datetime.now(UTC)
+        before = gen.total
+        paced_until = time.monotonic() + latency_s
+        last = latency_from
+        while time.monotonic() < paced_until:
+            t = time.monotonic()
+            stamp = max(datetime.now(UTC), last + span)
+            last = stamp
+            gen.publish_round(stamp)
+            progress("latency", 1 - max(0.0, paced_until - time.monotonic()) / latency_s)
+            time.sleep(max(0.0, pause - (time.monotonic() - t)))
+        wait_inserted(writer_port, gen.total, writer, timeout)
+        with psycopg.connect(s.db.dsn) as conn:
+            lat = [
+                float(x)
+                for (x,) in conn.execute(
+                    "SELECT extract(epoch FROM ingested_at - ts) FROM readings"
+                    " WHERE meter_id LIKE %s AND ts >= %s",
+                    (fleet.prefix + "-%", latency_from),
+                )
+            ]
+            in_db = conn.execute(
+                "SELECT count(*) FROM readings WHERE meter_id LIKE %s", (fleet.prefix + "-%",)
+            ).fetchone()
+            conn.execute("DELETE FROM readings WHERE meter_id LIKE %s", (fleet.prefix + "-%",))
+        if in_db is None or in_db[0] != gen.total or len(lat) != gen.total - before:
+            raise UserError(f"expected {gen.total} rows, found {in_db}: see {log_dir}")
+        q = statistics.quantiles(lat, n=100, method="inclusive")
+        return IngestBenchResult(
+            readings=n, copy_s=copy_s, e2e_s=e2e_s, latency_readings=len(lat),
+            latency_rate=rate, p50_s=q[49], p99_s=q[98],
+        )  # fmt: skip
+    finally:
+        gen.close()
+        for p in reversed(procs):
+            p.stop()
+        forget_session(s, bridge_id)
