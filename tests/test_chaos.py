@@ -73,14 +73,17 @@ class Supervised:
                 code = self.proc.popen.poll()
                 if code is not None and not self._stopping.is_set():
                     self.exits.append(code)
+                    self.proc.stop()
                     self.proc = self._start()
 
     def kill(self) -> None:
-        """SIGKILL the running instance; the watcher starts the next one."""
+        """SIGKILL the running instance and start the next one, as the watcher would."""
         with self._lock:
             assert self.proc.popen.poll() is None, f"{self.name} was not running when killed"
             self.proc.popen.kill()
             self.kills.append(self.proc.popen.wait())
+            self.proc.stop()  # closes its log
+            self.proc = self._start()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from edge.wire import Batch, readings_topic
 from ingest.dlq import DeadLetter, Reason
 from ingest.validate import MAX_PAYLOAD_BYTES, classify
+from ops.settings import IngestSettings
 from tests.helpers import make_batch
 
 TOPIC = readings_topic("acme-electronics", "sz-plant-1", "gw-sz1-01")
@@ -67,3 +69,93 @@ json_values = st.recursive(
 def test_fuzz_never_raises(payload: bytes) -> None:
     decided = classify(TOPIC, payload)
     assert isinstance(decided, Batch | DeadLetter)
+
+
+# --- plausibility of timestamps -------------------------------------------------------------------
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+
+def test_implausible_timestamps_go_to_the_dlq_with_their_reason() -> None:
+    limits = IngestSettings(max_future_s=86_400, max_age_s=400 * 86_400)
+    ok = [NOW - timedelta(days=399), NOW, NOW + timedelta(hours=23)]
+    bad = [NOW + timedelta(days=1, seconds=1), NOW - timedelta(days=401), datetime(2099, 1, 1, tzinfo=UTC)]
+    for ts in ok:
+        assert isinstance(classify(TOPIC, make_batch(0, start=ts).encode(), now=NOW, limits=limits), Batch)
+    for ts in bad:
+        decided = classify(TOPIC, make_batch(0, start=ts).encode(), now=NOW, limits=limits)
+        assert isinstance(decided, DeadLetter) and decided.reason is Reason.IMPLAUSIBLE_TIMESTAMP, ts
+    # One bad reading taints its batch; the window is configurable.
+    mixed = json.loads(make_batch(0, start=NOW).encode())
+    mixed["readings"][-1]["ts"] = "2027-06-01T00:00:00Z"
+    decided = classify(TOPIC, json.dumps(mixed).encode(), now=NOW, limits=limits)
+    assert isinstance(decided, DeadLetter) and decided.reason is Reason.IMPLAUSIBLE_TIMESTAMP
+    wide = IngestSettings(max_future_s=400 * 86_400)
+    assert isinstance(classify(TOPIC, json.dumps(mixed).encode(), now=NOW, limits=wide), Batch)
+
+
+# --- structured hostile payloads ------------------------------------------------------------------
+
+VALID = json.loads(make_batch(0, start=NOW - timedelta(hours=1)).encode())
+BATCH_FIELDS = ["v", "supplier", "site", "gateway", "seq", "sent_at", "readings"]
+READING_FIELDS = ["meter_id", "quantity", "ts", "value", "quality"]
+# No field of the contract accepts any of these, in lax mode or not.
+wrong_types = (
+    st.none()
+    | st.lists(st.integers(), max_size=3)
+    | st.dictionaries(st.text(max_size=3), st.none(), max_size=2)
+)
+hostile_ids = st.sampled_from(
+    ["a/b", "+", "#", "../x", "x\u0000y", "x" * 65, "", " site", "s\u00e9te", "site\u202e", "\U0001f525",
+     "$SYS", "a/#", "site\n"]
+)
+
+
+def _deep(depth: int) -> bytes:
+    return ("[" * depth + "]" * depth).encode()
+
+
+@st.composite
+def hostile_payloads(draw: st.DrawFn) -> bytes:
+    """A payload that must be refused: a valid batch with one field broken, or structural abuse."""
+    raw = json.loads(json.dumps(VALID))
+    kind = draw(st.sampled_from(["batch_type", "reading_type", "id", "missing", "extra", "huge", "deep",
+                                 "number", "bytes"]))  # fmt: skip
+    if kind == "batch_type":
+        raw[draw(st.sampled_from(BATCH_FIELDS))] = draw(wrong_types)
+    elif kind == "reading_type":
+        reading = raw["readings"][draw(st.integers(0, len(raw["readings"]) - 1))]
+        reading[draw(st.sampled_from(READING_FIELDS))] = draw(wrong_types)
+    elif kind == "id":
+        field = draw(st.sampled_from(["supplier", "site", "gateway", "meter_id"]))
+        target = raw["readings"][0] if field == "meter_id" else raw
+        target[field] = draw(hostile_ids)
+    elif kind == "missing":
+        del raw[draw(st.sampled_from(BATCH_FIELDS[1:]))]
+    elif kind == "extra":
+        raw[draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in raw))] = draw(st.integers())
+    elif kind == "huge":
+        raw["readings"] = raw["readings"][:1] * (10_001)
+    elif kind == "deep":
+        return _deep(draw(st.integers(100, 100_000)))
+    elif kind == "number":
+        token = draw(st.sampled_from(["1e999", "-1e999", "NaN", "0x10", "1_0"]))  # not JSON numbers
+        raw["readings"][0]["value"] = "@@"
+        return json.dumps(raw).replace('"@@"', token).encode()
+    else:
+        return draw(st.binary(min_size=1, max_size=200)).replace(b"{", b"\xff")
+    return json.dumps(raw, ensure_ascii=draw(st.booleans())).encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=hostile_payloads())
+def test_fuzz_hostile_payloads_all_land_in_the_dlq(payload: bytes) -> None:
+    decided = classify(TOPIC, payload, now=NOW)
+    assert isinstance(decided, DeadLetter)
+    assert decided.payload() == payload  # kept byte for byte
+    DeadLetter.model_validate_json(decided.encode())  # and the letter itself always encodes
+
+
+def test_the_valid_template_is_accepted() -> None:
+    """The fuzz above breaks exactly one thing of this batch: the batch itself must be fine."""
+    assert isinstance(classify(TOPIC, json.dumps(VALID).encode(), now=NOW), Batch)
