@@ -196,3 +196,16 @@ def test_kill_is_a_crash_and_start_again_works(tmp_path: Path) -> None:
         assert again.pid != pid and probe_kafka("127.0.0.1", port) is PortState.SPEAKS
     finally:
         again.stop()
+
+
+def test_multi_line_extra_config_starts_a_broker_with_every_line(tmp_path: Path) -> None:
+    """TLS listeners and ACLs arrive as several lines of extra config: each must land once, as
+    configuration (a placeholder inside a comment once swallowed all but the first line)."""
+    second = free_port()
+    extra = f"listener {second} 127.0.0.1\nallow_anonymous true"
+    assert stack.render_mosquitto_conf("127.0.0.1", 1, tmp_path, extra).count(f"listener {second}") == 1
+    proc = stack.start_mosquitto(free_port(), tmp_path, extra_conf=extra)
+    try:
+        assert probe_mqtt("127.0.0.1", second) is PortState.SPEAKS
+    finally:
+        proc.stop()
