@@ -29,7 +29,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.clock import ClockCheck, measure_http_offset, now_ms, wall_seconds_until
@@ -37,6 +36,7 @@ from edge.config import EdgeConfig, load_device_maps
 from edge.counters import CounterGuard
 from edge.devices import DeviceMap
 from edge.modbus import ModbusPoller
+from edge.mqtt_client import new_client
 from edge.outbox import Outbox
 from edge.wire import Batch, Quality, Reading, readings_topic, status_topic
 from ops import metrics
@@ -73,22 +73,8 @@ def make_client(
     mqtt_settings: MqttSettings, config: EdgeConfig, backoff: Backoff | None = None
 ) -> mqtt.Client:
     """A paho client with the gateway's persistent session and its last will."""
-    s = mqtt_settings
-    # The gateway id is the client id: a persistent session (clean_session False) survives restarts.
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=config.gateway,
-        clean_session=False,
-        protocol=mqtt.MQTTv311,
-    )
-    if s.username:
-        client.username_pw_set(s.username, s.password)
-    if s.tls:
-        client.tls_set(
-            ca_certs=str(s.ca_file) if s.ca_file else None,
-            certfile=str(s.cert_file) if s.cert_file else None,
-            keyfile=str(s.key_file) if s.key_file else None,
-        )
+    # The gateway id is the client id: a persistent session survives restarts.
+    client = new_client(mqtt_settings, config.gateway)
     client.will_set(
         status_topic(config.supplier, config.site, config.gateway),
         json.dumps({"gateway": config.gateway, "state": "offline", "reason": "connection lost"}),

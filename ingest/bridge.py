@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge.mqtt_client import new_client
 from edge.wire import READINGS_SUBSCRIPTION, Batch
 from ingest.validate import classify
 from ops import metrics
@@ -49,21 +49,7 @@ class Incoming:
 
 def make_mqtt_client(settings: Settings, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
     """A paho client configured from settings (credentials, TLS); the caller connects it."""
-    s = settings.mqtt
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        clean_session=False,
-        manual_ack=manual_ack,
-    )
-    if s.username:
-        client.username_pw_set(s.username, s.password)
-    if s.tls:
-        client.tls_set(
-            ca_certs=str(s.ca_file) if s.ca_file else None,
-            certfile=str(s.cert_file) if s.cert_file else None,
-            keyfile=str(s.key_file) if s.key_file else None,
-        )
+    client = new_client(settings.mqtt, client_id, manual_ack=manual_ack)
     # Many in-flight messages keep the pipe full while Kafka acks arrive.
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
