@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _load(path: Path):  # type: ignore[no-untyped-def]
-    from edge.config import EdgeConfigError, load_device_maps, load_edge_config
+    from edge.config import EdgeConfigError, check_transports, load_device_maps, load_edge_config
     from ops.errors import UserError
     from ops.settings import Settings
 
@@ -38,6 +38,7 @@ def _load(path: Path):  # type: ignore[no-untyped-def]
     try:
         config = load_edge_config(path)
         maps = load_device_maps(config, settings.config_dir)
+        check_transports(config)
     except EdgeConfigError as exc:
         raise UserError(str(exc)) from None
     return settings, config, maps

@@ -17,7 +17,10 @@ DEFAULT_QUANTITIES = (Quantity.ENERGY_IMPORT_KWH, Quantity.POWER_W)
 
 # tcp: Modbus TCP (MBAP framing).  rtu_over_tcp: RTU frames (with CRC) over a TCP socket -- what a
 # transparent RS485-to-Ethernet converter (USR-TCP232, Moxa NPort in TCP server mode) speaks.
-Transport = Literal["tcp", "rtu_over_tcp"]
+# rtu: RTU frames on the gateway's own serial line (a USB-RS485 adapter, /dev/ttyUSB0); needs pyserial.
+Transport = Literal["tcp", "rtu_over_tcp", "rtu"]
+SERIAL_FIELDS = ("serial_port", "baudrate", "parity", "stopbits", "bytesize")
+BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 
 
 class EdgeMeter(BaseModel):
@@ -26,9 +29,15 @@ class EdgeMeter(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: Ident
-    host: str
+    host: str | None = None  # tcp and rtu_over_tcp
     port: Annotated[int, Field(ge=1, le=65535)] = 502
     transport: Transport = "tcp"
+    # rtu: the serial line.  Meters on one line share all of these (one bus, one speed).
+    serial_port: Annotated[str, Field(min_length=1)] | None = None  # /dev/ttyUSB0, /dev/ttyS1
+    baudrate: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
     unit_id: Annotated[int, Field(ge=0, le=255)]
     model: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
     quantities: tuple[Quantity, ...] | None = None  # None: the gateway's default
@@ -40,6 +49,37 @@ class EdgeMeter(BaseModel):
     retries: Annotated[int, Field(ge=0, le=10)] | None = None
     # Largest plausible active power (primary side); enables spike detection when set.
     max_power_w: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> EdgeMeter:
+        if self.transport == "rtu":
+            if self.serial_port is None:
+                raise ValueError(
+                    f'meter {self.id}: transport "rtu" needs serial_port (the RS485 line, e.g. /dev/ttyUSB0)'
+                )
+            if self.host is not None or "port" in self.model_fields_set:
+                raise ValueError(
+                    f'meter {self.id}: host and port are for tcp transports; transport "rtu" uses serial_port'
+                )
+            if self.baudrate not in BAUDRATES:
+                rates = ", ".join(map(str, BAUDRATES))
+                raise ValueError(f"meter {self.id}: baudrate {self.baudrate} is not one of {rates}")
+        else:
+            if self.host is None:
+                raise ValueError(f'meter {self.id}: transport "{self.transport}" needs host')
+            if serial := sorted(set(SERIAL_FIELDS) & self.model_fields_set):
+                names = ", ".join(serial)
+                raise ValueError(f'meter {self.id}: {names} need transport = "rtu" (not "{self.transport}")')
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """Where the meter's connection goes: meters with the same endpoint share it."""
+        return self.serial_port if self.transport == "rtu" else f"{self.host}:{self.port}"  # type: ignore[return-value]
+
+    @property
+    def serial_settings(self) -> tuple[int, str, int, int]:
+        return (self.baudrate, self.parity, self.stopbits, self.bytesize)
 
     @property
     def ratio(self) -> float:
@@ -85,12 +125,17 @@ class EdgeConfig(BaseModel):
         ids = [m.id for m in self.meters]
         if dupes := sorted({i for i in ids if ids.count(i) > 1}):
             raise ValueError(f"meter ids must be unique; repeated: {', '.join(dupes)}")
-        transports: dict[tuple[str, int], str] = {}
+        transports: dict[str, str] = {}
+        lines: dict[str, tuple[int, str, int, int]] = {}
         for m in self.meters:
-            if transports.setdefault((m.host, m.port), m.transport) != m.transport:
-                raise ValueError(f"meters on {m.host}:{m.port} must share one transport")
-        units = [(m.host, m.port, m.unit_id) for m in self.meters]
-        if dupes_u := sorted({f"{h}:{p}/{u}" for h, p, u in units if units.count((h, p, u)) > 1}):
+            if transports.setdefault(m.endpoint, m.transport) != m.transport:
+                raise ValueError(f"meters on {m.endpoint} must share one transport")
+            if m.transport == "rtu" and lines.setdefault(m.endpoint, m.serial_settings) != m.serial_settings:
+                raise ValueError(
+                    f"meters on serial line {m.endpoint} must share baudrate, parity, stopbits and bytesize"
+                )
+        units = [(m.endpoint, m.unit_id) for m in self.meters]
+        if dupes_u := sorted({f"{e}/{u}" for e, u in units if units.count((e, u)) > 1}):
             raise ValueError(f"two meters share an endpoint and unit id: {', '.join(dupes_u)}")
         return self
 
@@ -122,6 +167,17 @@ def load_edge_config(path: Path) -> EdgeConfig:
         return EdgeConfig.model_validate(data)
     except ValidationError as exc:
         raise EdgeConfigError(f"{path}: {format_validation_error(exc)}") from None
+
+
+def check_transports(config: EdgeConfig) -> None:
+    """What the gateway must have installed for the config's transports."""
+    if any(m.transport == "rtu" for m in config.meters):
+        try:
+            import serial  # noqa: F401
+        except ImportError:
+            raise EdgeConfigError(
+                'transport "rtu" needs pyserial on the gateway: pip install "scopemeter[edge]"'
+            ) from None
 
 
 def load_device_maps(config: EdgeConfig, config_dir: Path) -> dict[str, DeviceMap]:

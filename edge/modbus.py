@@ -1,4 +1,4 @@
-"""Polling Modbus meters (TCP, or RTU frames over TCP) into wire readings.
+"""Polling Modbus meters (TCP, RTU frames over TCP, or RTU on a serial line) into wire readings.
 
 Each meter's wanted values are read in as few requests as possible (contiguous blocks within the
 device's per-request limit), decoded with the device's register map, scaled by the meter's CT/PT
@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import termios
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from pymodbus import FramerType
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from edge.clock import now_ms
@@ -38,6 +39,7 @@ MAX_GAP_REGISTERS = 32
 # A map register with this name is read with the values: a changed serial means a new meter.
 SERIAL_REGISTER = "serial_number"
 _FRAMERS: dict[Transport, FramerType] = {"tcp": FramerType.SOCKET, "rtu_over_tcp": FramerType.RTU}
+Client = AsyncModbusTcpClient | AsyncModbusSerialClient
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ class ModbusPoller:
     ) -> None:
         self.clock = clock
         self.guard = guard if guard is not None else CounterGuard()
-        self._endpoints: dict[tuple[str, int], list[MeterPlan]] = {}
-        self._transport: dict[tuple[str, int], Transport] = {}
+        self._endpoints: dict[str, list[MeterPlan]] = {}
+        self._first: dict[str, EdgeMeter] = {}  # how to connect: meters of an endpoint agree on it
         for meter in config.meters:
             device = maps[meter.model].on_wire()
             by_q = device.by_quantity()
@@ -128,9 +130,9 @@ class ModbusPoller:
                 config.timeout_of(meter),
                 config.retries_of(meter),
             )
-            self._endpoints.setdefault((meter.host, meter.port), []).append(plan)
-            self._transport[(meter.host, meter.port)] = meter.transport
-        self._clients: dict[tuple[str, int], AsyncModbusTcpClient] = {}
+            self._endpoints.setdefault(meter.endpoint, []).append(plan)
+            self._first.setdefault(meter.endpoint, meter)
+        self._clients: dict[str, Client] = {}
 
     async def poll(self) -> PollResult:
         results = await asyncio.gather(
@@ -143,26 +145,44 @@ class ModbusPoller:
             out.errors.update(r.errors)
         return out
 
-    async def _client(self, endpoint: tuple[str, int], timeout_s: float) -> AsyncModbusTcpClient:
+    async def _client(self, endpoint: str, timeout_s: float) -> Client:
         client = self._clients.get(endpoint)
         if client is None:
             # No background reconnects: the next poll reconnects, so a dead endpoint costs one timeout.
-            client = AsyncModbusTcpClient(
-                endpoint[0],
-                port=endpoint[1],
-                framer=_FRAMERS[self._transport[endpoint]],
-                timeout=timeout_s,
-                retries=0,
-                reconnect_delay=0,
+            m = self._first[endpoint]
+            client = (
+                AsyncModbusSerialClient(
+                    endpoint,
+                    framer=FramerType.RTU,
+                    baudrate=m.baudrate,
+                    parity=m.parity,
+                    stopbits=m.stopbits,
+                    bytesize=m.bytesize,
+                    timeout=timeout_s,
+                    retries=0,
+                    reconnect_delay=0,
+                )
+                if m.transport == "rtu"
+                else AsyncModbusTcpClient(
+                    str(m.host),
+                    port=m.port,
+                    framer=_FRAMERS[m.transport],
+                    timeout=timeout_s,
+                    retries=0,
+                    reconnect_delay=0,
+                )
             )
             self._clients[endpoint] = client
         if not client.connected:
-            await client.connect()
+            try:
+                await client.connect()
+            except termios.error as exc:  # a serial device refusing the line settings
+                raise OSError(f"cannot configure {endpoint}: {exc}") from None
             if not client.connected:
-                raise ConnectionError(f"cannot connect to {endpoint[0]}:{endpoint[1]}")
+                raise ConnectionError(f"cannot connect to {endpoint}")
         return client
 
-    async def _poll_endpoint(self, endpoint: tuple[str, int], plans: list[MeterPlan]) -> PollResult:
+    async def _poll_endpoint(self, endpoint: str, plans: list[MeterPlan]) -> PollResult:
         out = PollResult()
         for plan in plans:
             try:
@@ -170,7 +190,7 @@ class ModbusPoller:
                 _set_limits(client, plan.timeout_s, plan.retries)
                 out.readings.extend(await self._read_meter(client, plan, out))
             except (ModbusException, OSError, ValueError) as exc:
-                log.warning("meter %s (%s:%d unit %d): %s", plan.meter.id, *endpoint, plan.meter.unit_id, exc)
+                log.warning("meter %s (%s unit %d): %s", plan.meter.id, endpoint, plan.meter.unit_id, exc)
                 out.failed_meters.append(plan.meter.id)
                 out.errors[_error_kind(exc)] += 1
                 if endpoint in self._clients and not self._clients[endpoint].connected:
@@ -178,7 +198,7 @@ class ModbusPoller:
         return out
 
     async def _read_meter(
-        self, client: AsyncModbusTcpClient, plan: MeterPlan, out: PollResult
+        self, client: Client, plan: MeterPlan, out: PollResult
     ) -> list[Reading]:
         values: dict[Register, float] = {}
         unit = plan.meter.unit_id
@@ -269,7 +289,7 @@ def _error_kind(exc: Exception) -> str:
     return "decode"
 
 
-def _set_limits(client: AsyncModbusTcpClient, timeout_s: float, retries: int) -> None:
+def _set_limits(client: Client, timeout_s: float, retries: int) -> None:
     """Per-meter response timeout and retries on the endpoint's shared connection.
 
     pymodbus keeps both on the client's transaction manager; meters of one endpoint are polled one

@@ -21,6 +21,13 @@ class ServerConfig(BaseModel):
     port: Annotated[int, Field(ge=0, le=65535)] = 15020  # 0: any free port (reported on start)
     # socket: Modbus TCP.  rtu: RTU frames over TCP, like an RS485-to-Ethernet converter.
     framer: Literal["socket", "rtu"] = "socket"
+    # Set: serve RTU on this serial device instead of TCP (host and port unused), like meters on
+    # an RS485 line; one end of a simulators.nullmodem.NullModem for tests.  Needs pyserial.
+    serial_port: Annotated[str, Field(min_length=1)] | None = None
+    baudrate: Annotated[int, Field(gt=0)] = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
 
 
 class SimMeter(BaseModel):

@@ -6,7 +6,8 @@ config/devices: register names are shared across maps).  The import counter is `
 energy since the simulation origin``: exactly the profile's ground truth, so tests and the demo
 can check what reached the database against ``loadprofile.energy_kwh``.  Counters are served
 modulo the register's rollover, and configured faults (simulators/faults.py) change what is
-served.  The server speaks Modbus TCP or RTU frames over TCP (``[server].framer``).
+served.  The server speaks Modbus TCP or RTU frames over TCP (``[server].framer``), or RTU on a
+serial device (``[server].serial_port``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +24,7 @@ from pathlib import Path
 from pymodbus import FramerType
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import NoSuchIdException
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType as SimDataType
 from pymodbus.simulator import SimData, SimDevice
 
@@ -166,11 +168,14 @@ def _spans(registers: tuple[Register, ...], gap: int = 256) -> list[tuple[int, i
     return spans
 
 
-def _absent_units() -> SimDevice:
+def _absent_units(serial: bool = False) -> SimDevice:
     """Catch-all for unit ids with no meter: answer like a TCP/RTU gateway whose RS485 device is
-    silent (exception 0x0B).  pymodbus 3.16 would otherwise fail with an internal KeyError."""
+    silent (exception 0x0B); on a serial line nobody answers at all.  pymodbus 3.16 would otherwise
+    fail with an internal KeyError."""
 
     async def no_response(*_args: object) -> ExcCodes:
+        if serial:
+            raise NoSuchIdException("no meter with this unit id on the line")
         return ExcCodes.GATEWAY_NO_RESPONSE
 
     block = SimData(address=0, count=0xFFFF, values=0, datatype=SimDataType.REGISTERS)
@@ -181,11 +186,12 @@ def _absent_units() -> SimDevice:
 class RunningSimulator:
     """A started simulator: where it listens and how to stop it."""
 
-    server: ModbusTcpServer
+    server: ModbusTcpServer | ModbusSerialServer
     host: str
     port: int
     meters: dict[str, SimulatedMeter]
     origin: datetime
+    serial_port: str | None = None  # set when serving RTU on a serial device (host/port unused)
 
     async def stop(self) -> None:
         await self.server.shutdown()  # type: ignore[no-untyped-call]
@@ -216,6 +222,24 @@ async def start_simulator(
         devices.append(_device(meter.unit_id, sim, clock))
     host = host if host is not None else config.server.host
     port = port if port is not None else config.server.port
+    srv = config.server
+    if srv.serial_port is not None:
+        serial_server = ModbusSerialServer(
+            [*devices, _absent_units(serial=True)],
+            framer=FramerType.RTU,
+            port=srv.serial_port,
+            baudrate=srv.baudrate,
+            parity=srv.parity,
+            stopbits=srv.stopbits,
+            bytesize=srv.bytesize,
+            ignore_missing_devices=True,
+        )
+        try:
+            await serial_server.serve_forever(background=True)
+        except (RuntimeError, termios.error) as exc:  # no such device, or settings it refuses
+            raise OSError(f"cannot open serial port {srv.serial_port}: {exc}") from None
+        log.info("simulator serving RTU on %s with %d meters", srv.serial_port, len(meters))
+        return RunningSimulator(serial_server, host, 0, meters, origin, serial_port=srv.serial_port)
     framer = FramerType.RTU if config.server.framer == "rtu" else FramerType.SOCKET
     # ignore_missing_devices: a simulated timeout raises NoSuchIdException and gets no answer.
     server = ModbusTcpServer(
