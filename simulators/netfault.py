@@ -11,7 +11,6 @@ broker-outage`` runs it as a process.  Only the standard library: no broker-spec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -42,6 +41,12 @@ class FaultProxy:
 
     async def cut(self) -> int:
         """Refuse new connections and drop every open one; returns how many were dropped."""
+        self.outages += 1
+        dropped = await self._close()
+        self.dropped += dropped
+        return dropped
+
+    async def _close(self) -> int:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -51,20 +56,14 @@ class FaultProxy:
             dropped += 1
             writer.transport.abort()  # RST, no graceful close: like a dead link or broker
         self._open.clear()
-        self.dropped += dropped // 2
-        self.outages += 1
         return dropped // 2  # two sockets (agent side, broker side) per connection
 
     async def restore(self) -> None:
         await self.start()
 
     async def stop(self) -> None:
-        await self.cut()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._close()  # every pipe sees its sockets closed and ends
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def outage_schedule(
         self,
