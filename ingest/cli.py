@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Any
 
@@ -87,9 +88,14 @@ def _bench(args: Any) -> int:
 
     if min(args.sites, args.meters, args.steps, args.rounds) < 1 or args.latency_seconds <= 0:
         raise UserError("--sites, --meters, --steps, --rounds >= 1 and --latency-seconds > 0 are required")
+    from ops import stack
+
     settings = Settings()
+    started = stack.up(settings).started  # brokers, database and schema, as for the demo
     columns = (TextColumn("{task.description:<12}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as bar:
+    with contextlib.ExitStack() as cleanup, Progress(*columns, transient=True) as bar:
+        if started:
+            cleanup.callback(stack.down, settings)
         tasks: dict[str, Any] = {}
 
         def progress(phase: str, done: float) -> None:
