@@ -123,8 +123,10 @@ async def run_bridge(
     def acked(item: Incoming, fut: asyncio.Future[object]) -> None:
         in_flight.discard((item.connection, item.mid))
         metrics.BRIDGE_IN_FLIGHT.set(len(in_flight))
-        if fut.cancelled() or fut.exception() is not None:
-            failure.append(fut.exception() or asyncio.CancelledError())
+        # fut.exception() itself raises on a cancelled future, so cancellation is asked first.
+        error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if error is not None:
+            failure.append(error)  # not acked: Mosquitto redelivers after the restart
             return
         if item.qos > 0 and item.connection == connection[0]:
             client.ack(item.mid, item.qos)
