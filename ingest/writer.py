@@ -126,7 +126,24 @@ class ReadingStore:
     def close(self) -> None:
         self.conn.close()
 
-    def write(self, rows: Sequence[Row]) -> WriteResult:
+    def write(self, rows: Sequence[Row], attempts: int = 5) -> WriteResult:
+        """Write ``rows`` in one transaction, retried when PostgreSQL picks it as a deadlock victim.
+
+        Rows go in reading-identity order, so writers offering overlapping rows (a replay during a
+        rebalance) wait on each other in one order and rarely deadlock; when they still do, the
+        victim's transaction is rolled back whole and simply runs again."""
+        ordered = sorted(rows, key=_identity)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._write(ordered)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("write attempt %d of %d rolled back (%s); retrying", attempt, attempts, exc)
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _write(self, rows: Sequence[Row]) -> WriteResult:
         result = WriteResult(offered=len(rows))
         if not rows:
             return result
@@ -149,6 +166,10 @@ class ReadingStore:
         result.dirty = dirty_ranges(rows)
         result.newest_ts = t_max
         return result
+
+
+def _identity(row: Row) -> tuple[str, str, datetime]:
+    return row[0], row[1], row[2]
 
 
 def _copy_rows(cur: psycopg.Cursor[tuple[object, ...]], statement: str, rows: Sequence[Row]) -> None:
