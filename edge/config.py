@@ -3,13 +3,13 @@ batches and where its outbox lives."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge.devices import DeviceMap, DeviceMapError, format_validation_error, load_model
+from edge.devices import DeviceMap, DeviceMapError, load_model
+from edge.tomlfile import load_toml_model
 from edge.wire import MAX_READINGS_PER_BATCH, Ident, Quantity
 
 DEFAULT_QUANTITIES = (Quantity.ENERGY_IMPORT_KWH, Quantity.POWER_W)
@@ -157,16 +157,7 @@ class EdgeConfigError(ValueError):
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise EdgeConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise EdgeConfigError(f"{path}: invalid TOML: {exc}") from None
-    try:
-        return EdgeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise EdgeConfigError(f"{path}: {format_validation_error(exc)}") from None
+    return load_toml_model(path, EdgeConfig, EdgeConfigError)
 
 
 def check_transports(config: EdgeConfig) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edge.tomlfile import load_toml_model
 from edge.wire import Quantity
 
 MAX_REGISTERS_PER_READ: Final = 125  # Modbus limit for function codes 3 and 4
@@ -177,16 +177,7 @@ def devices_dir(config_dir: Path) -> Path:
 
 def load_device_map(path: Path) -> DeviceMap:
     """Load and validate one map; every problem is reported as a DeviceMapError naming the file."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise DeviceMapError(f"{path}: no such device map") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DeviceMapError(f"{path}: invalid TOML: {exc}") from None
-    try:
-        device = DeviceMap.model_validate(data)
-    except ValidationError as exc:
-        raise DeviceMapError(f"{path}: {format_validation_error(exc)}") from None
+    device = load_toml_model(path, DeviceMap, DeviceMapError, missing="no such device map")
     if device.model != path.stem:
         raise DeviceMapError(f"{path}: model {device.model!r} does not match the file name")
     return device
@@ -195,11 +186,3 @@ def load_device_map(path: Path) -> DeviceMap:
 def load_model(config_dir: Path, model: str) -> DeviceMap:
     return load_device_map(devices_dir(config_dir) / f"{model}.toml")
 
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem, with the location in the file as a dotted path."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{loc}: {err['msg']}")
-    return "; ".join(lines)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge.devices import format_validation_error
+from edge.tomlfile import load_toml_model
 from edge.wire import Ident
 from simulators.faults import Fault
 from simulators.loadprofile import ProfileSpec
@@ -82,13 +81,4 @@ class SimulationConfigError(ValueError):
 
 def load_simulation(path: Path) -> SimulationConfig:
     """Load and validate; problems are raised as one SimulationConfigError naming the file."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SimulationConfigError(f"{path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SimulationConfigError(f"{path}: invalid TOML: {exc}") from None
-    try:
-        return SimulationConfig.model_validate(data)
-    except ValidationError as exc:
-        raise SimulationConfigError(f"{path}: {format_validation_error(exc)}") from None
+    return load_toml_model(path, SimulationConfig, SimulationConfigError)
