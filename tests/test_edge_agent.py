@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.agent import RunReport, next_tick, run_agent
 from edge.config import EdgeConfig, EdgeConfigError, EdgeMeter, load_device_maps, load_edge_config
 from edge.wire import Batch, Quantity, readings_topic, status_topic
+from ops.procs import free_port
 from ops.settings import REPO_ROOT, ClockSettings, MqttSettings, Settings, StackSettings
 from simulators.config import load_simulation
 from simulators.loadprofile import energy_kwh
@@ -32,12 +32,6 @@ DEMO_SIM = REPO_ROOT / "config/simulation/demo.toml"
 T0 = datetime(2026, 11, 2, 2, tzinfo=UTC)  # 10:00 in Shenzhen
 SPEED = 60.0  # 1 wall second = 1 simulated minute
 INTERVAL_S = 5.0  # simulated: a poll every ~83 ms of wall time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
