@@ -2,7 +2,8 @@
 
 The bridge and the writer run as real ``scopemeter ingest`` processes on their own Kafka topics,
 consumer group, MQTT share group and client ids (a running stack's processes never see the load).
-The same rows are first COPYed straight into ``readings`` (then deleted again): the ceiling.
+The same rows are first COPYed straight into ``readings`` (then deleted again and vacuumed, so
+the next phase meets a clean table): the ceiling.
 Then the load generator publishes them over MQTT as fast as it can, and the clock stops when the
 writer's ``scopemeter_writer_rows_total{outcome="inserted"}`` (scraped from its /metrics) has
 counted them all. Last, a paced phase at a fraction of that rate measures the latency from each
@@ -13,6 +14,8 @@ writer's transaction, so the commit itself (see ``scopemeter_writer_commit_secon
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import statistics
 import time
 import urllib.request
@@ -29,9 +32,9 @@ from ingest.loadgen import Fleet, LoadGenerator, forget_session
 from ingest.writer import _COLS, _TYPES
 from ops.errors import UserError
 from ops.pipeline import _Proc, settings_env
-from ops.procs import free_port
+from ops.procs import cpu_seconds, free_port, listener_pid, machine_cpu_seconds, pids_named
 from ops.settings import Settings
-from ops.stack import ensure_topics_async
+from ops.stack import ensure_topics_async, kafka_address
 
 Progress = Callable[[str, float], None]  # (phase, fraction done)
 
@@ -45,6 +48,8 @@ class IngestBenchResult:
     latency_rate: float
     p50_s: float
     p99_s: float
+    copy_cpu: CpuUse | None = None  # of the raw COPY phase
+    cpu: CpuUse | None = None  # of the end-to-end phase
 
     @property
     def copy_rate(self) -> float:
@@ -57,6 +62,47 @@ class IngestBenchResult:
     @property
     def ratio(self) -> float:
         return self.e2e_rate / self.copy_rate
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds each piece used during a phase, and the machine's busy and total seconds."""
+
+    seconds: dict[str, float]
+    machine_busy: float
+    machine_total: float
+
+
+class CpuMeter:
+    """Per-process CPU over a phase, from /proc: where a 2-core box spends its cycles.
+
+    Processes are grouped by piece; ``postgresql`` is every ``postgres`` process, listed again at
+    the end so backends started during the phase count from zero (one that ends during the phase is
+    missed: the writer's backend lives through it)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.start = self._sample()
+        self.machine = machine_cpu_seconds()
+
+    def _sample(self) -> dict[tuple[str, int], float]:
+        groups = {**self.groups, "postgresql": pids_named("postgres")}
+        return {(name, pid): cpu_seconds(pid) for name, pids in groups.items() for pid in pids}
+
+    def stop(self) -> CpuUse:
+        end = self._sample()
+        busy, total = machine_cpu_seconds()
+        seconds: dict[str, float] = {}
+        for (name, pid), t in end.items():
+            seconds[name] = seconds.get(name, 0.0) + max(0.0, t - self.start.get((name, pid), 0.0))
+        return CpuUse(seconds, busy - self.machine[0], total - self.machine[1])
+
+
+def broker_pids(settings: Settings) -> dict[str, int]:
+    """Mosquitto's and the Kafka broker's pids when they run on this machine (whoever started them)."""
+    ports = {"mosquitto": settings.mqtt.port, "kafka broker": kafka_address(settings.kafka.bootstrap)[1]}
+    found = {name: listener_pid(port) for name, port in ports.items()}
+    return {name: pid for name, pid in found.items() if pid is not None}
 
 
 def lane_settings(settings: Settings, tag: str) -> Settings:
@@ -85,8 +131,15 @@ def scrape(port: int, name: str, **labels: str) -> float:
 
 
 def wait_inserted(
-    port: int, want: float, proc: _Proc, timeout: float, progress: Callable[[float], None] | None = None
+    port: int,
+    want: float,
+    proc: _Proc,
+    timeout: float,
+    progress: Callable[[float], None] | None = None,
+    interval: float = 0.05,
 ) -> None:
+    """Poll the writer's /metrics until it has inserted ``want`` rows. A scrape costs the writer
+    CPU, so a timed phase polls slowly and reads the end time from the writer's own gauge."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -101,16 +154,21 @@ def wait_inserted(
             raise UserError(f"the writer exited ({proc.popen.returncode}); see {proc.log_path}")
         if time.monotonic() > deadline:
             raise UserError(f"the writer inserted {got:.0f} of {want:.0f} rows in {timeout:.0f} s")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
-def raw_copy_seconds(dsn: str, rows: list[tuple[str, str, datetime, float, int, str, str, int]]) -> float:
-    """Binary COPY of ``rows`` straight into ``readings`` and commit, timed; then deleted again."""
+def raw_copy_seconds(
+    dsn: str, rows: list[tuple[str, str, datetime, float, int, str, str, int]]
+) -> tuple[float, CpuUse]:
+    """Binary COPY of ``rows`` straight into ``readings`` and commit, timed; then deleted again.
+    Both phases start on a vacuumed table."""
+    vacuum(dsn)
     with psycopg.connect(dsn) as conn:
         t_min = min(r[2] for r in rows)
         t_max = max(r[2] for r in rows)
         conn.execute("SELECT scopemeter_ensure_partitions(%s, %s)", (t_min, t_max))
         conn.commit()
+        cpu = CpuMeter({"COPY client": [os.getpid()]})
         started = time.perf_counter()
         with conn.cursor() as cur, cur.copy(f"COPY readings ({_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(list(_TYPES))
@@ -118,12 +176,22 @@ def raw_copy_seconds(dsn: str, rows: list[tuple[str, str, datetime, float, int, 
                 copy.write_row(row)
         conn.commit()
         elapsed = time.perf_counter() - started
+        cpu_use = cpu.stop()
         meters = sorted({r[0] for r in rows})
         conn.execute(
             "DELETE FROM readings WHERE meter_id = ANY(%s) AND ts BETWEEN %s AND %s", (meters, t_min, t_max)
         )
         conn.commit()
-    return elapsed
+    vacuum(dsn)
+    return elapsed, cpu_use
+
+
+def vacuum(dsn: str) -> None:
+    """Clear the dead rows a phase left behind. The end-to-end phase inserts the very keys the raw
+    COPY just deleted: without this, every insert checks their dead index entries (measured: a
+    third more PostgreSQL CPU per row), and a next run would pay for this run's leftovers."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM readings")
 
 
 def run(
@@ -173,7 +241,10 @@ def run(
         starts = [base + r * span for r in range(rounds)]
         first = len(gen.rounds)
         rows = [row for r, start in enumerate(starts) for row in gen.rows(first + r, start)]
-        copy_s = raw_copy_seconds(s.db.dsn, rows)
+        rows.sort()  # in identity order, as the writer sends them: PostgreSQL's fastest order
+        gc.freeze()  # the collector would otherwise rescan these rows and slow the COPY client
+        copy_s, copy_cpu = raw_copy_seconds(s.db.dsn, rows)
+        gc.unfreeze()
         n = len(rows)
         del rows
         progress("raw COPY", 1.0)
@@ -184,12 +255,18 @@ def run(
             encoded.append(gen.encode_round(start))
             progress("encode", (r + 1) / rounds)
         warm = gen.total
-        started = time.perf_counter()
+        pieces = {name: [pid] for name, pid in broker_pids(s).items()}
+        cpu = CpuMeter({
+            "load generator": [os.getpid()], "bridge": [bridge.popen.pid], "writer": [writer.popen.pid],
+            **pieces,
+        })  # fmt: skip
+        started = time.time()
         for start, payloads in zip(starts, encoded, strict=True):
             gen.publish_round(start, payloads)
         wait_inserted(writer_port, warm + n, writer, timeout,
-                      lambda got: progress("end to end", (got - warm) / n))  # fmt: skip
-        e2e_s = time.perf_counter() - started
+                      lambda got: progress("end to end", (got - warm) / n), interval=0.5)  # fmt: skip
+        cpu_use = cpu.stop()
+        e2e_s = scrape(writer_port, "scopemeter_writer_last_commit_timestamp_seconds") - started
 
         # Latency at a sustainable pace: timestamps are the wall clock when published.
         rate = latency_fraction * n / e2e_s
@@ -219,12 +296,13 @@ def run(
                 "SELECT count(*) FROM readings WHERE meter_id LIKE %s", (fleet.prefix + "-%",)
             ).fetchone()
             conn.execute("DELETE FROM readings WHERE meter_id LIKE %s", (fleet.prefix + "-%",))
+        vacuum(s.db.dsn)
         if in_db is None or in_db[0] != gen.total or len(lat) != gen.total - before:
             raise UserError(f"expected {gen.total} rows, found {in_db}: see {log_dir}")
         q = statistics.quantiles(lat, n=100, method="inclusive")
         return IngestBenchResult(
             readings=n, copy_s=copy_s, e2e_s=e2e_s, latency_readings=len(lat),
-            latency_rate=rate, p50_s=q[49], p99_s=q[98],
+            latency_rate=rate, p50_s=q[49], p99_s=q[98], copy_cpu=copy_cpu, cpu=cpu_use,
         )  # fmt: skip
     finally:
         gen.close()

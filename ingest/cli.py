@@ -118,6 +118,16 @@ def _bench(args: Any) -> int:
         f"latency reading ts → ingested_at at {r.latency_rate:,.0f} readings/s ({r.latency_readings:,}):"
         f" p50 {r.p50_s * 1e3:.0f} ms, p99 {r.p99_s * 1e3:.0f} ms"
     )
+    for title, cpu, seconds in (("raw COPY", r.copy_cpu, r.copy_s), ("end to end", r.cpu, r.e2e_s)):
+        if cpu is None or cpu.machine_total <= 0:
+            continue
+        per = 100_000 / r.readings
+        print(f"CPU in the {title} phase: machine {cpu.machine_busy / cpu.machine_total:.0%} busy;"
+              " core-seconds per 100k readings:")  # fmt: skip
+        for name, sec in sorted(cpu.seconds.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<15} {sec * per:6.2f}  ({sec / seconds:.0%} of a core)")
+        other = cpu.machine_busy - sum(cpu.seconds.values())
+        print(f"  {'(rest)':<15} {other * per:6.2f}  ({other / seconds:.0%} of a core)")
     return 0
 
 

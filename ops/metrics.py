@@ -92,6 +92,10 @@ BRIDGE_IN_FLIGHT = Gauge(
 WRITER_DECODE_SECONDS = Histogram(
     "scopemeter_writer_decode_seconds", "Kafka records to DB rows, per DB transaction"
 )
+WRITER_LAST_COMMIT = Gauge(
+    "scopemeter_writer_last_commit_timestamp_seconds",
+    "Unix time of the writer's last DB commit that inserted rows (alert when it stops moving)",
+)
 WRITER_SLOW_PATH = Counter(
     "scopemeter_writer_dedup_path_total",
     "Transactions that met an existing reading and went through staging + ON CONFLICT",

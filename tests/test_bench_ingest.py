@@ -29,3 +29,10 @@ def test_bench_ingest_small_run_is_consistent(settings: Settings, tmp_path: Path
     assert r.latency_readings > 0 and r.latency_readings % (2 * 10 * 5) == 0  # whole rounds, every row
     assert 0 <= r.p50_s <= r.p99_s
     assert {"warm-up", "raw COPY", "end to end", "latency"} <= phases
+    # CPU per piece, measured from /proc: every process of the pipeline did work in its phase.
+    assert r.cpu is not None and r.copy_cpu is not None
+    assert {"bridge", "writer", "postgresql", "mosquitto", "kafka broker", "load generator"} <= set(r.cpu.seconds)
+    # A run this small takes a few clock ticks (10 ms) per piece, so only the whole is sure to show.
+    assert min(r.cpu.seconds.values()) >= 0 and sum(r.cpu.seconds.values()) > 0
+    assert set(r.copy_cpu.seconds) == {"COPY client", "postgresql"}
+    assert 0 < r.cpu.machine_busy <= r.cpu.machine_total
