@@ -8,12 +8,11 @@ extra topic levels.
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 from enum import IntFlag, StrEnum
 from typing import Annotated, Final, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 WIRE_VERSION: Final = 1
 TOPIC_ROOT: Final = "scopemeter/v1"
@@ -26,15 +25,10 @@ Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,
 EARLIEST_TS: Final = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_TS: Final = datetime(2100, 1, 1, tzinfo=UTC)
 
-
-def _to_utc(ts: datetime) -> datetime:
-    ts = ts.astimezone(UTC)
-    if not EARLIEST_TS <= ts < LATEST_TS:
-        raise ValueError(f"timestamp {ts.isoformat()} outside [{EARLIEST_TS.year}, {LATEST_TS.year})")
-    return ts
-
-
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+# An instant: the offset is required and kept as sent (PostgreSQL stores the instant). Constraints
+# are pydantic's own, checked in Rust: a Python validator per reading cost the bridge a quarter of
+# its CPU (``scopemeter bench ingest``).
+Instant = Annotated[AwareDatetime, Field(ge=EARLIEST_TS, lt=LATEST_TS)]
 
 
 class Quantity(StrEnum):
@@ -73,12 +67,6 @@ class Quality(IntFlag):
     OUT_OF_RANGE = 32
 
 
-def _finite(v: float) -> float:
-    if not math.isfinite(v):
-        raise ValueError("value must be a finite number")
-    return v
-
-
 class Reading(BaseModel):
     """One measurement; (meter_id, quantity, ts) is its identity everywhere downstream."""
 
@@ -86,8 +74,8 @@ class Reading(BaseModel):
 
     meter_id: Ident
     quantity: Quantity
-    ts: UtcDatetime
-    value: Annotated[float, AfterValidator(_finite)]
+    ts: Instant
+    value: Annotated[float, Field(allow_inf_nan=False)]
     quality: Annotated[int, Field(ge=0, le=0xFFFF)] = 0
 
 
@@ -101,7 +89,7 @@ class Batch(BaseModel):
     site: Ident
     gateway: Ident
     seq: Annotated[int, Field(ge=0)]
-    sent_at: UtcDatetime
+    sent_at: Instant
     readings: Annotated[list[Reading], Field(min_length=1, max_length=MAX_READINGS_PER_BATCH)]
 
     def encode(self) -> bytes:

@@ -163,7 +163,7 @@ async def _produce(producer: AIOKafkaProducer, settings: Settings, item: Incomin
         metrics.GATEWAY_LAST_SEEN.labels(site=decided.site, gateway=decided.gateway).set_to_current_time()
         return await producer.send(  # type: ignore[no-any-return]
             settings.kafka.readings_topic,
-            value=decided.encode(),
+            value=item.payload,  # validated; forwarded as received (a re-encode costs ~20 % CPU)
             key=decided.site.encode(),
             headers=[("gateway", decided.gateway.encode()), ("seq", str(decided.seq).encode())],
         )
