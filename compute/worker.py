@@ -26,7 +26,7 @@ from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
 from compute.recompute import Params, RecomputeResult, recompute
-from ingest.events import DirtyRange
+from ingest.events import DirtyRange, decode_dirty
 from ops import metrics
 from ops.settings import Settings
 
@@ -58,7 +58,7 @@ def decode(records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[DirtyRange]:
     ranges = []
     for rec in records:
         try:
-            ranges.append(DirtyRange.decode(rec.value or b""))
+            ranges.extend(decode_dirty(rec.value or b""))
         except ValidationError as exc:
             log.error("skipping undecodable record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
     return ranges

@@ -30,7 +30,7 @@ from prometheus_client import REGISTRY
 from edge.wire import READINGS_SUBSCRIPTION, Batch, Quantity, Reading, readings_topic
 from ingest.bridge import run_bridge
 from ingest.dlq import DeadLetter, Reason
-from ingest.events import DirtyRange
+from ingest.events import DirtyRange, decode_dirty
 from ingest.writer import run_writer
 from ops.settings import Settings
 from ops.stack import ensure_topics_async
@@ -314,12 +314,12 @@ def test_batches_become_exact_rows_and_dirty_ranges(lane: Lane) -> None:
             await until(
                 "dirty ranges of all counter rows",
                 dirty.poll,
-                lambda recs: sum(DirtyRange.decode(r.value or b"").rows for r in recs) >= len(counters),
+                lambda recs: sum(d.rows for r in recs for d in decode_dirty(r.value or b"")) >= len(counters),
                 w, b,
             )  # fmt: skip
             async with tail(lane, lane.settings.kafka.readings_topic) as readings:
                 await until("12 Kafka records", readings.poll, lambda recs: len(recs) >= 12, b)
-            ranges = [DirtyRange.decode(r.value or b"") for r in dirty.records]
+            ranges = [d for r in dirty.records for d in decode_dirty(r.value or b"")]
             return await db_rows(lane), ranges, readings.records
 
     rows, ranges, kafka_records = asyncio.run(scenario())
@@ -371,10 +371,10 @@ def test_duplicates_and_resent_batches_are_dropped(lane: Lane) -> None:
             await until(
                 "dirty ranges of every copy",
                 dirty.poll,
-                lambda recs: sum(DirtyRange.decode(r.value or b"").rows for r in recs) >= total,
+                lambda recs: sum(d.rows for r in recs for d in decode_dirty(r.value or b"")) >= total,
                 w, b,
             )  # fmt: skip
-            dirty_rows = sum(DirtyRange.decode(r.value or b"").rows for r in dirty.records)
+            dirty_rows = sum(d.rows for r in dirty.records for d in decode_dirty(r.value or b""))
             after = writer_rows()
             return first, await db_rows(lane), {o: after[o] - before[o] for o in after}, dirty_rows
 
