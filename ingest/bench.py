@@ -14,6 +14,7 @@ writer's transaction, so the commit itself (see ``scopemeter_writer_commit_secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import statistics
@@ -50,10 +51,22 @@ class IngestBenchResult:
     p99_s: float
     copy_cpu: CpuUse | None = None  # of the raw COPY phase
     cpu: CpuUse | None = None  # of the end-to-end phase
+    # The end-to-end phase without its fill and drain: rows and seconds between the transactions
+    # that reached 10 % and 90 % of the rows (0 when the run had too few transactions to tell).
+    sustained_readings: int = 0
+    sustained_s: float = 0.0
 
     @property
     def copy_rate(self) -> float:
         return self.readings / self.copy_s
+
+    @property
+    def sustained_rate(self) -> float:
+        return self.sustained_readings / self.sustained_s if self.sustained_s > 0 else 0.0
+
+    @property
+    def sustained_ratio(self) -> float:
+        return self.sustained_rate / self.copy_rate
 
     @property
     def e2e_rate(self) -> float:
@@ -131,29 +144,28 @@ def scrape(port: int, name: str, **labels: str) -> float:
 
 
 def wait_inserted(
-    port: int,
+    writers: list[tuple[_Proc, int]],
     want: float,
-    proc: _Proc,
     timeout: float,
     progress: Callable[[float], None] | None = None,
     interval: float = 0.05,
 ) -> None:
-    """Poll the writer's /metrics until it has inserted ``want`` rows. A scrape costs the writer
-    CPU, so a timed phase polls slowly and reads the end time from the writer's own gauge."""
+    """Poll the writers' /metrics until together they have inserted ``want`` rows. A scrape costs a
+    writer CPU, so a timed phase polls slowly and reads the end time from the writers' own gauge."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            got = scrape(port, "scopemeter_writer_rows_total", outcome="inserted")
-        except OSError:
-            got = 0.0
+        got = 0.0
+        for proc, port in writers:
+            if proc.popen.poll() is not None:
+                raise UserError(f"a writer exited ({proc.popen.returncode}); see {proc.log_path}")
+            with contextlib.suppress(OSError):  # not serving yet
+                got += scrape(port, "scopemeter_writer_rows_total", outcome="inserted")
         if progress is not None:
             progress(got)
         if got >= want:
             return
-        if proc.popen.poll() is not None:
-            raise UserError(f"the writer exited ({proc.popen.returncode}); see {proc.log_path}")
         if time.monotonic() > deadline:
-            raise UserError(f"the writer inserted {got:.0f} of {want:.0f} rows in {timeout:.0f} s")
+            raise UserError(f"the writers inserted {got:.0f} of {want:.0f} rows in {timeout:.0f} s")
         time.sleep(interval)
 
 
@@ -186,6 +198,28 @@ def raw_copy_seconds(
     return elapsed, cpu_use
 
 
+def sustained(
+    transactions: list[tuple[datetime, int]], low: float = 0.1, high: float = 0.9
+) -> tuple[int, float]:
+    """(rows, seconds) of the steady part of a run, from its transactions as (start, rows) in start
+    order: from the start of the transaction that reaches ``low`` of the rows to the start of the
+    one that reaches ``high``, counting the rows of the transactions started in between. The
+    pipeline's fill and drain (reported as latency) stay out of the throughput."""
+    total = sum(n for _, n in transactions)
+    done, first, last = 0, None, None
+    for i, (_start, n) in enumerate(transactions):
+        if first is None and done + n >= low * total:
+            first = i
+        if done + n >= high * total:
+            last = i
+            break
+        done += n
+    if first is None or last is None or last <= first:
+        return 0, 0.0
+    rows = sum(n for _, n in transactions[first:last])
+    return rows, (transactions[last][0] - transactions[first][0]).total_seconds()
+
+
 def vacuum(dsn: str) -> None:
     """Clear the dead rows a phase left behind. The end-to-end phase inserts the very keys the raw
     COPY just deleted: without this, every insert checks their dead index entries (measured: a
@@ -203,6 +237,7 @@ def run(
     rounds: int,
     latency_s: float,
     latency_fraction: float = 0.5,
+    writers: int = 1,
     log_dir: Path,
     progress: Progress = lambda _phase, _done: None,
     timeout: float = 300.0,
@@ -214,12 +249,16 @@ def run(
     gen = LoadGenerator(s, fleet, steps=steps, spacing=timedelta(milliseconds=1))
     env = settings_env(s)
     log_dir.mkdir(parents=True, exist_ok=True)
-    bridge_port, writer_port = free_port(), free_port()
+    bridge_port = free_port()
     bridge_id = f"{tag}-bridge"
     procs: list[_Proc] = []
     try:
-        writer = _Proc("bench-writer", ["ingest", "writer", "--metrics-port", str(writer_port)], env, log_dir)
-        procs.append(writer)
+        writer_procs: list[tuple[_Proc, int]] = []
+        for w in range(writers):  # one consumer group: Kafka shares the partitions among them
+            port = free_port()
+            proc = _Proc(f"bench-writer-{w}", ["ingest", "writer", "--metrics-port", str(port)], env, log_dir)
+            procs.append(proc)
+            writer_procs.append((proc, port))
         bridge = _Proc(
             "bench-bridge",
             ["ingest", "bridge", "--metrics-port", str(bridge_port), "--client-id", bridge_id],
@@ -233,7 +272,7 @@ def run(
         now = datetime.now(UTC).replace(microsecond=0)
         base = now - timedelta(hours=2)
         gen.publish_round(base - timedelta(minutes=30))
-        wait_inserted(writer_port, gen.total, writer, timeout)
+        wait_inserted(writer_procs, gen.total, timeout)
         progress("warm-up", 1.0)
 
         # The ceiling: the same rows the load phase will publish, COPYed straight into readings.
@@ -257,16 +296,18 @@ def run(
         warm = gen.total
         pieces = {name: [pid] for name, pid in broker_pids(s).items()}
         cpu = CpuMeter({
-            "load generator": [os.getpid()], "bridge": [bridge.popen.pid], "writer": [writer.popen.pid],
+            "load generator": [os.getpid()], "bridge": [bridge.popen.pid],
+            "writer": [proc.popen.pid for proc, _ in writer_procs],
             **pieces,
         })  # fmt: skip
         started = time.time()
         for start, payloads in zip(starts, encoded, strict=True):
             gen.publish_round(start, payloads)
-        wait_inserted(writer_port, warm + n, writer, timeout,
+        wait_inserted(writer_procs, warm + n, timeout,
                       lambda got: progress("end to end", (got - warm) / n), interval=0.5)  # fmt: skip
         cpu_use = cpu.stop()
-        e2e_s = scrape(writer_port, "scopemeter_writer_last_commit_timestamp_seconds") - started
+        last_commit = "scopemeter_writer_last_commit_timestamp_seconds"
+        e2e_s = max(scrape(port, last_commit) for _, port in writer_procs) - started
 
         # Latency at a sustainable pace: timestamps are the wall clock when published.
         rate = latency_fraction * n / e2e_s
@@ -282,8 +323,14 @@ def run(
             gen.publish_round(stamp)
             progress("latency", 1 - max(0.0, paced_until - time.monotonic()) / latency_s)
             time.sleep(max(0.0, pause - (time.monotonic() - t)))
-        wait_inserted(writer_port, gen.total, writer, timeout)
+        wait_inserted(writer_procs, gen.total, timeout)
         with psycopg.connect(s.db.dsn) as conn:
+            # ingested_at is now() of the writer's transaction: one value per transaction.
+            transactions = conn.execute(
+                "SELECT ingested_at, count(*) FROM readings WHERE meter_id LIKE %s AND ts >= %s"
+                " AND ts < %s GROUP BY ingested_at ORDER BY ingested_at",
+                (fleet.prefix + "-%", starts[0], starts[-1] + span),
+            ).fetchall()
             lat = [
                 float(x)
                 for (x,) in conn.execute(
@@ -300,9 +347,11 @@ def run(
         if in_db is None or in_db[0] != gen.total or len(lat) != gen.total - before:
             raise UserError(f"expected {gen.total} rows, found {in_db}: see {log_dir}")
         q = statistics.quantiles(lat, n=100, method="inclusive")
+        steady_rows, steady_s = sustained([(t, int(c)) for t, c in transactions])
         return IngestBenchResult(
             readings=n, copy_s=copy_s, e2e_s=e2e_s, latency_readings=len(lat),
             latency_rate=rate, p50_s=q[49], p99_s=q[98], copy_cpu=copy_cpu, cpu=cpu_use,
+            sustained_readings=steady_rows, sustained_s=steady_s,
         )  # fmt: skip
     finally:
         gen.close()

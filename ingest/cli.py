@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench.add_argument("--steps", type=int, default=10, help="timestamps per batch (batch = meters × steps)")
     bench.add_argument("--rounds", type=int, default=60, help="batches per gateway in the sustained phase")
     bench.add_argument("--latency-seconds", type=float, default=5.0, help="length of the paced phase")
+    bench.add_argument("--writers", type=int, default=1, help="writer processes (one consumer group)")
     bench.set_defaults(handler=_bench)
 
     db = sub.add_parser("db", help="database schema")
@@ -86,8 +87,10 @@ def _bench(args: Any) -> int:
     from ingest.bench import run
     from ops.errors import UserError
 
-    if min(args.sites, args.meters, args.steps, args.rounds) < 1 or args.latency_seconds <= 0:
-        raise UserError("--sites, --meters, --steps, --rounds >= 1 and --latency-seconds > 0 are required")
+    if min(args.sites, args.meters, args.steps, args.rounds, args.writers) < 1 or args.latency_seconds <= 0:
+        raise UserError(
+            "--sites, --meters, --steps, --rounds, --writers >= 1 and --latency-seconds > 0 are required"
+        )
     from ops import stack
 
     settings = Settings()
@@ -105,15 +108,19 @@ def _bench(args: Any) -> int:
 
         r = run(
             settings, sites=args.sites, meters=args.meters, steps=args.steps, rounds=args.rounds,
-            latency_s=args.latency_seconds, log_dir=settings.stack.state_dir / "bench-ingest",
+            latency_s=args.latency_seconds, writers=args.writers,
+            log_dir=settings.stack.state_dir / "bench-ingest",
             progress=progress,
         )  # fmt: skip
     batch = args.meters * args.steps
     print(f"{r.readings:,} readings from {args.sites} gateways × {args.meters} meters,"
           f" {batch:,} per MQTT batch")  # fmt: skip
     print(f"raw binary COPY into readings {r.copy_s:8.2f} s {r.copy_rate:>12,.0f} readings/s")
-    print(f"end to end (MQTT→DB commit)   {r.e2e_s:8.2f} s {r.e2e_rate:>12,.0f} readings/s")
-    print(f"end to end is {r.ratio:.2f}x raw COPY (goal >= 0.5)")
+    print(f"end to end (MQTT→DB commit)   {r.e2e_s:8.2f} s {r.e2e_rate:>12,.0f} readings/s"
+          f"  {r.ratio:.2f}x raw COPY, whole run incl. fill and drain")  # fmt: skip
+    if r.sustained_s > 0:
+        print(f"  sustained (10 %–90 % of rows) {r.sustained_s:6.2f} s {r.sustained_rate:>12,.0f} readings/s"
+              f"  {r.sustained_ratio:.2f}x raw COPY (goal >= 0.5)")  # fmt: skip
     print(
         f"latency reading ts → ingested_at at {r.latency_rate:,.0f} readings/s ({r.latency_readings:,}):"
         f" p50 {r.p50_s * 1e3:.0f} ms, p99 {r.p99_s * 1e3:.0f} ms"

@@ -3,9 +3,10 @@ consistent result. No timing threshold: the figures are for people, printed side
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ingest.bench import run
+from ingest.bench import run, sustained
 from ops.cli import build_parser
 from ops.settings import Settings
 
@@ -31,8 +32,23 @@ def test_bench_ingest_small_run_is_consistent(settings: Settings, tmp_path: Path
     assert {"warm-up", "raw COPY", "end to end", "latency"} <= phases
     # CPU per piece, measured from /proc: every process of the pipeline did work in its phase.
     assert r.cpu is not None and r.copy_cpu is not None
-    assert {"bridge", "writer", "postgresql", "mosquitto", "kafka broker", "load generator"} <= set(r.cpu.seconds)
+    pieces = {"bridge", "writer", "postgresql", "mosquitto", "kafka broker", "load generator"}
+    assert pieces <= set(r.cpu.seconds)
     # A run this small takes a few clock ticks (10 ms) per piece, so only the whole is sure to show.
     assert min(r.cpu.seconds.values()) >= 0 and sum(r.cpu.seconds.values()) > 0
     assert set(r.copy_cpu.seconds) == {"COPY client", "postgresql"}
     assert 0 < r.cpu.machine_busy <= r.cpu.machine_total
+
+
+def test_sustained_rate_leaves_out_fill_and_drain() -> None:
+    t0 = datetime(2026, 11, 23, tzinfo=UTC)
+    # Ten transactions of 100 rows one second apart: the steady part is between the transaction
+    # that reaches 10 % (the first) and the one that reaches 90 % (the ninth): 8 of them in 8 s.
+    steady = [(t0 + timedelta(seconds=i), 100) for i in range(10)]
+    assert sustained(steady) == (800, 8.0)
+    # A late last transaction (the drain) does not change it; a stall in the middle does.
+    late_drain = [*steady[:9], (t0 + timedelta(seconds=60), 100)]
+    assert sustained(late_drain) == (800, 8.0)
+    stall = [*steady[:5], *[(t + timedelta(seconds=4), n) for t, n in steady[5:]]]
+    assert sustained(stall) == (800, 12.0)
+    assert sustained([(t0, 1000)]) == (0, 0.0)  # one transaction: nothing to measure
