@@ -30,8 +30,8 @@ from aiokafka import AIOKafkaProducer
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.mqtt_client import new_client
-from edge.wire import READINGS_SUBSCRIPTION, Batch
-from ingest.validate import classify
+from edge.wire import READINGS_SUBSCRIPTION
+from ingest.validate import Accepted, classify
 from ops import metrics
 from ops.settings import Settings
 
@@ -157,9 +157,9 @@ async def run_bridge(
 
 async def _produce(producer: AIOKafkaProducer, settings: Settings, item: Incoming) -> asyncio.Future[object]:
     decided = classify(item.topic, item.payload, now=settings.clock.now(), limits=settings.ingest)
-    if isinstance(decided, Batch):
+    if isinstance(decided, Accepted):
         metrics.BRIDGE_MESSAGES.labels(outcome="accepted").inc()
-        metrics.BRIDGE_READINGS.inc(len(decided.readings))
+        metrics.BRIDGE_READINGS.inc(decided.readings)
         metrics.GATEWAY_LAST_SEEN.labels(site=decided.site, gateway=decided.gateway).set_to_current_time()
         return await producer.send(  # type: ignore[no-any-return]
             settings.kafka.readings_topic,

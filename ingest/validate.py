@@ -1,4 +1,4 @@
-"""The bridge's decision for one MQTT message: a valid batch for ``readings.v1`` or a dead letter.
+"""The bridge's decision for one MQTT message: an accepted batch for ``readings.v1`` or a dead letter.
 
 Pure and total — it never raises — so it can be fuzzed and so a hostile payload can never stop
 the bridge.
@@ -6,22 +6,36 @@ the bridge.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from operator import attrgetter
+from operator import itemgetter
+from typing import Any
 
 from pydantic import ValidationError
 
-from edge.wire import Batch, parse_readings_topic
+from edge.wire import check_batch, parse_readings_topic
 from ingest.dlq import DeadLetter, Reason
 from ops.settings import IngestSettings
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
-_TS = attrgetter("ts")
+_TS = itemgetter("ts")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A payload that is a valid ``edge.wire.Batch`` from the gateway its topic names; the bridge
+    forwards the payload itself, so only what it routes and counts by is kept."""
+
+    supplier: str
+    site: str
+    gateway: str
+    seq: int
+    readings: int
 
 
 def classify(
     topic: str, payload: bytes, *, now: datetime | None = None, limits: IngestSettings | None = None
-) -> Batch | DeadLetter:
+) -> Accepted | DeadLetter:
     """``now`` (aware) enables the plausibility window of ``limits``; without it only the wire
     contract's fixed [2000, 2100) window applies."""
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -31,32 +45,33 @@ def classify(
     except (ValueError, ValidationError) as exc:
         return DeadLetter.of(Reason.BAD_TOPIC, str(exc), topic, payload)
     try:
-        batch = Batch.decode(payload)
+        batch = check_batch(payload)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         reason = Reason.INVALID_JSON if errors and errors[0]["type"] == "json_invalid" else Reason.SCHEMA
         return DeadLetter.of(reason, str(errors)[:2000], topic, payload)
     except Exception as exc:  # never let a payload take the bridge down
         return DeadLetter.of(Reason.SCHEMA, f"{type(exc).__name__}: {exc}", topic, payload)
-    if (batch.supplier, batch.site, batch.gateway) != (claimed.supplier, claimed.site, claimed.gateway):
+    supplier, site, gateway = batch["supplier"], batch["site"], batch["gateway"]
+    if (supplier, site, gateway) != (claimed.supplier, claimed.site, claimed.gateway):
         detail = (
             f"topic claims {claimed.supplier}/{claimed.site}/{claimed.gateway}, "
-            f"payload says {batch.supplier}/{batch.site}/{batch.gateway}"
+            f"payload says {supplier}/{site}/{gateway}"
         )
         return DeadLetter.of(Reason.IDENTITY_MISMATCH, detail, topic, payload)
     if now is not None:
-        implausible = _implausible(batch, now, limits or IngestSettings())
+        implausible = _implausible(batch["readings"], now, limits or IngestSettings())
         if implausible:
             return DeadLetter.of(Reason.IMPLAUSIBLE_TIMESTAMP, implausible, topic, payload)
-    return batch
+    return Accepted(supplier, site, gateway, batch["seq"], len(batch["readings"]))
 
 
-def _implausible(batch: Batch, now: datetime, limits: IngestSettings) -> str:
+def _implausible(readings: list[dict[str, Any]], now: datetime, limits: IngestSettings) -> str:
     """Why the batch's timestamps cannot be a measurement (empty when they can). The whole batch is
     refused: one bad clock taints its neighbours, and the DLQ keeps the bytes for a replay."""
     # One sort of nearly ordered stamps compares each about once; min() and max() would compare
     # twice, and comparing aware datetimes with distinct tzinfo objects is what costs here.
-    stamps = sorted(map(_TS, batch.readings))
+    stamps = sorted(map(_TS, readings))
     lo, hi = stamps[0], stamps[-1]
     earliest = now - timedelta(seconds=limits.max_age_s)
     latest = now + timedelta(seconds=limits.max_future_s)

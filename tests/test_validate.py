@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from edge.wire import Batch, readings_topic
+from edge.wire import Batch, check_batch, readings_topic
 from ingest.dlq import DeadLetter, Reason
-from ingest.validate import MAX_PAYLOAD_BYTES, classify
+from ingest.validate import MAX_PAYLOAD_BYTES, Accepted, classify
 from ops.settings import IngestSettings
 from tests.helpers import make_batch
 
 TOPIC = readings_topic("acme-electronics", "sz-plant-1", "gw-sz1-01")
 
 
-def test_valid_batch_passes_and_round_trips() -> None:
+def test_valid_batch_is_accepted_with_its_routing_facts() -> None:
     batch = make_batch(0)
     decided = classify(TOPIC, batch.encode())
-    assert isinstance(decided, Batch)
-    assert decided == batch
+    assert decided == Accepted(batch.supplier, batch.site, batch.gateway, batch.seq, len(batch.readings))
 
 
 def test_gateway_cannot_write_another_site() -> None:
@@ -68,7 +69,7 @@ json_values = st.recursive(
 @given(payload=st.binary(max_size=2000) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_fuzz_never_raises(payload: bytes) -> None:
     decided = classify(TOPIC, payload)
-    assert isinstance(decided, Batch | DeadLetter)
+    assert isinstance(decided, Accepted | DeadLetter)
 
 
 # --- plausibility of timestamps -------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_implausible_timestamps_go_to_the_dlq_with_their_reason() -> None:
     ok = [NOW - timedelta(days=399), NOW, NOW + timedelta(hours=23)]
     bad = [NOW + timedelta(days=1, seconds=1), NOW - timedelta(days=401), datetime(2099, 1, 1, tzinfo=UTC)]
     for ts in ok:
-        assert isinstance(classify(TOPIC, make_batch(0, start=ts).encode(), now=NOW, limits=limits), Batch)
+        assert isinstance(classify(TOPIC, make_batch(0, start=ts).encode(), now=NOW, limits=limits), Accepted)
     for ts in bad:
         decided = classify(TOPIC, make_batch(0, start=ts).encode(), now=NOW, limits=limits)
         assert isinstance(decided, DeadLetter) and decided.reason is Reason.IMPLAUSIBLE_TIMESTAMP, ts
@@ -91,7 +92,7 @@ def test_implausible_timestamps_go_to_the_dlq_with_their_reason() -> None:
     decided = classify(TOPIC, json.dumps(mixed).encode(), now=NOW, limits=limits)
     assert isinstance(decided, DeadLetter) and decided.reason is Reason.IMPLAUSIBLE_TIMESTAMP
     wide = IngestSettings(max_future_s=400 * 86_400)
-    assert isinstance(classify(TOPIC, json.dumps(mixed).encode(), now=NOW, limits=wide), Batch)
+    assert isinstance(classify(TOPIC, json.dumps(mixed).encode(), now=NOW, limits=wide), Accepted)
 
 
 # --- structured hostile payloads ------------------------------------------------------------------
@@ -106,8 +107,22 @@ wrong_types = (
     | st.dictionaries(st.text(max_size=3), st.none(), max_size=2)
 )
 hostile_ids = st.sampled_from(
-    ["a/b", "+", "#", "../x", "x\u0000y", "x" * 65, "", " site", "s\u00e9te", "site\u202e", "\U0001f525",
-     "$SYS", "a/#", "site\n"]
+    [
+        "a/b",
+        "+",
+        "#",
+        "../x",
+        "x\u0000y",
+        "x" * 65,
+        "",
+        " site",
+        "s\u00e9te",
+        "site\u202e",
+        "\U0001f525",
+        "$SYS",
+        "a/#",
+        "site\n",
+    ]
 )
 
 
@@ -158,4 +173,36 @@ def test_fuzz_hostile_payloads_all_land_in_the_dlq(payload: bytes) -> None:
 
 def test_the_valid_template_is_accepted() -> None:
     """The fuzz above breaks exactly one thing of this batch: the batch itself must be fine."""
-    assert isinstance(classify(TOPIC, json.dumps(VALID).encode(), now=NOW), Batch)
+    assert isinstance(classify(TOPIC, json.dumps(VALID).encode(), now=NOW), Accepted)
+
+
+# --- the bridge's validation is the contract's ----------------------------------------------------
+
+
+def _verdict(check: Callable[[bytes], object], payload: bytes) -> list[tuple[object, str]] | None:
+    """None when accepted, else the (location, type) of every error; "not an object" is worded
+    model_type by a model and dict_type by a TypedDict."""
+    try:
+        check(payload)
+    except ValidationError as exc:
+        return [(e["loc"], "dict_type" if e["type"] == "model_type" else e["type"]) for e in exc.errors()]
+    return None
+
+
+payloads = (
+    hostile_payloads()
+    | st.just(json.dumps(VALID).encode())
+    | json_values.map(lambda v: json.dumps(v).encode())
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    payload=hostile_payloads()
+    | st.just(json.dumps(VALID).encode())
+    | json_values.map(lambda v: json.dumps(v).encode())
+)
+def test_plain_data_check_is_exactly_batch_decode(payload: bytes) -> None:
+    """The bridge validates with check_batch (dicts, no models); it must accept and refuse exactly
+    what Batch.decode does, for the same reasons at the same places."""
+    assert _verdict(check_batch, payload) == _verdict(Batch.decode, payload)
