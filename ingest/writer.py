@@ -72,6 +72,7 @@ class Prepared:
     letters: list[DeadLetter]
     dirty: list[DirtyRange]
     offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
+    span: tuple[datetime, datetime] | None = None  # oldest and newest timestamp of the rows
 
 
 def batch_rows(batches: Iterable[Batch]) -> list[Row]:
@@ -86,7 +87,7 @@ def batch_rows(batches: Iterable[Batch]) -> list[Row]:
 _QuantityName = Literal.__getitem__(tuple(q.value for q in Quantity))
 
 
-class _TrustedReading(msgspec.Struct, frozen=True):
+class _TrustedReading(msgspec.Struct, frozen=True, gc=False):  # no cycles: not for the collector
     """The fields of ``edge.wire.Reading`` (a test keeps them equal), decoded in C: the bridge has
     validated the rest of the contract, so the writer checks only types, zone and ranges here."""
 
@@ -97,7 +98,7 @@ class _TrustedReading(msgspec.Struct, frozen=True):
     quality: Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)] = 0
 
 
-class _TrustedBatch(msgspec.Struct, frozen=True):
+class _TrustedBatch(msgspec.Struct, frozen=True, gc=False):
     """The fields of ``edge.wire.Batch``."""
 
     v: Literal[1]
@@ -123,31 +124,38 @@ def trusted_rows(value: bytes) -> list[Row] | None:
     return [(r.meter_id, r.quantity, r.ts, r.value, r.quality, site, gateway, seq) for r in b.readings]
 
 
-def dirty_ranges(rows: Sequence[Row], *, ordered: bool = False) -> list[DirtyRange]:
-    """Per (site, meter, counter quantity): the span of timestamps offered, duplicates included,
-    so a replay after a crash between DB commit and publish still tells compute.
+Run = tuple[str, str, str, datetime, datetime, int]  # site, meter, quantity, first ts, last ts, rows
 
-    On rows in identity order (``ordered``; sorted here otherwise) each run of one site, meter and
-    quantity is contiguous with ascending timestamps, so its first and last rows are its span. A
-    meter reported by two sites yields several ranges, which together still cover what was written."""
-    if not ordered:
-        rows = sorted(rows)
-    spans = []
-    for (site, meter, quantity), run in groupby(rows, key=_RANGE_KEY):
-        if quantity not in COUNTER_QUANTITIES:
-            continue
+
+def runs(rows: Sequence[Row]) -> list[Run]:
+    """Rows in identity order, cut into runs of one site, meter and quantity: each run is
+    contiguous with ascending timestamps, so its first and last rows are its span. A meter
+    reported by two sites yields several runs, which together still cover what was written."""
+    out = []
+    for (site, meter, quantity), run in groupby(rows, key=_RUN_KEY):
         run_rows = list(run)
-        # Built from values the decoder typed already: validating them again costs more than this.
-        spans.append(
-            DirtyRange.model_construct(
-                site_id=site, meter_id=meter, quantity=quantity,
-                t_min=run_rows[0][2], t_max=run_rows[-1][2], rows=len(run_rows),
-            )
-        )  # fmt: skip
-    return spans
+        out.append((site, meter, quantity, run_rows[0][2], run_rows[-1][2], len(run_rows)))
+    return out
 
 
-_RANGE_KEY = itemgetter(5, 0, 1)
+_RUN_KEY = itemgetter(5, 0, 1)
+
+
+def dirty_ranges(
+    rows: Sequence[Row], *, ordered: bool = False, of_runs: list[Run] | None = None
+) -> list[DirtyRange]:
+    """Per (site, meter, counter quantity): the span of timestamps offered, duplicates included,
+    so a replay after a crash between DB commit and publish still tells compute. ``ordered`` says
+    the rows are in identity order already (else they are sorted here); ``of_runs`` passes their
+    ``runs`` when the caller has them."""
+    if of_runs is None:
+        of_runs = runs(rows if ordered else sorted(rows))
+    # Built from values the decoder typed already: validating them again costs more than this.
+    return [
+        DirtyRange.model_construct(site_id=s, meter_id=m, quantity=q, t_min=lo, t_max=hi, rows=n)
+        for s, m, q, lo, hi, n in of_runs
+        if q in COUNTER_QUANTITIES
+    ]
 
 
 class ReadingStore:
@@ -162,18 +170,28 @@ class ReadingStore:
     def close(self) -> None:
         self.conn.close()
 
-    def write(self, rows: Sequence[Row], attempts: int = 5, *, ordered: bool = False) -> WriteResult:
+    def write(
+        self,
+        rows: Sequence[Row],
+        attempts: int = 5,
+        *,
+        ordered: bool = False,
+        span: tuple[datetime, datetime] | None = None,
+    ) -> WriteResult:
         """Write ``rows`` in one transaction, retried when PostgreSQL picks it as a deadlock victim.
 
         Rows go in reading-identity order (sorted here unless ``ordered`` says they already are: a
         row tuple starts with the identity), so writers offering overlapping rows (a replay during
         a rebalance) wait on each other in one order and rarely deadlock; when they still do, the
-        victim's transaction is rolled back whole and simply runs again."""
+        victim's transaction is rolled back whole and simply runs again. ``span`` (oldest, newest
+        timestamp) spares a pass over the rows when the caller knows it."""
         if not ordered:
             rows = sorted(rows)
+        if span is None and rows:
+            span = min(map(_TS, rows)), max(map(_TS, rows))
         for attempt in range(1, attempts + 1):
             try:
-                return self._write(rows)
+                return self._write(rows, span)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:
                 if attempt == attempts:
                     raise
@@ -181,12 +199,11 @@ class ReadingStore:
                 time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _write(self, rows: Sequence[Row]) -> WriteResult:
+    def _write(self, rows: Sequence[Row], span: tuple[datetime, datetime] | None) -> WriteResult:
         result = WriteResult(offered=len(rows))
-        if not rows:
+        if not rows or span is None:
             return result
-        t_min = min(map(_TS, rows))
-        t_max = max(map(_TS, rows))
+        t_min, t_max = span
         with self.conn.transaction(), self.conn.cursor() as cur:
             months = _months_between(t_min, t_max)
             if not months <= self._months:
@@ -346,14 +363,16 @@ def prepare(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Prepared:
         tp = TopicPartition(rec.topic, rec.partition)
         if tp not in offsets or offsets[tp].offset <= rec.offset:
             offsets[tp] = OffsetAndMetadata(rec.offset + 1, "")
-    prepared = Prepared(rows, letters, dirty_ranges(rows, ordered=True), offsets)
+    cut = runs(rows)
+    span = (min(r[3] for r in cut), max(r[4] for r in cut)) if cut else None
+    prepared = Prepared(rows, letters, dirty_ranges(rows, of_runs=cut), offsets, span)
     metrics.WRITER_DECODE_SECONDS.observe(time.monotonic() - started)
     return prepared
 
 
-def _write(store: ReadingStore, rows: list[Row]) -> WriteResult:
+def _write(store: ReadingStore, prepared: Prepared) -> WriteResult:
     started = time.monotonic()
-    result = store.write(rows, ordered=True)
+    result = store.write(prepared.rows, ordered=True, span=prepared.span)
     metrics.WRITER_COMMIT_SECONDS.observe(time.monotonic() - started)
     return result
 
@@ -371,7 +390,7 @@ async def _flush(
     prepared = await asyncio.to_thread(prepare, records)
     if previous is not None:
         await previous  # in order: if it failed, so does this one (the writer exits, Kafka replays)
-    result = await asyncio.to_thread(_write, store, prepared.rows)
+    result = await asyncio.to_thread(_write, store, prepared)
     committed_at = datetime.now(UTC)
     if result.inserted:
         metrics.WRITER_LAST_COMMIT.set(committed_at.timestamp())

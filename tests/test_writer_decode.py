@@ -192,6 +192,8 @@ def test_prepare_orders_rows_and_takes_the_highest_offset_per_partition() -> Non
     ((tp, meta),) = prepared.offsets.items()
     assert (tp.topic, tp.partition, meta.offset) == ("readings", 0, 8)
     assert sum(d.rows for d in prepared.dirty) == 4 and prepared.letters == []
+    stamps = [r[2] for r in prepared.rows]
+    assert prepared.span == (min(stamps), max(stamps))
 
 
 def test_committed_records_decode_in_both_formats() -> None:
