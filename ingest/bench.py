@@ -169,6 +169,27 @@ def wait_inserted(
         time.sleep(interval)
 
 
+def wait_assigned(writers: list[tuple[_Proc, int]], partitions: int, timeout: float) -> None:
+    """Until the consumer group is settled: every partition held, every writer holding some (when
+    there are enough). A writer joining mid-run would stop the group for a rebalance."""
+    deadline = time.monotonic() + timeout
+    want_each = 1 if len(writers) <= partitions else 0
+    while True:
+        held = []
+        for proc, port in writers:
+            if proc.popen.poll() is not None:
+                raise UserError(f"a writer exited ({proc.popen.returncode}); see {proc.log_path}")
+            try:
+                held.append(scrape(port, "scopemeter_writer_assigned_partitions"))
+            except OSError:
+                held.append(0.0)
+        if sum(held) == partitions and min(held) >= want_each:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"the writers hold {held} of {partitions} partitions after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def raw_copy_seconds(
     dsn: str, rows: list[tuple[str, str, datetime, float, int, str, str, int]]
 ) -> tuple[float, CpuUse]:
@@ -266,6 +287,7 @@ def run(
         )  # fmt: skip
         procs.append(bridge)
         bridge.wait_event("bridge.ready", 60)
+        wait_assigned(writer_procs, s.kafka.partitions, 60)
         gen.connect()
 
         # Warm-up: processes joined, partitions created, code paths hot; not timed.

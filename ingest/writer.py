@@ -325,7 +325,9 @@ def _estimate_rows(record: ConsumerRecord[bytes, bytes]) -> int:
 async def _report_lag(consumer: AIOKafkaConsumer, group: str, committed: dict[TopicPartition, int]) -> None:
     """Consumer lag per partition: the partition end last seen by the fetcher minus the offset this
     group committed (asked of the broker once per partition, then tracked from our own commits)."""
-    for tp in consumer.assignment():
+    assignment = consumer.assignment()
+    metrics.WRITER_ASSIGNED_PARTITIONS.set(len(assignment))
+    for tp in assignment:
         end = consumer.highwater(tp)
         if end is None:
             continue

@@ -92,6 +92,9 @@ BRIDGE_IN_FLIGHT = Gauge(
 WRITER_DECODE_SECONDS = Histogram(
     "scopemeter_writer_decode_seconds", "Kafka records to DB rows, per DB transaction"
 )
+WRITER_ASSIGNED_PARTITIONS = Gauge(
+    "scopemeter_writer_assigned_partitions", "Kafka partitions of readings.v1 this writer holds now"
+)
 WRITER_LAST_COMMIT = Gauge(
     "scopemeter_writer_last_commit_timestamp_seconds",
     "Unix time of the writer's last DB commit that inserted rows (alert when it stops moving)",
