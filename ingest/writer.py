@@ -275,7 +275,7 @@ async def run_writer(
     first_at = 0.0
     committed: dict[TopicPartition, int] = {}
     lag_at = 0.0
-    flushes: deque[asyncio.Task[None]] = deque()  # oldest first; each awaits the one before it
+    flushes: deque[_Flush] = deque()  # oldest first; each waits for the one before it
     try:
         while True:
             stopping = stop.is_set()
@@ -286,28 +286,29 @@ async def run_writer(
                         first_at = time.monotonic()
                     pending.extend(records)
                     pending_rows += sum(_estimate_rows(r) for r in records)
-            while flushes and flushes[0].done():
-                flushes.popleft().result()  # re-raises a failed transaction
+            while flushes and flushes[0].task.done():
+                flushes.popleft().task.result()  # re-raises a failed transaction
             due = pending and (
                 stopping or pending_rows >= batch_rows_target or time.monotonic() - first_at >= linger_s
             )
             if due:
                 while len(flushes) >= _PIPELINE_DEPTH:
-                    await flushes.popleft()
+                    await flushes.popleft().task
                 previous = flushes[-1] if flushes else None
-                flush = _flush(pending, previous, store, producer, consumer, settings, committed)
-                flushes.append(asyncio.create_task(flush))
+                written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                flush = _flush(pending, previous, written, store, producer, consumer, settings, committed)
+                flushes.append(_Flush(written, asyncio.create_task(flush)))
                 pending, pending_rows = [], 0
             if time.monotonic() - lag_at >= 1.0:
                 lag_at = time.monotonic()
                 await _report_lag(consumer, k.writer_group, committed)
             if stopping:
                 while flushes:
-                    await flushes.popleft()
+                    await flushes.popleft().task
                 break
     finally:
         if flushes:
-            await asyncio.wait(flushes)  # never close the connection under a running COPY
+            await asyncio.wait([f.task for f in flushes])  # never close the connection under a COPY
         await consumer.stop()
         await producer.stop()
         await asyncio.to_thread(store.close)
@@ -315,6 +316,16 @@ async def run_writer(
 
 # Batches in hand at once: one being prepared while the one before it is written.
 _PIPELINE_DEPTH = 2
+
+
+@dataclass
+class _Flush:
+    """One batch on its way: ``written`` resolves at its DB commit, ``task`` ends after its dirty
+    ranges and offsets are out. The next batch may write after ``written``; it publishes and
+    commits offsets only after ``task``, so both stay in order."""
+
+    written: asyncio.Future[None]
+    task: asyncio.Task[None]
 
 
 def _estimate_rows(record: ConsumerRecord[bytes, bytes]) -> int:
@@ -381,18 +392,30 @@ def _write(store: ReadingStore, prepared: Prepared) -> WriteResult:
 
 async def _flush(
     records: list[ConsumerRecord[bytes, bytes]],
-    previous: asyncio.Task[None] | None,
+    previous: _Flush | None,
+    written: asyncio.Future[None],
     store: ReadingStore,
     producer: AIOKafkaProducer,
     consumer: AIOKafkaConsumer,
     settings: Settings,
     committed: dict[TopicPartition, int],
 ) -> None:
-    """Prepare ``records`` while ``previous`` finishes, then write them and commit their offsets."""
-    prepared = await asyncio.to_thread(prepare, records)
-    if previous is not None:
-        await previous  # in order: if it failed, so does this one (the writer exits, Kafka replays)
-    result = await asyncio.to_thread(_write, store, prepared)
+    """Prepare ``records`` while ``previous`` is written, write them once it is committed, then
+    publish their dirty ranges and commit their offsets once ``previous`` has done so: the next
+    COPY does not wait for Kafka round trips."""
+    try:
+        prepared = await asyncio.to_thread(prepare, records)
+        if previous is not None:
+            await previous.written  # in order; if it failed, so does this (the writer exits, Kafka replays)
+        result = await asyncio.to_thread(_write, store, prepared)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            written.cancel()
+        else:
+            written.set_exception(exc)
+            written.exception()  # whoever waits on this task sees the error; the future need not
+        raise
+    written.set_result(None)
     committed_at = datetime.now(UTC)
     if result.inserted:
         metrics.WRITER_LAST_COMMIT.set(committed_at.timestamp())
@@ -403,6 +426,8 @@ async def _flush(
     metrics.WRITER_ROWS.labels(outcome="duplicate").inc(result.offered - result.inserted)
     if result.newest_ts is not None:
         metrics.WRITER_LATENCY.observe(max(0.0, (committed_at - result.newest_ts).total_seconds()))
+    if previous is not None:
+        await previous.task
     by_site: dict[str, list[DirtyRange]] = {}
     for d in prepared.dirty:
         by_site.setdefault(d.site_id, []).append(d)
