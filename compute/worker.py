@@ -105,6 +105,7 @@ async def run_worker(
         group_id=k.compute_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
     )
     conn: psycopg.Connection[Any] = await asyncio.to_thread(psycopg.connect, settings.db.dsn)
     await consumer.start()

@@ -263,6 +263,7 @@ async def run_writer(
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=16 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=False, linger_ms=5
