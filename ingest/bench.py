@@ -2,11 +2,12 @@
 
 The bridge and the writer run as real ``scopemeter ingest`` processes on their own Kafka topics,
 consumer group, MQTT share group and client ids (a running stack's processes never see the load).
-The same rows are first COPYed straight into ``readings`` (then deleted again and vacuumed, so
-the next phase meets a clean table): the ceiling.
-Then the load generator publishes them over MQTT as fast as it can, and the clock stops when the
-writer's ``scopemeter_writer_rows_total{outcome="inserted"}`` (scraped from its /metrics) has
-counted them all. Last, a paced phase at a fraction of that rate measures the latency from each
+It measures ``--repeat`` pairs (default 3): the rows are first COPYed straight into ``readings``
+in the writer's order (then deleted and vacuumed, so the next phase meets a clean table): the
+ceiling. Then the load generator publishes the same rows over MQTT as fast as it can, and the
+clock stops at the writers' last commit once their ``scopemeter_writer_rows_total`` has counted
+them all. Rates and ratios are medians over the pairs, so one noisy moment on a shared machine
+cannot make the figure. Last, a paced phase at half that rate measures the latency from each
 reading's timestamp (the wall time it was published) to ``ingested_at`` — the start of the
 writer's transaction, so the commit itself (see ``scopemeter_writer_commit_seconds``) is not in it.
 """
@@ -41,40 +42,69 @@ Progress = Callable[[str, float], None]  # (phase, fraction done)
 
 
 @dataclass(frozen=True)
-class IngestBenchResult:
-    readings: int
+class Repetition:
+    """One raw COPY and the end-to-end run of the same rows right after it."""
+
     copy_s: float
     e2e_s: float
+    # The end-to-end run without its fill and drain: rows and seconds between the transactions
+    # that reached 10 % and 90 % of the rows (0 when there were too few transactions to tell).
+    sustained_readings: int = 0
+    sustained_s: float = 0.0
+    copy_cpu: CpuUse | None = None
+    cpu: CpuUse | None = None
+
+
+@dataclass(frozen=True)
+class IngestBenchResult:
+    """Figures of ``repetitions`` back-to-back (raw COPY, end to end) pairs of ``readings`` rows
+    each; rates and ratios are medians over the pairs, so one noisy moment cannot make them."""
+
+    readings: int
+    repetitions: list[Repetition]
     latency_readings: int
     latency_rate: float
     p50_s: float
     p99_s: float
-    copy_cpu: CpuUse | None = None  # of the raw COPY phase
-    cpu: CpuUse | None = None  # of the end-to-end phase
-    # The end-to-end phase without its fill and drain: rows and seconds between the transactions
-    # that reached 10 % and 90 % of the rows (0 when the run had too few transactions to tell).
-    sustained_readings: int = 0
-    sustained_s: float = 0.0
+
+    def _median(self, f: Callable[[Repetition], float]) -> float:
+        return statistics.median(f(r) for r in self.repetitions)
 
     @property
     def copy_rate(self) -> float:
-        return self.readings / self.copy_s
-
-    @property
-    def sustained_rate(self) -> float:
-        return self.sustained_readings / self.sustained_s if self.sustained_s > 0 else 0.0
-
-    @property
-    def sustained_ratio(self) -> float:
-        return self.sustained_rate / self.copy_rate
+        return self._median(lambda r: self.readings / r.copy_s)
 
     @property
     def e2e_rate(self) -> float:
-        return self.readings / self.e2e_s
+        return self._median(lambda r: self.readings / r.e2e_s)
 
     @property
     def ratio(self) -> float:
-        return self.e2e_rate / self.copy_rate
+        return self._median(lambda r: r.copy_s / r.e2e_s)
+
+    @property
+    def sustained_rate(self) -> float:
+        return self._median(lambda r: r.sustained_readings / r.sustained_s if r.sustained_s > 0 else 0.0)
+
+    @property
+    def sustained_ratio(self) -> float:
+        return self._median(
+            lambda r: (
+                r.sustained_readings / r.sustained_s * r.copy_s / self.readings if r.sustained_s > 0 else 0.0
+            )
+        )
+
+    def cpu(self, phase: str) -> CpuUse | None:
+        """CPU of all repetitions of ``phase`` ("copy" or "e2e") together."""
+        uses = [r.copy_cpu if phase == "copy" else r.cpu for r in self.repetitions]
+        present = [u for u in uses if u is not None]
+        if not present:
+            return None
+        seconds: dict[str, float] = {}
+        for u in present:
+            for name, sec in u.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + sec
+        return CpuUse(seconds, sum(u.machine_busy for u in present), sum(u.machine_total for u in present))
 
 
 @dataclass(frozen=True)
@@ -259,6 +289,7 @@ def run(
     latency_s: float,
     latency_fraction: float = 0.5,
     writers: int = 1,
+    repeat: int = 3,
     log_dir: Path,
     progress: Progress = lambda _phase, _done: None,
     timeout: float = 300.0,
@@ -297,39 +328,24 @@ def run(
         wait_inserted(writer_procs, gen.total, timeout)
         progress("warm-up", 1.0)
 
-        # The ceiling: the same rows the load phase will publish, COPYed straight into readings.
         span = steps * gen.spacing
-        starts = [base + r * span for r in range(rounds)]
-        first = len(gen.rounds)
-        rows = [row for r, start in enumerate(starts) for row in gen.rows(first + r, start)]
-        rows.sort()  # in identity order, as the writer sends them: PostgreSQL's fastest order
-        gc.freeze()  # the collector would otherwise rescan these rows and slow the COPY client
-        copy_s, copy_cpu = raw_copy_seconds(s.db.dsn, rows)
-        gc.unfreeze()
-        n = len(rows)
-        del rows
-        progress("raw COPY", 1.0)
-
-        # Sustained end to end: publish everything, stop the clock when the writer has it all.
-        encoded = []
-        for r, start in enumerate(starts):
-            encoded.append(gen.encode_round(start))
-            progress("encode", (r + 1) / rounds)
-        warm = gen.total
         pieces = {name: [pid] for name, pid in broker_pids(s).items()}
-        cpu = CpuMeter({
+        groups = {
             "load generator": [os.getpid()], "bridge": [bridge.popen.pid],
-            "writer": [proc.popen.pid for proc, _ in writer_procs],
-            **pieces,
-        })  # fmt: skip
-        started = time.time()
-        for start, payloads in zip(starts, encoded, strict=True):
-            gen.publish_round(start, payloads)
-        wait_inserted(writer_procs, warm + n, timeout,
-                      lambda got: progress("end to end", (got - warm) / n), interval=0.5)  # fmt: skip
-        cpu_use = cpu.stop()
-        last_commit = "scopemeter_writer_last_commit_timestamp_seconds"
-        e2e_s = max(scrape(port, last_commit) for _, port in writer_procs) - started
+            "writer": [proc.popen.pid for proc, _ in writer_procs], **pieces,
+        }  # fmt: skip
+        repetitions = []
+        for rep in range(repeat):
+            starts = [base + (rep * rounds + r) * span for r in range(rounds)]
+
+            def pair_progress(phase: str, done: float, rep: int = rep) -> None:
+                progress(f"{phase} {rep + 1}/{repeat}", done)
+
+            repetitions.append(
+                _repetition(s, gen, starts, span, writer_procs, groups, timeout, pair_progress)
+            )
+        n = gen.readings_per_round * rounds
+        e2e_s = statistics.median(r.e2e_s for r in repetitions)
 
         # Latency at a sustainable pace: timestamps are the wall clock when published.
         rate = latency_fraction * n / e2e_s
@@ -347,12 +363,6 @@ def run(
             time.sleep(max(0.0, pause - (time.monotonic() - t)))
         wait_inserted(writer_procs, gen.total, timeout)
         with psycopg.connect(s.db.dsn) as conn:
-            # ingested_at is now() of the writer's transaction: one value per transaction.
-            transactions = conn.execute(
-                "SELECT ingested_at, count(*) FROM readings WHERE meter_id LIKE %s AND ts >= %s"
-                " AND ts < %s GROUP BY ingested_at ORDER BY ingested_at",
-                (fleet.prefix + "-%", starts[0], starts[-1] + span),
-            ).fetchall()
             lat = [
                 float(x)
                 for (x,) in conn.execute(
@@ -369,14 +379,60 @@ def run(
         if in_db is None or in_db[0] != gen.total or len(lat) != gen.total - before:
             raise UserError(f"expected {gen.total} rows, found {in_db}: see {log_dir}")
         q = statistics.quantiles(lat, n=100, method="inclusive")
-        steady_rows, steady_s = sustained([(t, int(c)) for t, c in transactions])
         return IngestBenchResult(
-            readings=n, copy_s=copy_s, e2e_s=e2e_s, latency_readings=len(lat),
-            latency_rate=rate, p50_s=q[49], p99_s=q[98], copy_cpu=copy_cpu, cpu=cpu_use,
-            sustained_readings=steady_rows, sustained_s=steady_s,
+            readings=n, repetitions=repetitions, latency_readings=len(lat),
+            latency_rate=rate, p50_s=q[49], p99_s=q[98],
         )  # fmt: skip
     finally:
         gen.close()
         for p in reversed(procs):
             p.stop()
         forget_session(s, bridge_id)
+
+
+def _repetition(
+    s: Settings,
+    gen: LoadGenerator,
+    starts: list[datetime],
+    span: timedelta,
+    writer_procs: list[tuple[_Proc, int]],
+    groups: dict[str, list[int]],
+    timeout: float,
+    progress: Progress,
+) -> Repetition:
+    """Raw COPY of the rows of ``starts`` (then deleted), then the same rows end to end."""
+    # The ceiling: the same rows the load phase will publish, COPYed straight into readings.
+    first = len(gen.rounds)
+    rows = [row for r, start in enumerate(starts) for row in gen.rows(first + r, start)]
+    rows.sort()  # in identity order, as the writer sends them: PostgreSQL's fastest order
+    gc.freeze()  # the collector would otherwise rescan these rows and slow the COPY client
+    copy_s, copy_cpu = raw_copy_seconds(s.db.dsn, rows)
+    gc.unfreeze()
+    n = len(rows)
+    del rows
+    progress("raw COPY", 1.0)
+
+    # Sustained end to end: publish everything, stop the clock when the writers have it all.
+    encoded = []
+    for r, start in enumerate(starts):
+        encoded.append(gen.encode_round(start))
+        progress("encode", (r + 1) / len(starts))
+    warm = gen.total
+    cpu = CpuMeter(groups)
+    started = time.time()
+    for start, payloads in zip(starts, encoded, strict=True):
+        gen.publish_round(start, payloads)
+    wait_inserted(writer_procs, warm + n, timeout,
+                  lambda got: progress("end to end", (got - warm) / n), interval=0.5)  # fmt: skip
+    cpu_use = cpu.stop()
+    last_commit = "scopemeter_writer_last_commit_timestamp_seconds"
+    e2e_s = max(scrape(port, last_commit) for _, port in writer_procs) - started
+    with psycopg.connect(s.db.dsn) as conn:
+        # ingested_at is now() of the writer's transaction: one value per transaction.
+        transactions = conn.execute(
+            "SELECT ingested_at, count(*) FROM readings WHERE meter_id LIKE %s AND ts >= %s"
+            " AND ts < %s GROUP BY ingested_at ORDER BY ingested_at",
+            (gen.fleet.prefix + "-%", starts[0], starts[-1] + span),
+        ).fetchall()
+    steady_rows, steady_s = sustained([(t, int(c)) for t, c in transactions])
+    return Repetition(copy_s, e2e_s, steady_rows, steady_s, copy_cpu, cpu_use)
