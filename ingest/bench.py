@@ -300,6 +300,7 @@ def run(
     fleet = Fleet(tag.replace("-", ""), sites, meters)
     gen = LoadGenerator(s, fleet, steps=steps, spacing=timedelta(milliseconds=1))
     env = settings_env(s)
+    log_dir = log_dir / tag  # each run keeps its own logs
     log_dir.mkdir(parents=True, exist_ok=True)
     bridge_port = free_port()
     bridge_id = f"{tag}-bridge"
