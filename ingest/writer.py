@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 import msgspec
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
@@ -439,10 +439,29 @@ async def _flush(
     ]
     if sends:
         await asyncio.gather(*sends)
-    try:
-        await consumer.commit(prepared.offsets)
-    except CommitFailedError as exc:  # partitions moved to another writer: it will replay, the DB dedups
-        log.warning("offset commit failed after DB commit (replay will be deduplicated): %s", exc)
-        return
-    committed.update({tp: meta.offset for tp, meta in prepared.offsets.items()})
+    done = await commit_offsets(consumer, prepared.offsets)
+    committed.update({tp: meta.offset for tp, meta in done.items()})
     log.debug("wrote %d rows (%d new) from %d records", result.offered, result.inserted, len(records))
+
+
+async def commit_offsets(
+    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
+) -> dict[TopicPartition, OffsetAndMetadata]:
+    """Commit what this consumer still holds, after the DB commit of those records; returns what
+    was committed. A partition taken away by a rebalance in the meantime is skipped (aiokafka
+    raises IllegalStateError for it, CommitFailedError when the group moved on): its next owner
+    replays from the last committed offset and the DB key drops the duplicates. The writer must
+    not die for that."""
+    held = consumer.assignment()
+    mine = {tp: meta for tp, meta in offsets.items() if tp in held}
+    if len(mine) < len(offsets):
+        log.warning("partitions %s moved before their offsets were committed (replay will be deduplicated)",
+                    sorted(str(tp) for tp in offsets.keys() - mine.keys()))  # fmt: skip
+    if not mine:
+        return {}
+    try:
+        await consumer.commit(mine)
+    except (CommitFailedError, IllegalStateError) as exc:
+        log.warning("offset commit failed after DB commit (replay will be deduplicated): %s", exc)
+        return {}
+    return mine
