@@ -16,7 +16,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -137,18 +137,30 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return True  # no /proc: trust kill(0)
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+    return fields[0] not in ("Z", "X")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (which may hold spaces): the state first, then the
+    rest in order; None when there is no such file."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _proc_pids() -> Iterator[Path]:
+    """Every /proc/PID directory."""
+    return (entry for entry in Path("/proc").iterdir() if entry.name.isdigit())
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time ``pid`` has used so far (0 when it is gone or there is no /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return 0.0
     # After the command: state is field 3, utime and stime are fields 14 and 15 (1-based).
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -157,13 +169,12 @@ def cpu_seconds(pid: int) -> float:
 def pids_named(comm: str) -> list[int]:
     """Pids whose executable name (/proc/PID/comm) is ``comm``, e.g. every ``postgres`` backend."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == comm:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+    for entry in _proc_pids():
+        try:
+            if (entry / "comm").read_text().strip() == comm:
+                found.append(int(entry.name))
+        except OSError:
+            continue
     return found
 
 
@@ -193,9 +204,7 @@ def listener_pid(port: int) -> int | None:
                 inodes.add(f"socket:[{fields[9]}]")
     if not inodes:
         return None
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in _proc_pids():
         try:
             for fd in (entry / "fd").iterdir():
                 if os.readlink(fd) in inodes:
