@@ -15,7 +15,6 @@ writer's transaction, so the commit itself (see ``scopemeter_writer_commit_secon
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import statistics
@@ -31,7 +30,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.loadgen import Fleet, LoadGenerator, forget_session
-from ingest.writer import _COLS, _TYPES
+from ingest.writer import _COLS, _TYPES, Row
 from ops.errors import UserError
 from ops.pipeline import _Proc, settings_env
 from ops.procs import cpu_seconds, free_port, listener_pid, machine_cpu_seconds, pids_named
@@ -43,16 +42,29 @@ Progress = Callable[[str, float], None]  # (phase, fraction done)
 
 @dataclass(frozen=True)
 class Repetition:
-    """One raw COPY and the end-to-end run of the same rows right after it."""
+    """One raw COPY of ``readings`` rows and the end-to-end run of the same rows right after it."""
 
+    readings: int
     copy_s: float
     e2e_s: float
+    copy_cpu: CpuUse
+    cpu: CpuUse
     # The end-to-end run without its fill and drain: rows and seconds between the transactions
     # that reached 10 % and 90 % of the rows (0 when there were too few transactions to tell).
     sustained_readings: int = 0
     sustained_s: float = 0.0
-    copy_cpu: CpuUse | None = None
-    cpu: CpuUse | None = None
+
+    @property
+    def copy_rate(self) -> float:
+        return self.readings / self.copy_s
+
+    @property
+    def e2e_rate(self) -> float:
+        return self.readings / self.e2e_s
+
+    @property
+    def sustained_rate(self) -> float:
+        return self.sustained_readings / self.sustained_s if self.sustained_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -72,39 +84,32 @@ class IngestBenchResult:
 
     @property
     def copy_rate(self) -> float:
-        return self._median(lambda r: self.readings / r.copy_s)
+        return self._median(lambda r: r.copy_rate)
 
     @property
     def e2e_rate(self) -> float:
-        return self._median(lambda r: self.readings / r.e2e_s)
+        return self._median(lambda r: r.e2e_rate)
 
     @property
     def ratio(self) -> float:
-        return self._median(lambda r: r.copy_s / r.e2e_s)
+        return self._median(lambda r: r.e2e_rate / r.copy_rate)
 
     @property
     def sustained_rate(self) -> float:
-        return self._median(lambda r: r.sustained_readings / r.sustained_s if r.sustained_s > 0 else 0.0)
+        return self._median(lambda r: r.sustained_rate)
 
     @property
     def sustained_ratio(self) -> float:
-        return self._median(
-            lambda r: (
-                r.sustained_readings / r.sustained_s * r.copy_s / self.readings if r.sustained_s > 0 else 0.0
-            )
-        )
+        return self._median(lambda r: r.sustained_rate / r.copy_rate)
 
-    def cpu(self, phase: str) -> CpuUse | None:
+    def cpu(self, phase: str) -> CpuUse:
         """CPU of all repetitions of ``phase`` ("copy" or "e2e") together."""
         uses = [r.copy_cpu if phase == "copy" else r.cpu for r in self.repetitions]
-        present = [u for u in uses if u is not None]
-        if not present:
-            return None
         seconds: dict[str, float] = {}
-        for u in present:
+        for u in uses:
             for name, sec in u.seconds.items():
                 seconds[name] = seconds.get(name, 0.0) + sec
-        return CpuUse(seconds, sum(u.machine_busy for u in present), sum(u.machine_total for u in present))
+        return CpuUse(seconds, sum(u.machine_busy for u in uses), sum(u.machine_total for u in uses))
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,20 @@ def scrape(port: int, name: str, **labels: str) -> float:
     return 0.0
 
 
+def scrape_writers(writers: list[tuple[_Proc, int]], name: str, **labels: str) -> list[float]:
+    """One sample of ``name`` from each writer's /metrics (0 while it is not serving yet); raises
+    when a writer has exited."""
+    got = []
+    for proc, port in writers:
+        if proc.popen.poll() is not None:
+            raise UserError(f"a writer exited ({proc.popen.returncode}); see {proc.log_path}")
+        try:
+            got.append(scrape(port, name, **labels))
+        except OSError:
+            got.append(0.0)
+    return got
+
+
 def wait_inserted(
     writers: list[tuple[_Proc, int]],
     want: float,
@@ -184,12 +203,7 @@ def wait_inserted(
     writer CPU, so a timed phase polls slowly and reads the end time from the writers' own gauge."""
     deadline = time.monotonic() + timeout
     while True:
-        got = 0.0
-        for proc, port in writers:
-            if proc.popen.poll() is not None:
-                raise UserError(f"a writer exited ({proc.popen.returncode}); see {proc.log_path}")
-            with contextlib.suppress(OSError):  # not serving yet
-                got += scrape(port, "scopemeter_writer_rows_total", outcome="inserted")
+        got = sum(scrape_writers(writers, "scopemeter_writer_rows_total", outcome="inserted"))
         if progress is not None:
             progress(got)
         if got >= want:
@@ -205,14 +219,7 @@ def wait_assigned(writers: list[tuple[_Proc, int]], partitions: int, timeout: fl
     deadline = time.monotonic() + timeout
     want_each = 1 if len(writers) <= partitions else 0
     while True:
-        held = []
-        for proc, port in writers:
-            if proc.popen.poll() is not None:
-                raise UserError(f"a writer exited ({proc.popen.returncode}); see {proc.log_path}")
-            try:
-                held.append(scrape(port, "scopemeter_writer_assigned_partitions"))
-            except OSError:
-                held.append(0.0)
+        held = scrape_writers(writers, "scopemeter_writer_assigned_partitions")
         if sum(held) == partitions and min(held) >= want_each:
             return
         if time.monotonic() > deadline:
@@ -220,12 +227,9 @@ def wait_assigned(writers: list[tuple[_Proc, int]], partitions: int, timeout: fl
         time.sleep(0.2)
 
 
-def raw_copy_seconds(
-    dsn: str, rows: list[tuple[str, str, datetime, float, int, str, str, int]]
-) -> tuple[float, CpuUse]:
-    """Binary COPY of ``rows`` straight into ``readings`` and commit, timed; then deleted again.
-    Both phases start on a vacuumed table."""
-    vacuum(dsn)
+def raw_copy_seconds(dsn: str, rows: list[Row]) -> tuple[float, CpuUse]:
+    """Binary COPY of ``rows`` straight into ``readings`` and commit, timed; then deleted again and
+    vacuumed, so the end-to-end phase that follows meets a clean table."""
     with psycopg.connect(dsn) as conn:
         t_min = min(r[2] for r in rows)
         t_max = max(r[2] for r in rows)
@@ -329,6 +333,7 @@ def run(
         wait_inserted(writer_procs, gen.total, timeout)
         progress("warm-up", 1.0)
 
+        vacuum(s.db.dsn)  # the first pair starts clean too, whatever earlier runs left behind
         span = steps * gen.spacing
         pieces = {name: [pid] for name, pid in broker_pids(s).items()}
         groups = {
@@ -436,4 +441,4 @@ def _repetition(
             (gen.fleet.prefix + "-%", starts[0], starts[-1] + span),
         ).fetchall()
     steady_rows, steady_s = sustained([(t, int(c)) for t, c in transactions])
-    return Repetition(copy_s, e2e_s, steady_rows, steady_s, copy_cpu, cpu_use)
+    return Repetition(n, copy_s, e2e_s, copy_cpu, cpu_use, steady_rows, steady_s)

@@ -25,10 +25,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.wire import Quantity, readings_topic
+from ingest.writer import Row
 from ops.settings import Settings
 
 QUANTITY = Quantity.ENERGY_IMPORT_KWH.value
-Row = tuple[str, str, datetime, float, int, str, str, int]  # as ingest.writer.Row
 
 
 @dataclass(frozen=True)
