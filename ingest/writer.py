@@ -141,15 +141,14 @@ def runs(rows: Sequence[Row]) -> list[Run]:
 _RUN_KEY = itemgetter(5, 0, 1)
 
 
-def dirty_ranges(
-    rows: Sequence[Row], *, ordered: bool = False, of_runs: list[Run] | None = None
-) -> list[DirtyRange]:
+def dirty_ranges(rows: Sequence[Row]) -> list[DirtyRange]:
     """Per (site, meter, counter quantity): the span of timestamps offered, duplicates included,
-    so a replay after a crash between DB commit and publish still tells compute. ``ordered`` says
-    the rows are in identity order already (else they are sorted here); ``of_runs`` passes their
-    ``runs`` when the caller has them."""
-    if of_runs is None:
-        of_runs = runs(rows if ordered else sorted(rows))
+    so a replay after a crash between DB commit and publish still tells compute."""
+    return _dirty(runs(sorted(rows)))
+
+
+def _dirty(of_runs: list[Run]) -> list[DirtyRange]:
+    """The dirty ranges of the counter runs among ``runs`` of rows in identity order."""
     # Built from values the decoder typed already: validating them again costs more than this.
     return [
         DirtyRange.model_construct(site_id=s, meter_id=m, quantity=q, t_min=lo, t_max=hi, rows=n)
@@ -379,7 +378,7 @@ def prepare(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Prepared:
             offsets[tp] = OffsetAndMetadata(rec.offset + 1, "")
     cut = runs(rows)
     span = (min(r[3] for r in cut), max(r[4] for r in cut)) if cut else None
-    prepared = Prepared(rows, letters, dirty_ranges(rows, of_runs=cut), offsets, span)
+    prepared = Prepared(rows, letters, _dirty(cut), offsets, span)
     metrics.WRITER_DECODE_SECONDS.observe(time.monotonic() - started)
     return prepared
 

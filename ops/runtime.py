@@ -20,10 +20,10 @@ def tune_gc() -> None:
     """Make the cyclic garbage collector run rarely and skip everything loaded at startup.
 
     A service builds and drops objects by the thousand per message (a batch validates into a
-    thousand reading models) and they hold no cycles, so reference counting frees them. With the
-    default threshold the collector ran several times per message and took a third of the
-    bridge's CPU (py-spy --native during ``scopemeter bench ingest``). Cycles are still collected,
-    just less often."""
+    thousand readings, the writer turns them into rows) and they hold no cycles, so reference
+    counting frees them. With the default threshold the collector ran several times per message
+    and took a third of the bridge's CPU (py-spy --native during ``scopemeter bench ingest``).
+    Cycles are still collected, just less often."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
