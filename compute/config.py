@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,3 +58,19 @@ def validate(model: type[M], data: Any, path: Path, where: str) -> M:
 def entry_name(data: Any, section: str, index: int) -> str:
     ident = data.get("id") if isinstance(data, dict) else None
     return f"[[{section}]] #{index + 1}" + (f" (id={ident!r})" if ident else "")
+
+
+def check_keys(data: dict[str, Any], path: Path, sections: Sequence[str]) -> None:
+    """Refuse top-level keys other than ``sections`` (a typo would otherwise be ignored)."""
+    unknown = set(data) - set(sections)
+    if unknown:
+        expected = f"only [[{sections[0]}]]" if len(sections) == 1 else str(sorted(sections))
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected {expected}")
+
+
+def section_entries(data: dict[str, Any], path: Path, section: str, model: type[M]) -> list[M]:
+    """The ``[[section]]`` array of tables, each entry validated with errors naming it."""
+    raw = data.get(section, [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: '{section}' must be an array of tables ([[{section}]])")
+    return [validate(model, item, path, entry_name(item, section, i)) for i, item in enumerate(raw)]

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Final, Literal
 import psycopg
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from compute.config import Carrier, ConfigError, entry_name, read_toml, validate
+from compute.config import Carrier, ConfigError, check_keys, read_toml, section_entries
 from edge.wire import Ident
 
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
@@ -132,13 +132,8 @@ class Factor(BaseModel):
 def load_factors(path: Path) -> list[Factor]:
     """Parse and validate the library; raises ``ConfigError`` naming the offending entries."""
     data = read_toml(path)
-    unknown = set(data) - {"factors"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected only [[factors]]")
-    raw = data.get("factors", [])
-    if not isinstance(raw, list):
-        raise ConfigError(f"{path}: 'factors' must be an array of tables ([[factors]])")
-    factors = [validate(Factor, item, path, entry_name(item, "factors", i)) for i, item in enumerate(raw)]
+    check_keys(data, path, ["factors"])
+    factors = section_entries(data, path, "factors", Factor)
     seen: dict[str, int] = {}
     for i, f in enumerate(factors):
         if f.id in seen:

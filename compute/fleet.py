@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from compute.config import Carrier, ConfigError, entry_name, read_toml, validate
+from compute.config import Carrier, ConfigError, check_keys, read_toml, section_entries
 from edge.wire import Ident
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -105,17 +105,10 @@ _SECTIONS: dict[str, type[_Entry]] = {
 def load_fleet(path: Path) -> Fleet:
     """Parse and validate the registry, including references between entries."""
     data = read_toml(path)
-    unknown = set(data) - set(_SECTIONS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected {sorted(_SECTIONS)}")
+    check_keys(data, path, list(_SECTIONS))
     parsed: dict[str, list[Any]] = {}
     for section, model in _SECTIONS.items():
-        raw = data.get(section, [])
-        if not isinstance(raw, list):
-            raise ConfigError(f"{path}: '{section}' must be an array of tables ([[{section}]])")
-        parsed[section] = [
-            validate(model, item, path, entry_name(item, section, i)) for i, item in enumerate(raw)
-        ]
+        parsed[section] = section_entries(data, path, section, model)
         ids: set[str] = set()
         for entry in parsed[section]:
             if entry.id in ids:

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compute.config import SCOPE2_CARRIERS, Carrier, ConfigError, entry_name, read_toml, validate
+from compute.config import SCOPE2_CARRIERS, Carrier, ConfigError, check_keys, read_toml, section_entries
 from edge.wire import Ident
 
 RESIDUAL_SERIES: Final = "residual-mix"
@@ -68,13 +68,8 @@ class Instrument(BaseModel):
 
 def load_instruments(path: Path) -> list[Instrument]:
     data = read_toml(path)
-    unknown = set(data) - {"instruments"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected only [[instruments]]")
-    raw = data.get("instruments", [])
-    if not isinstance(raw, list):
-        raise ConfigError(f"{path}: 'instruments' must be an array of tables ([[instruments]])")
-    items = [validate(Instrument, x, path, entry_name(x, "instruments", i)) for i, x in enumerate(raw)]
+    check_keys(data, path, ["instruments"])
+    items = section_entries(data, path, "instruments", Instrument)
     ids = [i.id for i in items]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from compute.config import ConfigError, entry_name, read_toml, validate
+from compute.config import ConfigError, read_toml, section_entries, validate
 from edge.wire import Ident
 from ops.settings import REPO_ROOT
 
@@ -115,13 +115,8 @@ _SECTIONS: dict[str, type[_Entry]] = {
 def load_statements_config(path: Path) -> StatementsConfig:
     """Parse and validate; raises ``ConfigError`` (a ``UserError``) naming the bad entry."""
     data = read_toml(path)
-    for section in _SECTIONS:
-        raw = data.get(section, [])
-        if not isinstance(raw, list):
-            raise ConfigError(f"{path}: '{section}' must be an array of tables ([[{section}]])")
-        model = _SECTIONS[section]
-        for i, item in enumerate(raw):
-            validate(model, item, path, entry_name(item, section, i))
+    for section, model in _SECTIONS.items():
+        section_entries(data, path, section, model)  # first, for errors that name the entry
     cfg = validate(StatementsConfig, data, path, "top level")
     totals: dict[str, float] = defaultdict(float)
     seen: set[tuple[str, str]] = set()
