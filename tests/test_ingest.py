@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import REGISTRY
 
 from edge.wire import READINGS_SUBSCRIPTION, Batch, Quantity, Reading, readings_topic
+from ingest.bench import lane_settings
 from ingest.bridge import run_bridge
 from ingest.dlq import DeadLetter, Reason
 from ingest.events import DirtyRange, decode_dirty
@@ -118,17 +119,9 @@ async def publish_async(lane: Lane, messages: list[tuple[str, bytes]]) -> None:
 @pytest.fixture
 def lane(settings: Settings) -> Iterator[Lane]:
     u = uuid.uuid4().hex[:10]
-    kafka = settings.kafka.model_copy(
-        update={
-            "readings_topic": f"readings-{u}",
-            "dlq_topic": f"dlq-{u}",
-            "committed_topic": f"committed-{u}",
-            "writer_group": f"writer-{u}",
-            "partitions": 2,
-        }
-    )
-    mqtt_settings = settings.mqtt.model_copy(update={"share_group": f"ingest-{u}"})
-    s = settings.model_copy(update={"kafka": kafka, "mqtt": mqtt_settings})
+    private = lane_settings(settings, u)
+    kafka = private.kafka.model_copy(update={"partitions": 2})
+    s = private.model_copy(update={"kafka": kafka})
     asyncio.run(ensure_topics_async(kafka))
     lane = Lane(s, f"sup-{u}", f"site-{u}", f"gw-{u}", f"t{u}-m", f"bridge-{u}")
     _open_session(lane)
