@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from edge.agent import RunReport, run_agent
-from edge.config import load_edge_config
 from edge.wire import Batch, readings_topic
 from ops import metrics
 from ops.procs import ManagedProcess, free_port
@@ -24,7 +23,7 @@ from ops.settings import REPO_ROOT, ClockSettings, MqttSettings, Settings, Stack
 from simulators.config import load_simulation
 from simulators.meters import start_simulator
 from simulators.netfault import FaultProxy
-from tests.test_edge_durability import CLI, DEMO_GATEWAY, DEMO_SIM, T0, Collector
+from tests.test_edge_durability import CLI, DEMO_SIM, T0, Collector, demo_gateway
 
 
 async def until(condition: Callable[[], bool], what: str, limit_s: float = 20.0) -> None:
@@ -40,15 +39,7 @@ def test_agent_rides_out_a_broker_outage_and_delivers_every_reading_once(
 ) -> None:
     gateway = f"gw-cut-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     modbus_port = free_port()
-    base = load_edge_config(DEMO_GATEWAY)
-    config = base.model_copy(
-        update={
-            "gateway": gateway,
-            "poll_interval_s": 5.0,
-            "outbox_path": tmp_path / "outbox.sqlite",
-            "meters": tuple(m.model_copy(update={"port": modbus_port}) for m in base.meters),
-        }
-    )
+    config = demo_gateway(gateway, modbus_port, tmp_path)
     clock = ClockSettings(speed=60, sim_start=T0, wall_start=time.time())  # a poll every 1/12 s
     collector = Collector(mosquitto.port, readings_topic(config.supplier, config.site, gateway))
     backlog, connected = metrics.EDGE_OUTBOX_BATCHES, metrics.EDGE_MQTT_CONNECTED

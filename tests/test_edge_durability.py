@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.agent import RateLimit, run_agent
 from edge.clock import ClockCheck, measure_http_offset
-from edge.config import load_edge_config
+from edge.config import EdgeConfig, load_edge_config
 from edge.outbox import Outbox
 from edge.wire import Batch, readings_topic
 from ops import metrics
@@ -249,22 +249,28 @@ def test_offset_is_measured_against_an_http_date(http_reference: str) -> None:
     assert abs(fast + 3600) <= 1.0
 
 
+def demo_gateway(gateway: str, modbus_port: int, tmp_path: Path, **update: object) -> EdgeConfig:
+    """The demo gateway's config as ``gateway``, polling every 5 s from meters on ``modbus_port``,
+    with its outbox in ``tmp_path``; ``update`` overrides more settings."""
+    base = load_edge_config(DEMO_GATEWAY)
+    return base.model_copy(
+        update={
+            "gateway": gateway,
+            "poll_interval_s": 5.0,
+            "outbox_path": tmp_path / "outbox.sqlite",
+            "meters": tuple(m.model_copy(update={"port": modbus_port}) for m in base.meters),
+            **update,
+        }
+    )
+
+
 def test_a_wrong_gateway_clock_quarantines_and_counts(
     http_reference: str, tmp_path: Path, mosquitto: ManagedProcess
 ) -> None:
     """Simulated time (2026-11-02) is far from the reference's real now: nothing may be sent."""
     gateway = f"gw-clock-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     modbus_port = free_port()
-    base = load_edge_config(DEMO_GATEWAY)
-    config = base.model_copy(
-        update={
-            "gateway": gateway,
-            "poll_interval_s": 5.0,
-            "outbox_path": tmp_path / "outbox.sqlite",
-            "clock_reference_url": http_reference,
-            "meters": tuple(m.model_copy(update={"port": modbus_port}) for m in base.meters),
-        }
-    )
+    config = demo_gateway(gateway, modbus_port, tmp_path, clock_reference_url=http_reference)
     clock = ClockSettings(speed=60, sim_start=T0, wall_start=time.time())
     settings = Settings(
         mqtt=MqttSettings(port=mosquitto.port), clock=clock, stack=StackSettings(state_dir=tmp_path)
