@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Make sure the machine has what scopemeter expects beside its own venv:
-#  - the mosquitto binary (Debian package), which `scopemeter stack up` and the tests start on their own ports;
-#  - a reachable PostgreSQL on 127.0.0.1:5432 (started the Debian way if installed but stopped);
-#  - tools the tests drive for real: openssl (certificates), pdftoppm (statement PDFs to PNG),
-#    promtool (alert rule tests, from Debian's prometheus package).
+# Make sure the machine has what scopemeter expects beside its own venv. On a fresh Debian machine
+# (no service running) this installs and starts everything `make demo` and `make test` use:
+#  - Debian packages: mosquitto (started by `scopemeter stack up` / the tests on their own ports),
+#    postgresql, openssl (certificates), poppler-utils (statement PDFs to PNG), prometheus (promtool
+#    for the alert rule tests), a Java 17 runtime and Maven (Apache Kafka, fetched by ops/kafka/pom.xml);
+#  - the local PostgreSQL cluster on 127.0.0.1:5432, started the Debian way, with the role
+#    `scopemeter` (password `scopemeter`, CREATEDB) that the default DSN uses: Debian's own
+#    pg_hba.conf (scram-sha-256 on loopback) is left as it is;
+#  - Apache Kafka's jars in the cache (ops/kafka/fetch.sh);
+#  - the TimescaleDB WASM test server's npm packages (ops/timescale/).
+# Without root it installs nothing and prints the commands to run instead.
 set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
-command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v pdftoppm >/dev/null 2>&1 || need_apt+=(poppler-utils)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need_apt[*]} with apt-get"
@@ -22,19 +31,55 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# --- PostgreSQL -----------------------------------------------------------------------------------
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -n -u postgres "$@"; fi
+}
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
-  if [ -n "$version" ]; then
-    echo "starting PostgreSQL $version"
+  if [ -z "$version" ]; then
+    echo "PostgreSQL is installed but has no cluster; create one with: sudo pg_createcluster --start 15 main" >&2
+    exit 1
+  fi
+  echo "starting PostgreSQL $version/main"
+  if [ "$(id -u)" = 0 ]; then
     pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  else
+    sudo -n pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
   fi
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
-  pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not reachable on 127.0.0.1:5432" >&2; exit 1; }
+  pg_isready -q -h 127.0.0.1 -p 5432 || {
+    echo "PostgreSQL is not reachable on 127.0.0.1:5432; start it with: sudo pg_ctlcluster $version main start" >&2
+    exit 1
+  }
+fi
+# The project's role: created once, idempotently. Skipped when the default DSN already connects
+# (someone configured it by hand) or SCOPEMETER_DB__ADMIN_DSN points elsewhere.
+if [ -z "${SCOPEMETER_DB__ADMIN_DSN:-}" ] && \
+   ! PGPASSWORD=scopemeter psql -qAt -h 127.0.0.1 -U scopemeter -d postgres -c 'select 1' >/dev/null 2>&1; then
+  echo "creating the PostgreSQL role scopemeter (CREATEDB, password scopemeter)"
+  as_postgres psql -q -v ON_ERROR_STOP=1 -d postgres <<'SQL' || {
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'scopemeter') THEN
+    CREATE ROLE scopemeter LOGIN CREATEDB PASSWORD 'scopemeter';
+  ELSE
+    ALTER ROLE scopemeter LOGIN CREATEDB PASSWORD 'scopemeter';
+  END IF;
+END $$;
+SQL
+    echo "cannot create the role; run as the postgres user: CREATE ROLE scopemeter LOGIN CREATEDB PASSWORD 'scopemeter'" >&2
+    exit 1
+  }
 fi
 
-# A real TimescaleDB (PGlite WASM build, from npm) for the tests of the TimescaleDB storage path:
-# installed into ops/timescale/node_modules (gitignored) when missing or older than the lock file.
-ts_dir="$(dirname "$0")/timescale"
+# --- Apache Kafka ---------------------------------------------------------------------------------
+if [ -x "$here/kafka/fetch.sh" ] || [ -f "$here/kafka/fetch.sh" ]; then
+  bash "$here/kafka/fetch.sh" >/dev/null
+fi
+
+# --- TimescaleDB (WASM) for the tests of the TimescaleDB storage path -----------------------------
+# Installed into ops/timescale/node_modules (gitignored) when missing or older than the lock file.
+ts_dir="$here/timescale"
 if [ ! -f "$ts_dir/node_modules/.package-lock.json" ] || [ "$ts_dir/package-lock.json" -nt "$ts_dir/node_modules/.package-lock.json" ]; then
   command -v npm >/dev/null 2>&1 || { echo "missing: node and npm (v20+), needed for ops/timescale" >&2; exit 1; }
   echo "installing the TimescaleDB WASM server into ops/timescale/node_modules"

@@ -47,9 +47,12 @@ class KafkaSettings(BaseModel):
 
 
 class DbSettings(BaseModel):
-    dsn: str = "postgresql://postgres@127.0.0.1:5432/scopemeter"
-    # Used only to create the database when it does not exist.
-    admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """The embedded default is the machine's Debian PostgreSQL with the ``scopemeter`` role that
+    ``make services`` (ops/ensure-services.sh) creates: password auth on loopback, as Debian ships it."""
+
+    dsn: str = "postgresql://scopemeter:scopemeter@127.0.0.1:5432/scopemeter"
+    # Used only to create (and, in tests, drop) databases; the role needs CREATEDB.
+    admin_dsn: str = "postgresql://scopemeter:scopemeter@127.0.0.1:5432/postgres"
 
 
 class ClockSettings(BaseModel):

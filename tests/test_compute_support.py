@@ -16,8 +16,10 @@ import psycopg
 import pytest
 
 from ingest.db import drop_database, ensure_database, migrate
+from ops.settings import DbSettings
 
-ADMIN_DSN = os.environ.get("SCOPEMETER_TEST_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+# The same admin DSN as the shared conftest: the settings default unless the environment says otherwise.
+ADMIN_DSN = os.environ.get("SCOPEMETER_DB__ADMIN_DSN", DbSettings().admin_dsn)
 REPO = Path(__file__).resolve().parent.parent
 
 Row = tuple[str, str, datetime, float, int, str, str, int]

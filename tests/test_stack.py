@@ -189,7 +189,7 @@ def test_broker_that_dies_at_start_names_piece_reason_and_log(tmp_path: Path) ->
 
 
 def test_postgres_unreachable_is_a_clear_error(stack_settings: Settings) -> None:
-    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    dead = f"postgresql://scopemeter:scopemeter@127.0.0.1:{free_port()}/postgres"
     s = stack_settings.model_copy(update={"db": DbSettings(dsn=dead, admin_dsn=dead)})
     with pytest.raises(UserError, match=r"postgresql: not reachable at 127.0.0.1:\d+"):
         stack.up(s, timeout=2)
@@ -212,6 +212,6 @@ def test_stopped_debian_cluster_is_started_with_pg_ctlcluster(monkeypatch: pytes
     monkeypatch.setattr("ops.stack.shutil.which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr("ops.stack.subprocess.run", fake_run)
     monkeypatch.setattr("ops.stack._pg_error", lambda dsn, timeout=3.0: next(answers))
-    local = "postgresql://postgres@127.0.0.1:5432/postgres"
+    local = "postgresql://scopemeter:scopemeter@127.0.0.1:5432/postgres"
     assert stack.ensure_postgres(Settings(db=DbSettings(dsn=local, admin_dsn=local)), timeout=5) is True
     assert calls[-1] == ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"]
