@@ -1,21 +1,26 @@
-# The two commands of the README: `make demo` and `make test`. Both work on a fresh clone.
+# The two commands of the README: `make demo` and `make test`. Both work on a fresh clone of a fresh
+# Debian machine: `services` installs and starts what they use (ops/ensure-services.sh), `install`
+# builds .venv from the hash-pinned lock file, and `scopemeter stack up` (or the tests' fixtures)
+# start Mosquitto and Apache Kafka (fetched once from Maven Central, pinned by ops/kafka/).
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: install services demo test lint bench clean
+.PHONY: install services demo test lint bench clean lock
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e '.[edge,server,embedded,dev]'
+	$(BIN)/pip install -q -U 'pip>=24'
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(BIN)/.installed
 
-# System services the project uses but does not vendor: PostgreSQL (running) and the mosquitto binary.
-services:
+# Debian packages, PostgreSQL (started, with the project's role), Kafka's jars, the TimescaleDB test server.
+services: install
 	bash ops/ensure-services.sh
+	$(BIN)/python -c 'from ops.kafka_broker import kafka_libs; print("kafka jars:", kafka_libs())'
 
 demo: install services
 	$(BIN)/scopemeter demo
@@ -23,9 +28,15 @@ demo: install services
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: install services lint
 	$(BIN)/pytest
+
+# After changing dependencies in pyproject.toml: re-pin every package with its hashes.
+lock: install
+	$(BIN)/pip-compile -q --extra edge --extra server --extra dev --generate-hashes --allow-unsafe \
+		--strip-extras -o requirements.lock pyproject.toml
 
 clean:
 	-$(BIN)/scopemeter stack down

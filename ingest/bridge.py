@@ -82,11 +82,13 @@ async def run_bridge(
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap,
         acks="all",
-        enable_idempotence=False,  # not supported by every Kafka-compatible broker; the DB key dedups
+        # Idempotent: a retry after a lost ack is written once per partition, in order (Kafka dedups by
+        # producer id and sequence); the DB key still dedups a redelivery from MQTT.
+        enable_idempotence=True,
         linger_ms=5,
         # Batches are ~100 kB: the 16 kB default would send each in its own request.
         max_batch_size=1024 * 1024,
-        max_request_size=8 * 1024 * 1024,
+        max_request_size=settings.kafka.max_message_bytes,
     )
     await producer.start()
     subscribed = asyncio.Event()

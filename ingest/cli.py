@@ -87,7 +87,7 @@ def _writer(args: Any) -> int:
 def _bench(args: Any) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ingest.bench import run
+    from ops.bench_ingest import run
     from ops.errors import UserError
 
     counts = (args.sites, args.meters, args.steps, args.rounds, args.writers, args.repeat)

@@ -265,7 +265,7 @@ async def run_writer(
         fetch_max_wait_ms=k.fetch_max_wait_ms,
     )
     producer = AIOKafkaProducer(
-        bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=False, linger_ms=5
+        bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5
     )
     store = await asyncio.to_thread(ReadingStore, settings.db.dsn)
     await producer.start()

@@ -1,4 +1,4 @@
-"""``scopemeter stack up|down|status`` (the embedded Mosquitto + Tansu beside the local PostgreSQL)
+"""``scopemeter stack up|down|status`` (the embedded Mosquitto + Apache Kafka beside the local PostgreSQL)
 and ``scopemeter demo`` (the whole pipeline on one simulated site)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stack = sub.add_parser(
         "stack",
-        help="start/stop/inspect the local Mosquitto, Tansu (Kafka) and PostgreSQL",
+        help="start/stop/inspect the local Mosquitto, Apache Kafka and PostgreSQL",
         description="Pid files, logs and broker data live in SCOPEMETER_STACK__STATE_DIR (.scopemeter/).",
     )
     ssub = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     down.set_defaults(handler=_down)
     st = ssub.add_parser("status", help="table of pieces: reachable?, pid, port")
     st.set_defaults(handler=_status)
+    lock = ssub.add_parser(
+        "kafka-lock", help="after changing ops/kafka/pom.xml: fetch its jars and rewrite ops/kafka/jars.lock"
+    )
+    lock.set_defaults(handler=_kafka_lock)
 
     demo = sub.add_parser("demo", help="run one simulated site through the whole pipeline, check the result")
     demo.add_argument("--hours", type=float, default=2.0, help="simulated hours (default 2)")
@@ -68,3 +72,11 @@ def _status(_args: Any) -> int:
     result = stack.status(Settings())
     print(result.table())
     return 0 if result.ok else 1
+
+
+def _kafka_lock(_args: Any) -> int:
+    from ops.kafka_broker import write_lock
+    from ops.settings import Settings
+
+    print(f"wrote {write_lock(Settings().stack.kafka_cache_dir)}")
+    return 0

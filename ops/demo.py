@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     settings = demo_settings()
     started_at = time.monotonic()
-    with console.status("starting the stack (Mosquitto, Tansu, PostgreSQL)…"):
+    with console.status("starting the stack (Mosquitto, Apache Kafka, PostgreSQL)…"):
         stack.ensure_postgres(settings)
         prepare(settings)  # first: a demo database from an older schema is dropped, not migrated
         status = stack.up(settings)

