@@ -46,7 +46,12 @@ class SimulatedMeter:
 
     def __init__(self, meter: SimMeter, device: DeviceMap, origin: datetime) -> None:
         self.meter = meter
-        self.device = device.on_wire()
+        device = device.on_wire()
+        self.model_code = 0
+        if (ident := device.identification) is not None:  # the model code the agent checks at connect
+            device = device.model_copy(update={"registers": (*device.registers, ident.register())})
+            self.model_code = min(ident.codes)
+        self.device = device
         self.origin = origin  # the counter equals ``initial_import_kwh`` at this instant
 
     def import_kwh(self, now: datetime) -> float:
@@ -82,6 +87,7 @@ class SimulatedMeter:
         total_w = float(power_w(p, now))
         imported, serial = self.counter_kwh(now)
         out: dict[str, float] = {
+            "identification": self.model_code,
             "serial_number": serial,
             "total_power": total_w,
             "total_import_kwh": imported,
