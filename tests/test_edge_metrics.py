@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.config import EdgeConfigError, load_edge_config
 from edge import metrics
+from edge.config import EdgeConfigError, load_edge_config
 from ops.procs import free_port
 from tests.test_edge_agent import agent_with_simulator, broker_port, setup
 
