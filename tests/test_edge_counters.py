@@ -31,6 +31,11 @@ def test_a_small_dip_with_the_same_serial_is_a_glitch_not_a_replacement() -> Non
     assert run([500.0, 500.5, 500.49, 501.0], [7, 7, 7, 7]) == [0, 0, OOR, 0]
 
 
+def test_the_baseline_is_the_last_plausible_reading() -> None:
+    # 500.0 after the glitch is still below the plausible 500.5: flagged too.
+    assert run([500.0, 500.5, 499.6, 500.0, 500.6]) == [0, 0, OOR, OOR, 0]
+
+
 def test_one_bad_low_reading_does_not_become_the_baseline() -> None:
     """Issue 12: one low read used to become the baseline and the next 36 good reads were flagged."""
     good = [1000.0 + i for i in range(40)]
