@@ -43,10 +43,14 @@ class Slave:
     """Answers 8-byte read requests one at a time, like a real RTU slave; ``script[unit]`` lists
     the behaviour of that unit's successive requests (then "ok")."""
 
-    def __init__(self, script: dict[int, list[str]], late_s: float = 0.0) -> None:
+    def __init__(
+        self, script: dict[int, list[str]], late_s: float = 0.0, refuse: set[int] | None = None
+    ) -> None:
         self.script = {u: list(b) for u, b in script.items()}
         self.late_s = late_s
+        self.refuse = refuse or set()  # addresses answered with exception 2 (no such register)
         self.requests: list[tuple[int, int, int, int]] = []
+        self.times: list[float] = []  # monotonic arrival time of each request
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -74,8 +78,11 @@ class Slave:
     def _answer(self, conn: socket.socket, request: bytes) -> None:
         unit, function, address, count = struct.unpack(">BBHH", request[:6])
         self.requests.append((unit, function, address, count))
+        self.times.append(time.monotonic())
         steps = self.script.get(unit, [])
         how = steps.pop(0) if steps else "ok"
+        if address in self.refuse:
+            how = "exception"
         if how == "silent":
             return
         words = [word(unit, address + i) for i in range(count)]
@@ -103,8 +110,8 @@ class Slave:
 def slave_factory() -> Iterator[Any]:
     made: list[Slave] = []
 
-    def make(script: dict[int, list[str]], late_s: float = 0.0) -> Slave:
-        made.append(Slave(script, late_s))
+    def make(script: dict[int, list[str]], late_s: float = 0.0, refuse: set[int] | None = None) -> Slave:
+        made.append(Slave(script, late_s, refuse))
         return made[-1]
 
     yield make
@@ -176,22 +183,28 @@ def test_after_a_timeout_the_line_is_drained_and_quiet_before_the_next_request(s
     assert m.discarded_bytes == 9  # exactly the late 9-byte frame
 
 
-def device_map() -> DeviceMap:
+def device_map(serial: bool = False) -> DeviceMap:
+    registers: list[dict[str, Any]] = [
+        {"name": "p", "address": 0x10, "data_type": "uint16", "quantity": "power_w"},
+        {"name": "e", "address": 0x20, "data_type": "uint16", "quantity": "energy_import_kwh"},
+    ]
+    if serial:
+        registers.append(
+            {"name": "serial_number", "address": 0xFC00, "type": "holding", "data_type": "uint32"}
+        )
     return DeviceMap.model_validate(
         {
             "model": "probe_device",
             "source": "hand-written test device (tests/test_edge_rtu.py)",
-            "registers": [
-                {"name": "p", "address": 0x10, "data_type": "uint16", "quantity": "power_w"},
-                {"name": "e", "address": 0x20, "data_type": "uint16", "quantity": "energy_import_kwh"},
-            ],
+            "registers": registers,
         }
     )
 
 
-def poll(port: int, rounds: int) -> list[PollResult]:
+def poll(port: int, rounds: int, serial: bool = False, **extra: Any) -> list[PollResult]:
     config = EdgeConfig.model_validate(
         {
+            **extra,
             "supplier": "s",
             "site": "x",
             "gateway": "g",
@@ -214,7 +227,7 @@ def poll(port: int, rounds: int) -> list[PollResult]:
     clock = ClockSettings(speed=1e-9, sim_start=T0, wall_start=time.time())
 
     async def main() -> list[PollResult]:
-        poller = ModbusPoller(config, {"probe_device": device_map()}, clock)
+        poller = ModbusPoller(config, {"probe_device": device_map(serial)}, clock)
         try:
             return [await poller.poll() for _ in range(rounds)]
         finally:
@@ -256,3 +269,50 @@ def test_unit_ids_outside_1_to_247_are_refused_on_rtu() -> None:
                 )
     tcp = {"id": "m", "host": "127.0.0.1", "unit_id": 255, "model": "x"}
     assert EdgeConfig.model_validate({**base, "meters": [tcp]}).meters[0].unit_id == 255
+
+
+def test_the_serial_number_is_read_at_connect_not_on_every_poll(slave_factory: Any) -> None:
+    slave = slave_factory({})
+    results = poll(slave.port, 3, serial=True)
+    assert all(not r.failed_meters for r in results)
+    serial_reads = [r for r in slave.requests if r[2] == 0xFC00]
+    assert sorted(serial_reads) == [(1, 3, 0xFC00, 2), (2, 3, 0xFC00, 2)]  # once per meter, at connect
+    value_reads = [r for r in slave.requests if r[2] != 0xFC00]
+    assert len(value_reads) == 3 * 2 * 2  # 3 polls x 2 meters x 2 strict blocks (0x10, 0x20)
+
+
+def test_the_serial_number_is_read_again_after_serial_refresh_s(slave_factory: Any) -> None:
+    slave = slave_factory({})
+    poll(slave.port, 3, serial=True, serial_refresh_s=1e-6)
+    assert len([r for r in slave.requests if r[2] == 0xFC00]) == 3 * 2
+
+
+def test_a_meter_without_the_serial_register_still_gives_readings(slave_factory: Any) -> None:
+    slave = slave_factory({}, refuse={0xFC00})
+    first, second = poll(slave.port, 2, serial=True)
+    for result in (first, second):
+        assert not result.failed_meters and not result.errors
+        assert len(result.readings) == 4
+    assert len([r for r in slave.requests if r[2] == 0xFC00]) == 2  # asked once, then not again
+
+
+def test_an_exception_loses_only_its_block(slave_factory: Any) -> None:
+    slave = slave_factory({}, refuse={0x20})
+    [result] = poll(slave.port, 1)
+    assert result.failed_meters == [] and result.status == {"m1": "partial", "m2": "partial"}
+    assert result.errors == {"exception_2": 2}
+    assert {(r.meter_id, r.quantity) for r in result.readings} == {
+        ("m1", Quantity.POWER_W),
+        ("m2", Quantity.POWER_W),
+    }
+
+
+def test_pauses_between_requests_and_after_connect(slave_factory: Any) -> None:
+    """Lower bounds only (a pause can be longer under load, never shorter)."""
+    slave = slave_factory({})
+    started = time.monotonic()
+    poll(slave.port, 1, pause_between_requests_s=0.15, pause_after_connect_s=0.3)
+    assert slave.times[0] - started >= 0.3
+    gaps = [b - a for a, b in zip(slave.times, slave.times[1:], strict=False)]
+    # m1's second request and m2's second request follow a pause; m2's first follows m1's last.
+    assert gaps[0] >= 0.15 and gaps[2] >= 0.15
