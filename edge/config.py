@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.devices import DeviceMap, DeviceMapError, load_model
-from edge.tomlfile import load_toml_model
 from edge.wire import MAX_READINGS_PER_BATCH, Ident, Quantity
 
 DEFAULT_QUANTITIES = (Quantity.ENERGY_IMPORT_KWH, Quantity.POWER_W)
@@ -208,7 +208,60 @@ class EdgeConfigError(ValueError):
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
-    return load_toml_model(path, EdgeConfig, EdgeConfigError)
+    """The validated config; every problem is reported with the file, line and meter id."""
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text)
+    except FileNotFoundError:
+        raise EdgeConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgeConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return EdgeConfig.model_validate(data)
+    except ValidationError as exc:
+        where = ConfigLines(text)
+        problems = [where.locate(err["loc"], data, err["msg"]) for err in exc.errors()]
+        raise EdgeConfigError(f"{path}: " + "; ".join(problems)) from None
+
+
+class ConfigLines:
+    """Line numbers of a gateway config's keys and ``[[meters]]`` tables, for error messages."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.meters = [i for i, line in enumerate(self.lines) if line.strip().startswith("[[meters]]")]
+
+    def meter_line(self, index: int, key: str | None = None) -> int:
+        """1-based line of meter ``index``'s table, or of its ``key`` when given and present."""
+        if index >= len(self.meters):
+            return 0
+        start = self.meters[index]
+        end = self.meters[index + 1] if index + 1 < len(self.meters) else len(self.lines)
+        if key is not None:
+            for i in range(start + 1, end):
+                if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i]):
+                    return i + 1
+        return start + 1
+
+    def key_line(self, key: str) -> int:
+        end = self.meters[0] if self.meters else len(self.lines)
+        return next((i + 1 for i in range(end) if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i])), 0)
+
+    def locate(self, loc: tuple[int | str, ...], data: dict[str, Any], msg: str) -> str:
+        msg = msg.removeprefix("Value error, ")
+        if len(loc) >= 2 and loc[0] == "meters" and isinstance(loc[1], int):
+            index, key = loc[1], (str(loc[2]) if len(loc) > 2 else None)
+            meters = data.get("meters") or []
+            raw = meters[index] if index < len(meters) and isinstance(meters[index], dict) else {}
+            ident = raw.get("id", f"#{index + 1}")
+            field_name = ".".join(str(p) for p in loc[2:])
+            what = f"meter {ident}: {field_name}: {msg}" if field_name else msg
+            if not field_name and not msg.startswith(f"meter {ident}"):
+                what = f"meter {ident}: {msg}"
+            return f"line {self.meter_line(index, key)}: {what}"
+        if loc and isinstance(loc[0], str) and (line := self.key_line(loc[0])):
+            return f"line {line}: {'.'.join(str(p) for p in loc)}: {msg}"
+        return f"{'.'.join(str(p) for p in loc) or '(top level)'}: {msg}"
 
 
 def check_transports(config: EdgeConfig) -> None:
@@ -222,22 +275,31 @@ def check_transports(config: EdgeConfig) -> None:
             ) from None
 
 
-def load_device_maps(config: EdgeConfig, config_dir: Path) -> dict[str, DeviceMap]:
-    """The register map of every model the config uses, checked to map every wanted quantity."""
+def load_device_maps(
+    config: EdgeConfig, config_dir: Path, source: Path | None = None
+) -> dict[str, DeviceMap]:
+    """The register map of every model the config uses, checked to map every wanted quantity.
+    With ``source`` (the config file), problems name the file and the meter's line."""
     maps: dict[str, DeviceMap] = {}
     problems: list[str] = []
-    for meter in config.meters:
+    lines = ConfigLines(source.read_text()) if source is not None and source.is_file() else None
+
+    def where(index: int, key: str) -> str:
+        return f"{source}: line {lines.meter_line(index, key)}: " if lines is not None else ""
+
+    for index, meter in enumerate(config.meters):
         if meter.model not in maps:
             try:
                 maps[meter.model] = load_model(config_dir, meter.model)
             except DeviceMapError as exc:
-                problems.append(f"meter {meter.id}: {exc}")
+                problems.append(f"{where(index, 'model')}meter {meter.id}: {exc}")
                 continue
         mapped = maps[meter.model].by_quantity()
         missing = [q.value for q in config.quantities_of(meter) if q not in mapped]
         if missing:
             problems.append(
-                f"meter {meter.id}: model {meter.model} maps no register for {', '.join(missing)}"
+                f"{where(index, 'model')}meter {meter.id}: model {meter.model} maps no register for "
+                f"{', '.join(missing)}"
             )
     if problems:
         raise EdgeConfigError("; ".join(dict.fromkeys(problems)))
