@@ -56,6 +56,8 @@ log = logging.getLogger("scopemeter.edge.modbus")
 # A map register with this name is the meter's serial number (read at connect, then periodically).
 SERIAL_REGISTER = "serial_number"
 _FUNCTION = {RegisterType.HOLDING: 3, RegisterType.INPUT: 4}
+# Exception codes that say "this device has no such register": illegal function, illegal address.
+NO_SUCH_REGISTER = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,8 @@ class ModbusPoller:
                 state.serial = int(plan.serial.registers[0].decode(words))
                 state.serial_read_at = time.monotonic()
             except ExceptionResponse as exc:
+                if exc.code not in NO_SUCH_REGISTER:
+                    raise  # busy, failing or unreachable behind a gateway: not an answer about the register
                 log.warning("meter %s: no serial number (%s); readings continue without it", meter.id, exc)
                 state.has_serial, state.serial = False, None
         values: dict[Register, float] = {}
