@@ -2,7 +2,7 @@
 
 Register values are computed when a request arrives, from the shared clock and the meter's load
 profile, and encoded with the same device register map the edge agent decodes with (any model in
-config/devices: register names are shared across maps).  The import counter is ``initial +
+edge/device_maps: register names are shared across maps).  The import counter is ``initial +
 energy since the simulation origin``: exactly the profile's ground truth, so tests and the demo
 can check what reached the database against ``loadprofile.energy_kwh``.  Counters are served
 modulo the register's rollover, and configured faults (simulators/faults.py) change what is
@@ -81,7 +81,7 @@ class SimulatedMeter:
         return counter, serial
 
     def values(self, now: datetime) -> dict[str, float]:
-        """Values by register name (names shared by the maps in config/devices)."""
+        """Values by register name (names shared by the maps in edge/device_maps)."""
         m, p = self.meter, self.meter.profile
         step = int((now - self.origin).total_seconds() // p.step_s)
         total_w = float(power_w(p, now))
