@@ -59,6 +59,8 @@ def test_per_meter_metrics_show_which_meter_fails_and_only_edge_metrics_are_serv
     polls, modbus_port, metrics_port = 3, free_port(), free_port()
     config, settings = setup(tmp_path, broker_port, modbus_port, ghost=True)
     config = config.model_copy(update={"metrics_port": metrics_port})
+    errors = metrics.EDGE_POLL_ERRORS.labels(config.gateway, "sz1-ghost", "exception_11")
+    errors_before = errors._value.get()  # counters are per process: other tests ran this meter too
     asyncio.run(agent_with_simulator(config, settings, polls, modbus_port))
     scraped = _scrape_all(metrics_port)
 
@@ -74,7 +76,9 @@ def test_per_meter_metrics_show_which_meter_fails_and_only_edge_metrics_are_serv
     assert sample("scopemeter_edge_meter_last_success_timestamp_seconds", "sz1-ghost") is None
     assert (sample("scopemeter_edge_meter_last_success_timestamp_seconds", "sz1-hvac") or 0) > 0
     # The simulator answers an absent unit like a TCP gateway: exception 11, once per poll.
-    assert sample("scopemeter_edge_poll_errors_total", "sz1-ghost", kind="exception_11") == polls
+    assert (
+        sample("scopemeter_edge_poll_errors_total", "sz1-ghost", kind="exception_11") == errors_before + polls
+    )
     assert {name.split("_")[1] for name, _ in scraped if name.startswith("scopemeter_")} == {"edge"}
 
 
