@@ -220,7 +220,11 @@ def load_edge_config(path: Path) -> EdgeConfig:
         return EdgeConfig.model_validate(data)
     except ValidationError as exc:
         where = ConfigLines(text)
-        problems = [where.locate(err["loc"], data, err["msg"]) for err in exc.errors()]
+        errors = exc.errors()
+        if any(len(e["loc"]) > 1 and e["loc"][0] == "meters" for e in errors):
+            # pydantic also reports the meters tuple "too short" once its invalid items are out
+            errors = [e for e in errors if not (e["loc"] == ("meters",) and e["type"] == "too_short")]
+        problems = [where.locate(err["loc"], data, err["msg"]) for err in errors]
         raise EdgeConfigError(f"{path}: " + "; ".join(problems)) from None
 
 

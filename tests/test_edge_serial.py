@@ -172,7 +172,9 @@ def test_edge_check_reports_rtu_without_a_port_and_accepts_a_serial_meter(tmp_pa
     bad = cli("edge", "check", str(gateway_toml(tmp_path, 'transport = "rtu"')))
     assert (
         bad.returncode != 0
-        and 'meters.0: Value error, meter m1: transport "rtu" needs serial_port' in bad.stderr
+        and f'{tmp_path}/gw.toml: line 4: meter m1: transport "rtu" needs serial_port (the RS485 line, '
+        "e.g. /dev/ttyUSB0)\n"
+        in bad.stderr
     )
     good = cli(
         "edge", "check", str(gateway_toml(tmp_path, 'transport = "rtu"\nserial_port = "/dev/ttyUSB0"'))
