@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.devices import DataType, DeviceMapError, Register, RegisterType, load_device_map, load_model
@@ -17,6 +17,8 @@ from edge.wire import Quantity
 from ops.settings import Settings
 
 CONFIG_DIR = Settings().config_dir
+# Failures must report within seconds (issue 17): bounded searches, no deadline flakiness.
+FAST = settings(max_examples=100, deadline=None)
 
 
 def test_sdm630_map_has_the_eastron_addresses() -> None:
@@ -80,6 +82,7 @@ def test_the_byte_order_names_mean_what_they_say() -> None:
 ORDERS = st.sampled_from(["ABCD", "CDAB", "BADC", "DCBA"])
 
 
+@FAST
 @given(raw=st.integers(min_value=-(2**31), max_value=2**31 - 1), order=ORDERS)
 def test_int32_in_every_byte_order(raw: int, order: str) -> None:
     reg = Register(name="x", address=0, data_type=DataType.INT32, byte_order=order)  # type: ignore[arg-type]
@@ -87,12 +90,14 @@ def test_int32_in_every_byte_order(raw: int, order: str) -> None:
     assert reg.encode(raw) == _wire(struct.pack(">i", raw), order)
 
 
+@FAST
 @given(raw=st.integers(min_value=0, max_value=2**64 - 1), order=ORDERS)
 def test_uint64_in_every_byte_order(raw: int, order: str) -> None:
     reg = Register(name="x", address=0, data_type=DataType.UINT64, byte_order=order)  # type: ignore[arg-type]
     assert reg.decode(_wire(struct.pack(">Q", raw), order)) == float(raw)
 
 
+@FAST
 @given(value=st.floats(allow_nan=False), order=ORDERS)
 def test_float64_and_float32_in_every_byte_order(value: float, order: str) -> None:
     f64 = Register(name="x", address=0, data_type=DataType.FLOAT64, byte_order=order)  # type: ignore[arg-type]
@@ -116,6 +121,7 @@ def test_not_available_sentinels_are_missing_values() -> None:
     assert math.isnan(Register(name="x", address=0).decode([0x7FC0, 0x0000]))  # a NaN float stays NaN
 
 
+@FAST
 @given(st.integers(min_value=-(2**31), max_value=2**31 - 1))
 def test_scaled_int32_round_trips(raw: int) -> None:
     reg = Register(name="e", address=0, data_type=DataType.INT32, byte_order="CDAB", scale=0.1)

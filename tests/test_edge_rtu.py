@@ -23,9 +23,19 @@ import pytest
 from edge.config import EdgeConfig
 from edge.devices import DeviceMap
 from edge.modbus import ModbusPoller, PollResult
-from edge.rtu import BadReply, ExceptionResponse, ModbusTimeout, RtuMaster, TcpLine, crc16
+from edge.rtu import (
+    BadReply,
+    ExceptionResponse,
+    ModbusTimeout,
+    RtuMaster,
+    SerialLine,
+    TcpLine,
+    char_silence_s,
+    crc16,
+)
 from edge.wire import Quantity
 from ops.settings import ClockSettings
+from simulators.nullmodem import NullModem
 
 T0 = datetime(2026, 11, 2, 2, tzinfo=UTC)
 TIMEOUT_S = 0.2
@@ -62,20 +72,24 @@ class Slave:
         except OSError:
             return
         with conn:
-            buf = b""
-            while True:
-                try:
-                    chunk = conn.recv(256)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                buf += chunk
-                while len(buf) >= 8:
-                    request, buf = buf[:8], buf[8:]
-                    self._answer(conn, request)
+            self.serve_stream(conn.recv, conn.sendall)
 
-    def _answer(self, conn: socket.socket, request: bytes) -> None:
+    def serve_stream(self, recv: Any, send: Any) -> None:
+        """Answer requests read with ``recv(n)`` (b"" or OSError: stop) through ``send``."""
+        buf = b""
+        while True:
+            try:
+                chunk = recv(256)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while len(buf) >= 8:
+                request, buf = buf[:8], buf[8:]
+                self._answer(send, request)
+
+    def _answer(self, send: Any, request: bytes) -> None:
         unit, function, address, count = struct.unpack(">BBHH", request[:6])
         self.requests.append((unit, function, address, count))
         self.times.append(time.monotonic())
@@ -100,7 +114,7 @@ class Slave:
             reply = reply[:-1] + bytes([reply[-1] ^ 0xFF])
         if how == "late":
             time.sleep(self.late_s)
-        conn.sendall(reply)
+        send(reply)
 
     def close(self) -> None:
         self.listener.close()
@@ -316,3 +330,35 @@ def test_pauses_between_requests_and_after_connect(slave_factory: Any) -> None:
     gaps = [b - a for a, b in zip(slave.times, slave.times[1:], strict=False)]
     # m1's second request and m2's second request follow a pause; m2's first follows m1's last.
     assert gaps[0] >= 0.15 and gaps[2] >= 0.15
+
+
+def test_on_a_serial_line_a_late_answer_is_drained_too() -> None:
+    """The same guarantees through pyserial on a real tty pair (a virtual null-modem cable)."""
+    import serial
+
+    with NullModem() as modem:
+        slave = Slave({1: ["late"]}, late_s=0.3)
+        slave.close()  # its TCP listener is not used here
+        port = serial.Serial(modem.ports[0], baudrate=19200, timeout=0.05)
+        stop = threading.Event()
+
+        def recv(n: int) -> bytes:
+            while not stop.is_set():
+                if data := port.read(n):
+                    return data
+            return b""
+
+        thread = threading.Thread(target=slave.serve_stream, args=(recv, port.write), daemon=True)
+        thread.start()
+        m = RtuMaster(SerialLine(modem.ports[1], 19200, "N", 1, 8), char_silence_s(19200))
+        try:
+            with pytest.raises(ModbusTimeout):
+                m.read_registers(1, 4, 0x10, 2, TIMEOUT_S)
+            assert m.read_registers(2, 4, 0x20, 2, TIMEOUT_S) == [word(2, 0x20), word(2, 0x21)]
+            assert m.read_registers(1, 4, 0x30, 2, TIMEOUT_S) == [word(1, 0x30), word(1, 0x31)]
+        finally:
+            m.close()
+            stop.set()
+            thread.join(5)
+            port.close()
+        assert m.discarded_bytes == 9
