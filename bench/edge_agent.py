@@ -76,7 +76,8 @@ def scrape(port: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("scopemeter_edge_") and " " in line:
-            name, value = line.rsplit(" ", 1)
+            series, value = line.rsplit(" ", 1)
+            name = series.split("{", 1)[0]  # summed over labels (per-meter series)
             out[name] = out.get(name, 0.0) + float(value)
     return out
 

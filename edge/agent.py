@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,15 +32,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge import metrics
 from edge.clock import ClockCheck, measure_http_offset, now_ms, wall_seconds_until
 from edge.config import EdgeConfig, load_device_maps
 from edge.counters import CounterGuard
 from edge.devices import DeviceMap
-from edge.modbus import ModbusPoller
+from edge.modbus import ModbusPoller, PollResult
 from edge.mqtt_client import new_client
 from edge.outbox import Outbox
 from edge.wire import Batch, Quality, Reading, readings_topic, status_topic
-from ops import metrics
 from ops.settings import ClockSettings, MqttSettings, Settings
 
 log = logging.getLogger("scopemeter.edge")
@@ -53,6 +54,7 @@ class RunReport:
     polls: int = 0
     missed_ticks: int = 0  # schedule ticks skipped because a poll overran
     failed_meter_reads: int = 0
+    successful_meter_reads: int = 0  # meter reads that gave values (0 with polls > 0: all failed)
     readings_produced: int = 0
     batches_produced: int = 0
     readings_published: int = 0  # acknowledged by the broker during this run (incl. older batches)
@@ -85,8 +87,44 @@ def make_client(
     client.max_queued_messages_set(0)
     backoff = backoff or Backoff()
     backoff.apply(client)
-    client.on_connect_fail = lambda c, _u: backoff.apply(c)
+    failures = BrokerFailureLog(mqtt_settings.host, mqtt_settings.port)
+
+    def on_connect_fail(c: mqtt.Client, _u: Any) -> None:
+        failures.failed()
+        backoff.apply(c)
+
+    client.on_connect_fail = on_connect_fail
     return client
+
+
+@dataclass
+class BrokerFailureLog:
+    """Logs why the broker cannot be reached (paho's connect-fail callback carries no cause):
+    one TCP connect attempt names it -- refused, unreachable, unknown host.  Logged on the first
+    failure and whenever the cause changes, then every ``every`` attempts."""
+
+    host: str
+    port: int
+    every: int = 20
+    attempts: int = 0
+    last_cause: str = ""
+
+    def failed(self) -> None:
+        self.attempts += 1
+        cause = broker_failure_cause(self.host, self.port)
+        if cause != self.last_cause or self.attempts % self.every == 1:
+            log.error(
+                "MQTT broker %s:%d unreachable (attempt %d): %s", self.host, self.port, self.attempts, cause
+            )
+        self.last_cause = cause
+
+
+def broker_failure_cause(host: str, port: int, timeout_s: float = 2.0) -> str:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return "TCP connects; the MQTT/TLS handshake failed (see the broker's log)"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
 @dataclass
@@ -265,6 +303,9 @@ async def run_agent(
     )
     status = status_topic(config.supplier, config.site, config.gateway)
     metrics.serve(config.metrics_port)
+    for meter in config.meters:
+        metrics.EDGE_METER_STATUS.labels(config.gateway, meter.id).state("unknown")
+        metrics.EDGE_METER_FAILURES.labels(config.gateway, meter.id).set(0)
     metrics.EDGE_CLOCK_OFFSET.set(math.nan)
     _update_outbox_gauges(outbox)
 
@@ -344,9 +385,9 @@ async def _poll_loop(
         result = await poller.poll()
         report.polls += 1
         report.failed_meter_reads += len(result.failed_meters)
+        report.successful_meter_reads += len(config.meters) - len(result.failed_meters)
         metrics.EDGE_POLLS.inc()
-        for kind, n in result.errors.items():
-            metrics.EDGE_POLL_ERRORS.labels(kind).inc(n)
+        _meter_metrics(config.gateway, poller, result)
         if result.quarantined:
             outbox.quarantine("outside_wire_window", result.quarantined)
             report.quarantined_readings += len(result.quarantined)
@@ -370,6 +411,16 @@ async def _poll_loop(
             report.missed_ticks += round((nxt - following).total_seconds() / config.poll_interval_s)
             following = nxt
         tick = following
+
+
+def _meter_metrics(gateway: str, poller: ModbusPoller, result: PollResult) -> None:
+    for (meter, kind), n in result.meter_errors.items():
+        metrics.EDGE_POLL_ERRORS.labels(gateway, meter, kind).inc(n)
+    for meter, state in poller.states.items():
+        metrics.EDGE_METER_STATUS.labels(gateway, meter).state(state.status)
+        metrics.EDGE_METER_FAILURES.labels(gateway, meter).set(state.consecutive_failures)
+        if state.last_success is not None:
+            metrics.EDGE_METER_LAST_SUCCESS.labels(gateway, meter).set(state.last_success)
 
 
 def _screen(readings: list[Reading], check: ClockCheck, outbox: Outbox, report: RunReport) -> list[Reading]:

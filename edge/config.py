@@ -3,13 +3,15 @@ batches and where its outbox lives."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.devices import DeviceMap, DeviceMapError, load_model
-from edge.tomlfile import load_toml_model
 from edge.wire import MAX_READINGS_PER_BATCH, Ident, Quantity
 
 DEFAULT_QUANTITIES = (Quantity.ENERGY_IMPORT_KWH, Quantity.POWER_W)
@@ -21,6 +23,24 @@ DEFAULT_QUANTITIES = (Quantity.ENERGY_IMPORT_KWH, Quantity.POWER_W)
 Transport = Literal["tcp", "rtu_over_tcp", "rtu"]
 SERIAL_FIELDS = ("serial_port", "baudrate", "parity", "stopbits", "bytesize")
 BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+# Modbus over serial line: 0 is broadcast (no reply), 248-255 are reserved.  A Modbus TCP server
+# may use any unit id (0 and 255 are common for a device that is its own server).
+RTU_UNIT_IDS = range(1, 248)
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+def check_host(host: str) -> str:
+    """An IPv4/IPv6 address or a DNS name; all-numeric dotted names must be valid IPv4."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels) or not _HOSTNAME.match(host):
+        raise ValueError(f"{host!r} is neither an IP address nor a host name")
+    return host
 
 
 class EdgeMeter(BaseModel):
@@ -38,7 +58,7 @@ class EdgeMeter(BaseModel):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
-    unit_id: Annotated[int, Field(ge=0, le=255)]
+    unit_id: Annotated[int, Field(ge=0, le=255)]  # rtu and rtu_over_tcp: 1-247
     model: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
     quantities: tuple[Quantity, ...] | None = None  # None: the gateway's default
     # Meters wired to instrument transformers report secondary values: primary = value * CT * PT.
@@ -49,9 +69,23 @@ class EdgeMeter(BaseModel):
     retries: Annotated[int, Field(ge=0, le=10)] | None = None
     # Largest plausible active power (primary side); enables spike detection when set.
     max_power_w: Annotated[float, Field(gt=0)] | None = None
+    # Some devices (and RS-485 converters) need a breather: between two requests, and after the
+    # connection opened.  None: the gateway's setting.
+    pause_between_requests_s: Annotated[float, Field(ge=0, le=10)] | None = None
+    pause_after_connect_s: Annotated[float, Field(ge=0, le=60)] | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str | None) -> str | None:
+        return None if host is None else check_host(host)
 
     @model_validator(mode="after")
     def _endpoint(self) -> EdgeMeter:
+        if self.transport != "tcp" and self.unit_id not in RTU_UNIT_IDS:
+            raise ValueError(
+                f"meter {self.id}: unit_id {self.unit_id} is not a Modbus RTU slave address (1-247; "
+                "0 is broadcast, 248-255 are reserved)"
+            )
         if self.transport == "rtu":
             if self.serial_port is None:
                 raise ValueError(
@@ -118,6 +152,15 @@ class EdgeConfig(BaseModel):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     # Batches handed to the MQTT client at once; the rest wait in the outbox.
     max_inflight: Annotated[int, Field(ge=1, le=10_000)] = 100
+    pause_between_requests_s: Annotated[float, Field(ge=0, le=10)] = 0.0
+    pause_after_connect_s: Annotated[float, Field(ge=0, le=60)] = 0.0
+    # The serial number is read when a connection opens and then every serial_refresh_s (wall
+    # seconds): a changed serial means the meter was replaced.
+    serial_refresh_s: Annotated[float, Field(gt=0)] = 900.0
+    # Counter sanity (edge.counters): a dip of at most counter_dip_tolerance (counter units) is
+    # a glitch; a larger drop counts as a reset/replacement only once this many reads confirm it.
+    counter_dip_tolerance: Annotated[float, Field(ge=0)] = 1.0
+    counter_drop_confirmations: Annotated[int, Field(ge=1, le=100)] = 3
     meters: Annotated[tuple[EdgeMeter, ...], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -148,6 +191,14 @@ class EdgeConfig(BaseModel):
     def retries_of(self, meter: EdgeMeter) -> int:
         return meter.retries if meter.retries is not None else self.modbus_retries
 
+    def pause_between_of(self, meter: EdgeMeter) -> float:
+        p = meter.pause_between_requests_s
+        return p if p is not None else self.pause_between_requests_s
+
+    def pause_after_connect_of(self, meter: EdgeMeter) -> float:
+        p = meter.pause_after_connect_s
+        return p if p is not None else self.pause_after_connect_s
+
     def resolved_outbox(self, state_dir: Path) -> Path:
         return self.outbox_path if self.outbox_path.is_absolute() else state_dir / self.outbox_path
 
@@ -157,7 +208,64 @@ class EdgeConfigError(ValueError):
 
 
 def load_edge_config(path: Path) -> EdgeConfig:
-    return load_toml_model(path, EdgeConfig, EdgeConfigError)
+    """The validated config; every problem is reported with the file, line and meter id."""
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text)
+    except FileNotFoundError:
+        raise EdgeConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgeConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return EdgeConfig.model_validate(data)
+    except ValidationError as exc:
+        where = ConfigLines(text)
+        errors = exc.errors()
+        if any(len(e["loc"]) > 1 and e["loc"][0] == "meters" for e in errors):
+            # pydantic also reports the meters tuple "too short" once its invalid items are out
+            errors = [e for e in errors if not (e["loc"] == ("meters",) and e["type"] == "too_short")]
+        problems = [where.locate(err["loc"], data, err["msg"]) for err in errors]
+        raise EdgeConfigError(f"{path}: " + "; ".join(problems)) from None
+
+
+class ConfigLines:
+    """Line numbers of a gateway config's keys and ``[[meters]]`` tables, for error messages."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.meters = [i for i, line in enumerate(self.lines) if line.strip().startswith("[[meters]]")]
+
+    def meter_line(self, index: int, key: str | None = None) -> int:
+        """1-based line of meter ``index``'s table, or of its ``key`` when given and present."""
+        if index >= len(self.meters):
+            return 0
+        start = self.meters[index]
+        end = self.meters[index + 1] if index + 1 < len(self.meters) else len(self.lines)
+        if key is not None:
+            for i in range(start + 1, end):
+                if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i]):
+                    return i + 1
+        return start + 1
+
+    def key_line(self, key: str) -> int:
+        end = self.meters[0] if self.meters else len(self.lines)
+        return next((i + 1 for i in range(end) if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i])), 0)
+
+    def locate(self, loc: tuple[int | str, ...], data: dict[str, Any], msg: str) -> str:
+        msg = msg.removeprefix("Value error, ")
+        if len(loc) >= 2 and loc[0] == "meters" and isinstance(loc[1], int):
+            index, key = loc[1], (str(loc[2]) if len(loc) > 2 else None)
+            meters = data.get("meters") or []
+            raw = meters[index] if index < len(meters) and isinstance(meters[index], dict) else {}
+            ident = raw.get("id", f"#{index + 1}")
+            field_name = ".".join(str(p) for p in loc[2:])
+            what = f"meter {ident}: {field_name}: {msg}" if field_name else msg
+            if not field_name and not msg.startswith(f"meter {ident}"):
+                what = f"meter {ident}: {msg}"
+            return f"line {self.meter_line(index, key)}: {what}"
+        if loc and isinstance(loc[0], str) and (line := self.key_line(loc[0])):
+            return f"line {line}: {'.'.join(str(p) for p in loc)}: {msg}"
+        return f"{'.'.join(str(p) for p in loc) or '(top level)'}: {msg}"
 
 
 def check_transports(config: EdgeConfig) -> None:
@@ -171,22 +279,31 @@ def check_transports(config: EdgeConfig) -> None:
             ) from None
 
 
-def load_device_maps(config: EdgeConfig, config_dir: Path) -> dict[str, DeviceMap]:
-    """The register map of every model the config uses, checked to map every wanted quantity."""
+def load_device_maps(
+    config: EdgeConfig, config_dir: Path, source: Path | None = None
+) -> dict[str, DeviceMap]:
+    """The register map of every model the config uses, checked to map every wanted quantity.
+    With ``source`` (the config file), problems name the file and the meter's line."""
     maps: dict[str, DeviceMap] = {}
     problems: list[str] = []
-    for meter in config.meters:
+    lines = ConfigLines(source.read_text()) if source is not None and source.is_file() else None
+
+    def where(index: int, key: str) -> str:
+        return f"{source}: line {lines.meter_line(index, key)}: " if lines is not None else ""
+
+    for index, meter in enumerate(config.meters):
         if meter.model not in maps:
             try:
                 maps[meter.model] = load_model(config_dir, meter.model)
             except DeviceMapError as exc:
-                problems.append(str(exc))
+                problems.append(f"{where(index, 'model')}meter {meter.id}: {exc}")
                 continue
         mapped = maps[meter.model].by_quantity()
         missing = [q.value for q in config.quantities_of(meter) if q not in mapped]
         if missing:
             problems.append(
-                f"meter {meter.id}: model {meter.model} maps no register for {', '.join(missing)}"
+                f"{where(index, 'model')}meter {meter.id}: model {meter.model} maps no register for "
+                f"{', '.join(missing)}"
             )
     if problems:
         raise EdgeConfigError("; ".join(dict.fromkeys(problems)))

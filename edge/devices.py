@@ -1,9 +1,13 @@
-"""Device register maps as data (``config/devices/<model>.toml``) and their register codecs.
+"""Device register maps as data (``edge/device_maps/<model>.toml``) and their register codecs.
 
 A map says where each value lives (register type and address), how it is encoded (data type,
-word order, scale) and which wire ``Quantity`` it is, if any.  The edge poller reads maps to
-decide what to request and how to decode; the simulator reads the same map to encode, so the two
-cannot drift apart.  Only the standard library and pydantic are used: this runs on gateways.
+byte order, scale), which wire ``Quantity`` it is, if any, and which manufacturer document it was
+taken from (``source``).  Maps ship inside the package (a gateway install has them); a file of the
+same name in the override directory (``<config_dir>/devices/``) takes precedence, for a site's own
+or corrected map.  The edge poller reads maps to decide what to request and how to decode; the
+simulator reads the same map to encode.  The maps are checked against the per-device cases in
+``tests/devices/``, encoded from the manufacturers' documents without this module.
+Only the standard library and pydantic are used: this runs on gateways.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class DataType(StrEnum):
     UINT16 = "uint16"
     INT64 = "int64"  # Schneider PM5xxx energy counters (Wh)
     UINT64 = "uint64"
+    FLOAT64 = "float64"
 
 
 _STRUCT: Final = {
@@ -46,9 +51,20 @@ _STRUCT: Final = {
     DataType.UINT16: ">H",
     DataType.INT64: ">q",
     DataType.UINT64: ">Q",
+    DataType.FLOAT64: ">d",
 }
+_FLOATS: Final = (DataType.FLOAT32, DataType.FLOAT64)
+_SIGNED: Final = (DataType.INT16, DataType.INT32, DataType.INT64)
 
-WordOrder = Literal["big", "little"]  # big: high word first (Eastron); little: low word first (EM24)
+# The order of the value's bytes on the wire, A being the most significant byte, in the usual
+# 32-bit names; a 64-bit value follows the same rule over its four words (ABCD = ABCDEFGH,
+# CDAB = GHEFCDAB, BADC = BADCFEHG, DCBA = HGFEDCBA) and a 16-bit value has only AB (= ABCD,
+# CDAB) and BA (= BADC, DCBA).
+#   ABCD: high word first, each word big-endian (Modbus default: Eastron, Schneider)
+#   CDAB: low word first, each word big-endian (Carlo Gavazzi INT32)
+#   BADC: high word first, bytes of each word swapped
+#   DCBA: low word first, bytes swapped: plain little-endian
+ByteOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 # Manuals number registers from 0 (protocol addresses, Eastron, Carlo Gavazzi) or from 1
 # (Schneider: "register 3204" is protocol address 3203).  A map states which, once.
 AddressBase = Literal[0, 1]
@@ -63,12 +79,15 @@ class Register(BaseModel):
     address: Annotated[int, Field(ge=0, le=0xFFFF)]
     type: RegisterType = RegisterType.INPUT
     data_type: DataType = DataType.FLOAT32
-    word_order: WordOrder = "big"
+    byte_order: ByteOrder = "ABCD"
     scale: float = 1.0  # engineering value = raw * scale
     unit: str = ""
     quantity: Quantity | None = None  # set when the value maps to a wire quantity
     # Where a counter rolls over to 0 if not at the data type's limit (e.g. a 99999.9 kWh display).
     rollover: Annotated[float, Field(gt=0)] | None = None
+    # Raw values the device sends for "not available" (e.g. Schneider's INT64 0x8000000000000000,
+    # given as the raw integer): decoded as NaN, i.e. missing, like a NaN float.
+    not_available: tuple[int, ...] = ()
     description: str = ""
 
     @property
@@ -78,18 +97,18 @@ class Register(BaseModel):
     @property
     def max_raw(self) -> float:
         """The largest engineering value the register can hold: where a counter wraps."""
-        if self.data_type == DataType.FLOAT32:
+        if self.data_type in _FLOATS:
             return math.inf
         bits = 8 * struct.calcsize(_STRUCT[self.data_type])
-        signed = self.data_type in (DataType.INT16, DataType.INT32, DataType.INT64)
+        signed = self.data_type in _SIGNED
         return float((1 << (bits - 1 if signed else bits)) - 1) * self.scale
 
     @property
     def min_raw(self) -> float:
         """The smallest engineering value the register can hold."""
-        if self.data_type == DataType.FLOAT32:
+        if self.data_type in _FLOATS:
             return -math.inf
-        if self.data_type in (DataType.INT16, DataType.INT32, DataType.INT64):
+        if self.data_type in _SIGNED:
             return -float(1 << (8 * struct.calcsize(_STRUCT[self.data_type]) - 1)) * self.scale
         return 0.0
 
@@ -99,22 +118,62 @@ class Register(BaseModel):
         return struct.calcsize(_STRUCT[self.data_type]) // 2
 
     def decode(self, words: list[int]) -> float:
-        """Engineering value from the value's own registers (as received, in wire order)."""
+        """Engineering value from the value's own registers (as received, in wire order);
+        NaN for a "not available" sentinel."""
         if len(words) != self.count:
             raise ValueError(f"{self.name}: expected {self.count} registers, got {len(words)}")
-        if self.word_order == "little":
-            words = list(reversed(words))
-        raw = struct.unpack(_STRUCT[self.data_type], b"".join(w.to_bytes(2, "big") for w in words))[0]
+        raw = struct.unpack(_STRUCT[self.data_type], _reorder(self.byte_order, words))[0]
+        if raw in self.not_available and self.data_type not in _FLOATS:
+            return math.nan
         return float(raw) * self.scale
 
     def encode(self, value: float) -> list[int]:
         """Registers (in wire order) holding engineering ``value``; integers are rounded."""
         raw: float | int = value / self.scale
-        if self.data_type != DataType.FLOAT32:
+        if self.data_type not in _FLOATS:
             raw = round(raw)
         data = struct.pack(_STRUCT[self.data_type], raw)
         words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
-        return list(reversed(words)) if self.word_order == "little" else words
+        return _to_wire(self.byte_order, words)
+
+
+def _swap_bytes(word: int) -> int:
+    return ((word & 0xFF) << 8) | (word >> 8)
+
+
+def _to_wire(order: ByteOrder, words: list[int]) -> list[int]:
+    """Big-endian words (most significant first) as the device with ``order`` sends them."""
+    if order in ("CDAB", "DCBA"):
+        words = words[::-1]
+    if order in ("BADC", "DCBA"):
+        words = [_swap_bytes(w) for w in words]
+    return words
+
+
+def _reorder(order: ByteOrder, wire: list[int]) -> bytes:
+    """The big-endian bytes of a value received as ``wire`` words in ``order``."""
+    words = list(wire)
+    if order in ("BADC", "DCBA"):
+        words = [_swap_bytes(w) for w in words]
+    if order in ("CDAB", "DCBA"):
+        words = words[::-1]
+    return b"".join(w.to_bytes(2, "big") for w in words)
+
+
+class Identification(BaseModel):
+    """A model-code register read at connect time: a device answering a code not listed here is
+    not this model, and the meter is refused rather than decoded with the wrong map."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: Annotated[int, Field(ge=0, le=0xFFFF)]
+    type: RegisterType = RegisterType.INPUT
+    data_type: Literal[DataType.UINT16, DataType.UINT32] = DataType.UINT16
+    # code -> the manufacturer's model name for it
+    codes: Annotated[dict[int, str], Field(min_length=1)]
+
+    def register(self) -> Register:
+        return Register(name="identification", address=self.address, type=self.type, data_type=self.data_type)
 
 
 class DeviceMap(BaseModel):
@@ -125,9 +184,15 @@ class DeviceMap(BaseModel):
     model: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]
     manufacturer: str = ""
     description: str = ""
+    # The manufacturer's document (title, version, table) the addresses were taken from.
+    source: Annotated[str, Field(min_length=10)]
     address_base: AddressBase = 0  # 1: addresses below are the manual's 1-based register numbers
     # Some devices refuse long reads; the poller never asks for more than this in one request.
     max_registers_per_read: Annotated[int, Field(ge=1, le=MAX_REGISTERS_PER_READ)] = MAX_REGISTERS_PER_READ
+    # Unmapped registers a request may span to save a round trip.  0 (the default) is strict: a
+    # request covers only mapped registers, for devices that refuse undocumented addresses.
+    max_gap_registers: Annotated[int, Field(ge=0, le=MAX_REGISTERS_PER_READ)] = 0
+    identification: Identification | None = None
     registers: Annotated[tuple[Register, ...], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -164,15 +229,33 @@ class DeviceMap(BaseModel):
             return self
         base = self.address_base
         shifted = tuple(r.model_copy(update={"address": r.address - base}) for r in self.registers)
-        return self.model_copy(update={"address_base": 0, "registers": shifted})
+        ident = self.identification
+        if ident is not None:
+            ident = ident.model_copy(update={"address": ident.address - base})
+        return self.model_copy(update={"address_base": 0, "registers": shifted, "identification": ident})
 
 
 class DeviceMapError(ValueError):
     """A register map that cannot be loaded; the message names the file and the problem."""
 
 
+PACKAGED_MAPS: Final = Path(__file__).parent / "device_maps"
+
+
 def devices_dir(config_dir: Path) -> Path:
+    """The override directory: a map here replaces the packaged map of the same model."""
     return config_dir / "devices"
+
+
+def available_models(config_dir: Path) -> list[str]:
+    found = {p.stem for d in (PACKAGED_MAPS, devices_dir(config_dir)) if d.is_dir() for p in d.glob("*.toml")}
+    return sorted(found)
+
+
+def model_path(config_dir: Path, model: str) -> Path:
+    """Where ``model``'s map is read from: the override directory first, then the package."""
+    override = devices_dir(config_dir) / f"{model}.toml"
+    return override if override.is_file() else PACKAGED_MAPS / f"{model}.toml"
 
 
 def load_device_map(path: Path) -> DeviceMap:
@@ -184,5 +267,8 @@ def load_device_map(path: Path) -> DeviceMap:
 
 
 def load_model(config_dir: Path, model: str) -> DeviceMap:
-    return load_device_map(devices_dir(config_dir) / f"{model}.toml")
-
+    path = model_path(config_dir, model)
+    if not path.is_file():
+        models = ", ".join(available_models(config_dir))
+        raise DeviceMapError(f"no device map for model {model!r}; available models: {models}")
+    return load_device_map(path)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge import metrics
 from edge.wire import Batch
-from ops import metrics
 
 log = logging.getLogger("scopemeter.edge.outbox")
 

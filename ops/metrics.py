@@ -43,33 +43,7 @@ def serve(port: int) -> None:
     if port:
         start_http_server(port, addr="127.0.0.1")
 
-# --- Edge agent (edge/, issue 3): one gateway per process -------------------------------------
-EDGE_POLLS = Counter("scopemeter_edge_polls_total", "Poll rounds over all meters")
-EDGE_POLL_ERRORS = Counter(
-    "scopemeter_edge_poll_errors_total", "Failed meter reads and dropped values", ["kind"]
-)
-EDGE_READINGS = Counter("scopemeter_edge_readings_total", "Readings stored in the outbox")
-EDGE_FLAGGED_READINGS = Counter(
-    "scopemeter_edge_flagged_readings_total", "Readings sent with quality bits set", ["flag"]
-)
-EDGE_PUBLISHED_BATCHES = Counter("scopemeter_edge_published_batches_total", "Batches acknowledged (PUBACK)")
-EDGE_OUTBOX_BATCHES = Gauge("scopemeter_edge_outbox_batches", "Unacknowledged batches in the outbox")
-EDGE_OUTBOX_OLDEST_AGE = Gauge(
-    "scopemeter_edge_outbox_oldest_age_seconds", "Wall seconds the oldest unsent batch has waited"
-)
-EDGE_OUTBOX_EVICTED_BATCHES = Counter(
-    "scopemeter_edge_outbox_evicted_batches_total", "Batches evicted (drop_oldest) from a full outbox"
-)
-EDGE_OUTBOX_EVICTED_READINGS = Counter(
-    "scopemeter_edge_outbox_evicted_readings_total", "Readings evicted from a full outbox"
-)
-EDGE_QUARANTINED_READINGS = Counter(
-    "scopemeter_edge_quarantined_readings_total", "Readings kept back for implausible time", ["reason"]
-)
-EDGE_CLOCK_OFFSET = Gauge(
-    "scopemeter_edge_clock_offset_seconds", "Reference clock minus gateway clock (NaN: not measured)"
-)
-EDGE_MQTT_CONNECTED = Gauge("scopemeter_edge_mqtt_connected", "1 while the MQTT session is up")
+# Edge agent metrics live in edge/metrics.py, on the gateway process's own registry.
 
 # --- Operations alerts (ops/prometheus/alerts.yml, issue 6) -------------------------------------
 # Declared here so the alert rules and dashboards name real metrics; the consumers and the bridge

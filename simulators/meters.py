@@ -2,7 +2,7 @@
 
 Register values are computed when a request arrives, from the shared clock and the meter's load
 profile, and encoded with the same device register map the edge agent decodes with (any model in
-config/devices: register names are shared across maps).  The import counter is ``initial +
+edge/device_maps: register names are shared across maps).  The import counter is ``initial +
 energy since the simulation origin``: exactly the profile's ground truth, so tests and the demo
 can check what reached the database against ``loadprofile.energy_kwh``.  Counters are served
 modulo the register's rollover, and configured faults (simulators/faults.py) change what is
@@ -46,7 +46,12 @@ class SimulatedMeter:
 
     def __init__(self, meter: SimMeter, device: DeviceMap, origin: datetime) -> None:
         self.meter = meter
-        self.device = device.on_wire()
+        device = device.on_wire()
+        self.model_code = 0
+        if (ident := device.identification) is not None:  # the model code the agent checks at connect
+            device = device.model_copy(update={"registers": (*device.registers, ident.register())})
+            self.model_code = min(ident.codes)
+        self.device = device
         self.origin = origin  # the counter equals ``initial_import_kwh`` at this instant
 
     def import_kwh(self, now: datetime) -> float:
@@ -76,12 +81,13 @@ class SimulatedMeter:
         return counter, serial
 
     def values(self, now: datetime) -> dict[str, float]:
-        """Values by register name (names shared by the maps in config/devices)."""
+        """Values by register name (names shared by the maps in edge/device_maps)."""
         m, p = self.meter, self.meter.profile
         step = int((now - self.origin).total_seconds() // p.step_s)
         total_w = float(power_w(p, now))
         imported, serial = self.counter_kwh(now)
         out: dict[str, float] = {
+            "identification": self.model_code,
             "serial_number": serial,
             "total_power": total_w,
             "total_import_kwh": imported,

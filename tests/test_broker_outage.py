@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from edge import metrics
 from edge.agent import RunReport, run_agent
 from edge.wire import Batch, readings_topic
-from ops import metrics
 from ops.procs import ManagedProcess, free_port
 from ops.settings import REPO_ROOT, ClockSettings, MqttSettings, Settings, StackSettings
 from simulators.config import load_simulation

@@ -254,7 +254,7 @@ def test_bad_configs_are_explained(tmp_path: Path) -> None:
     with pytest.raises(EdgeConfigError) as err:
         load_device_maps(config, Settings().config_dir)
     assert "meter m1: model eastron_sdm630 maps no register for gas_m3" in str(err.value)
-    assert "no_such_meter.toml: no such device map" in str(err.value)
+    assert "no device map for model 'no_such_meter'; available models: carlo_gavazzi_em24," in str(err.value)
 
 
 def test_edge_check_cli() -> None:

@@ -20,12 +20,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge import metrics
 from edge.agent import RateLimit, run_agent
 from edge.clock import ClockCheck, measure_http_offset
 from edge.config import EdgeConfig, load_edge_config
 from edge.outbox import Outbox
 from edge.wire import Batch, readings_topic
-from ops import metrics
 from ops.procs import ManagedProcess, free_port
 from ops.settings import REPO_ROOT, ClockSettings, MqttSettings, Settings, StackSettings
 from simulators.config import load_simulation

@@ -99,13 +99,16 @@ def test_counters_follow_ground_truth_over_tcp() -> None:
 
 
 def test_partial_block_and_errors_behave_like_a_device() -> None:
-    clock = ClockSettings(sim_start=T0, wall_start=time.time())
+    # A frozen clock (10^-12 simulated seconds per wall second): however slow the machine, the
+    # counter served is the initial reading, to float32 resolution -- no wall-time tolerance.
+    clock = ClockSettings(speed=1e-12, sim_start=T0, wall_start=time.time())
 
     async def body(sim: RunningSimulator, client: AsyncModbusTcpClient) -> None:
         meter = sim.meters["sz1-smt-line-1"]
         resp = await client.read_input_registers(0x0048, count=4, device_id=1)
         assert not resp.isError()
-        assert f32(resp.registers, 0x0048, 0x0048) == pytest.approx(meter.meter.initial_import_kwh, abs=0.01)
+        initial = meter.meter.initial_import_kwh
+        assert f32(resp.registers, 0x0048, 0x0048) == pytest.approx(initial, abs=initial * 2**-23)
         # The high word alone is still the start of the same float32 (odd-length reads are legal).
         half = await client.read_input_registers(0x0048, count=1, device_id=1)
         assert half.registers[0] == resp.registers[0]
