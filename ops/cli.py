@@ -1,5 +1,7 @@
-"""The ``scopemeter`` command. Each package registers its own sub-commands; heavy imports stay
-inside the handlers so that ``scopemeter edge …`` on a gateway never loads the server stack."""
+"""The ``scopemeter`` command. Each package registers its own sub-commands here, explicitly: a
+broken import fails loudly instead of hiding a command. The cli modules import only argparse and
+the foundation at module level, so a gateway install (the edge extra only) builds the whole parser;
+a server command run there says which extra it needs."""
 
 from __future__ import annotations
 
@@ -7,22 +9,31 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from compute import cli as compute_cli
+from compute.statements import cli as statements_cli
+from edge import cli as edge_cli
+from ingest import cli as ingest_cli
+from ops import commands as ops_commands
+from simulators import cli as simulators_cli
+
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
+REGISTRARS: tuple[Registrar, ...] = (
+    ops_commands.register,
+    edge_cli.register,
+    ingest_cli.register,
+    compute_cli.register,
+    statements_cli.register,
+    simulators_cli.register,
+)
 
-def _registrars() -> list[Registrar]:
-    from edge import cli as edge_cli
-    from ops import commands as ops_commands
-
-    found: list[Registrar] = [ops_commands.register, edge_cli.register]
-    # Server-side and simulator commands are optional on a gateway install.
-    for name in ("ingest.cli", "compute.cli", "compute.statements.cli", "simulators.cli"):
-        try:
-            module = __import__(name, fromlist=["register"])
-        except ImportError:
-            continue
-        found.append(module.register)
-    return found
+# Third-party modules of the optional extras, and which extra brings each.
+_EXTRA_OF = {
+    "aiokafka": "server", "psycopg": "server", "psycopg_pool": "server", "numba": "server",
+    "numpy": "server", "msgspec": "server", "rich": "server", "cryptography": "server",
+    "matplotlib": "server", "paho": "edge", "pymodbus": "edge", "serial": "edge",
+    "prometheus_client": "edge",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="IoT energy metering to auditable GHG Protocol Scope 1/2 emissions.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _registrars():
+    for register in REGISTRARS:
         register(sub)
     return parser
 
@@ -44,6 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in _EXTRA_OF:
+            raise
+        extra = _EXTRA_OF[top]
+        print(f"scopemeter: error: `{args.command}` needs {top}, which this install lacks; "
+              f"install it with: pip install 'scopemeter[{extra}]'", file=sys.stderr)
+        return 2
     except Exception as exc:  # a clear one-line error, not a traceback, for expected failures
         from ops.errors import UserError
 
