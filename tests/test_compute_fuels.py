@@ -47,6 +47,7 @@ model = "fuel_flow"
 id = "boiler"
 site = "s1"
 carrier = "coal"
+fuel_type = "other_bituminous"
 model = "weighbridge"
 
 [[meters]]

@@ -118,7 +118,10 @@ region = "CN"
 carrier = "electricity"
 valid_from = 2022-01-01
 valid_to = 2100-01-01
-kg_co2e_per_unit = {FACTOR}
+data_year = 2022
+kg_co2_per_unit = {FACTOR}
+gases = "CO2"
+gwp_set = "none"
 unit = "kWh"
 version = 1
 source = "test grid factor"
@@ -131,10 +134,14 @@ region = "CN"
 carrier = "natural_gas"
 valid_from = 2022-01-01
 valid_to = 2100-01-01
-kg_co2e_per_unit = {GAS_FACTOR}
+data_year = 2022
+kg_co2_per_unit = {GAS_FACTOR}
+gases = "CO2"
+gwp_set = "none"
 unit = "kWh"
 version = 1
 source = "test gas factor"
+cv_basis = "net"
 """
 
 
