@@ -1,0 +1,159 @@
+"""What a month's figures say about factors and gases, computed end to end from readings.
+
+Expected values are the publishers' figures typed here (DESNZ 2024 flat file; MEE/NBS 2023) times
+the metered activity, by hand — not the engine's output.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from compute.factors import apply_factors
+from compute.fleet import apply_fleet
+from compute.recompute import recompute
+from compute.statements.figures import month_figures
+from ingest.writer import dirty_ranges
+from tests.test_compute_support import REPO, Row, compute_dsn, insert_rows, reset
+
+__all__ = ["compute_dsn"]
+
+FLEET = """
+[[suppliers]]
+id = "acme"
+name = "Acme"
+
+[[sites]]
+id = "uk"
+supplier = "acme"
+name = "Leeds"
+grid_region = "GB"
+timezone = "Europe/London"
+factor_series = "ghg-conversion-factors"
+fuel_series = "ghg-conversion-factors"
+
+[[sites]]
+id = "sz"
+supplier = "acme"
+name = "Shenzhen"
+grid_region = "CN"
+timezone = "Asia/Shanghai"
+
+[[meters]]
+id = "gas-kwh"
+site = "uk"
+carrier = "natural_gas"
+unit = "kWh"
+cv_basis = "gross"
+model = "gas_kwh"
+
+[[meters]]
+id = "gas-m3"
+site = "uk"
+carrier = "natural_gas"
+unit = "m3"
+reference_conditions = "15C-101.325kPa"
+model = "gas_m3"
+
+[[meters]]
+id = "uk-elec"
+site = "uk"
+carrier = "electricity"
+model = "eastron_sdm630"
+
+[[meters]]
+id = "chill"
+site = "uk"
+carrier = "cooling"
+model = "heat_meter"
+
+[[meters]]
+id = "sz-elec"
+site = "sz"
+carrier = "electricity"
+model = "eastron_sdm630"
+"""
+
+T0 = datetime(2024, 3, 5, 10, 0, tzinfo=UTC)
+HOUR = {"gas-kwh": 200_000.0, "gas-m3": 1_000.0, "uk-elec": 1_000.0, "chill": 500.0, "sz-elec": 2_000.0}
+QUANTITY = {"gas-m3": "gas_m3"}
+SITE = {"sz-elec": "sz"}
+
+
+def rows() -> list[Row]:
+    return [
+        (
+            m,
+            QUANTITY.get(m, "energy_import_kwh"),
+            T0 + timedelta(minutes=k),
+            total * k / 60,
+            0,
+            SITE.get(m, "uk"),
+            "gw",
+            0,
+        )
+        for m, total in HOUR.items()
+        for k in range(61)
+    ]
+
+
+@pytest.fixture
+def figures(compute_dsn: str, tmp_path: Path) -> Any:
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        (tmp_path / "fleet.toml").write_text(FLEET)
+        apply_fleet(conn, tmp_path / "fleet.toml")
+        apply_factors(conn, REPO / "config" / "factors.toml")
+        data = rows()
+        insert_rows(conn, data)
+        for d in dirty_ranges(data):
+            recompute(conn, d)
+        with conn.transaction():
+            return month_figures(conn, "acme", "2024-03")
+
+
+def test_gas_in_two_units_is_reported_apart_and_fully_counted(figures: dict[str, Any]) -> None:
+    energy = figures["energy_by_carrier"]
+    assert energy["natural_gas (kWh)"]["amount"] == pytest.approx(200_000.0)
+    assert energy["natural_gas (m3)"]["amount"] == pytest.approx(1_000.0)
+    # DESNZ 2024: 0.18290 kg CO2e per kWh (Gross CV), 2.04542 per m3.
+    assert figures["scope1_by_fuel"]["natural_gas"] == pytest.approx(200_000 * 0.18290 + 1_000 * 2.04542)
+
+
+def test_per_gas_totals_and_gwp_set(figures: dict[str, Any]) -> None:
+    by_gas = figures["by_gas"]
+    # DESNZ 2024 per-gas parts (kg CO2e): kWh gross CO2 0.18253, CH4 0.00028, N2O 0.00009;
+    # m3 CO2 2.0414, CH4 0.00307, N2O 0.00095; AR5 (CH4 28, N2O 265) turns them into kg of gas.
+    assert by_gas["scope1"]["co2"] == pytest.approx(200_000 * 0.18253 + 1_000 * 2.0414)
+    assert by_gas["scope1"]["ch4"] == pytest.approx((200_000 * 0.00028 + 1_000 * 0.00307) / 28)
+    assert by_gas["scope1"]["n2o"] == pytest.approx((200_000 * 0.00009 + 1_000 * 0.00095) / 265)
+    # Scope 2: UK electricity 2024 CO2 0.20493 kg/kWh; China 2023 national 0.5306 kgCO2/kWh, CO2 only.
+    assert by_gas["scope2_location"]["co2"] == pytest.approx(1_000 * 0.20493 + 2_000 * 0.5306)
+    assert by_gas["gwp_sets"] == ["AR5"]
+    assert by_gas["co2_only_factor_ids"] == ["cn-mee-stat-2023-national-v1"]
+
+
+def test_factors_state_year_gases_and_basis(figures: dict[str, Any]) -> None:
+    by_id = {f["factor_id"]: f for f in figures["factors"]}
+    gas = by_id["gb-desnz-2024-natural-gas-kwh-gross-v1"]
+    assert (gas["data_year"], gas["gases"], gas["gwp_set"], gas["cv_basis"]) == (2024, "CO2e", "AR5", "gross")
+    m3 = by_id["gb-desnz-2024-natural-gas-m3-v1"]
+    assert m3["reference_conditions"] == "15C-101.325kPa" and m3["ncv_unit"] == "kWh (net CV) per m3"
+    cn = by_id["cn-mee-stat-2023-national-v1"]
+    assert (cn["data_year"], cn["gases"], cn["gwp_set"], cn["region"]) == (2023, "CO2", "none", "CN")
+
+
+def test_cooling_without_a_factor_is_listed_as_refused(figures: dict[str, Any]) -> None:
+    [refusal] = figures["refusals"]
+    assert (refusal["site_id"], refusal["carrier"], refusal["scope"], refusal["buckets"]) == (
+        "uk",
+        "cooling",
+        2,
+        4,
+    )
+    assert refusal["activity"] == pytest.approx(500.0)
+    assert "no emission factor for cooling" in refusal["reason"]
