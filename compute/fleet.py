@@ -79,11 +79,50 @@ class Gateway(_Entry):
     site: Ident
 
 
-class Meter(_Entry):
+class FuelBasis(_Entry):
+    """What an amount of a carrier is: its unit, the CV basis of gas in kWh, the reference
+    conditions of gas in m3 and the fuel type (the coal type). Shared by meters and by fuel bought
+    by invoice (``compute.activity``), so both are matched to factors the same way."""
+
+    carrier: Carrier
+    # Default per carrier: natural gas m3, diesel l, LPG and coal kg (``METER_UNITS``).
+    unit: Literal["kWh", "m3", "l", "kg"] | None = None
+    cv_basis: Literal["gross", "net"] | None = None
+    reference_conditions: Literal[REFERENCE_CONDITIONS] | None = None  # type: ignore[valid-type]
+    fuel_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{0,40}$")] = ""
+
+    @model_validator(mode="after")
+    def _check_basis(self) -> FuelBasis:
+        c = self.carrier.value
+        allowed = METER_UNITS[self.carrier]
+        if self.unit is not None and self.unit not in allowed:
+            raise ValueError(f"{c} counts in {list(allowed)}, not {self.unit!r}")
+        unit = self.activity_unit
+        if self.carrier in SCOPE2_CARRIERS and (self.cv_basis or self.reference_conditions or self.fuel_type):
+            raise ValueError(f"{c} takes no cv_basis, reference_conditions or fuel_type")
+        if self.carrier is Carrier.NATURAL_GAS and unit == "kWh" and self.cv_basis is None:
+            raise ValueError("natural gas in kWh needs cv_basis (gross or net)")
+        if self.carrier is Carrier.NATURAL_GAS and unit == "m3" and self.reference_conditions is None:
+            raise ValueError(
+                f"natural gas in m3 needs reference_conditions (one of {list(REFERENCE_CONDITIONS)})"
+            )
+        if self.carrier is Carrier.COAL and not self.fuel_type:
+            raise ValueError("coal needs fuel_type (the coal type, e.g. 'industrial')")
+        if unit != "kWh" and self.cv_basis is not None:
+            raise ValueError("cv_basis applies to amounts in kWh only")
+        if unit != "m3" and self.reference_conditions is not None:
+            raise ValueError("reference_conditions apply to gas in m3 only")
+        return self
+
+    @property
+    def activity_unit(self) -> str:
+        return self.unit or METER_UNITS[self.carrier][0]
+
+
+class Meter(FuelBasis):
     id: Ident
     site: Ident
     gateway: Ident | None = None
-    carrier: Carrier
     model: Name
     unit_id: Annotated[int, Field(ge=0, le=255)] | None = None
     ct_ratio: Annotated[float, AfterValidator(_ratio)] = 1.0
@@ -93,47 +132,10 @@ class Meter(_Entry):
     counter_max: Annotated[float, AfterValidator(_ratio)] | None = None
     # Longest interval between readings still counted as measured (default: settings).
     max_gap_s: Annotated[float, AfterValidator(_ratio)] | None = None
-    # Fuel meters: the unit the counter reports (default per carrier: natural gas m3, diesel l,
-    # LPG and coal kg), the CV basis of a kWh gas meter, the reference conditions of an m3 gas
-    # meter and the fuel type (required for coal: the coal type). See ``_check_fuel``.
-    unit: Literal["kWh", "m3", "l", "kg"] | None = None
-    cv_basis: Literal["gross", "net"] | None = None
-    reference_conditions: Literal[REFERENCE_CONDITIONS] | None = None  # type: ignore[valid-type]
-    fuel_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{0,40}$")] = ""
     # Tolerated simulation keys (see module doc); not stored.
     profile: Any = Field(default=None, exclude=True)
     base_kw: Any = Field(default=None, exclude=True)
     peak_kw: Any = Field(default=None, exclude=True)
-
-    @model_validator(mode="after")
-    def _check_fuel(self) -> Meter:
-        allowed = METER_UNITS[self.carrier]
-        if self.unit is not None and self.unit not in allowed:
-            raise ValueError(f"a {self.carrier.value} meter counts in {list(allowed)}, not {self.unit!r}")
-        unit = self.activity_unit
-        if self.carrier is Carrier.NATURAL_GAS:
-            if unit == "kWh" and self.cv_basis is None:
-                raise ValueError("a natural gas meter in kWh needs cv_basis (gross or net)")
-            if unit == "m3" and self.reference_conditions is None:
-                raise ValueError(
-                    "a natural gas meter in m3 needs reference_conditions "
-                    f"(one of {list(REFERENCE_CONDITIONS)})"
-                )
-        if self.carrier is Carrier.COAL and not self.fuel_type:
-            raise ValueError("a coal meter needs fuel_type (the coal type, e.g. 'industrial')")
-        if self.carrier in SCOPE2_CARRIERS and (self.cv_basis or self.reference_conditions or self.fuel_type):
-            raise ValueError(
-                f"{self.carrier.value} meters take no cv_basis, reference_conditions or fuel_type"
-            )
-        if unit != "kWh" and self.cv_basis is not None and self.carrier is Carrier.NATURAL_GAS:
-            raise ValueError("cv_basis applies to kWh gas meters only")
-        if unit != "m3" and self.reference_conditions is not None:
-            raise ValueError("reference_conditions apply to m3 gas meters only")
-        return self
-
-    @property
-    def activity_unit(self) -> str:
-        return self.unit or METER_UNITS[self.carrier][0]
 
 
 class Fleet(BaseModel):

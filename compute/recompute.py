@@ -153,6 +153,25 @@ _DELETE_ROLLUPS = (
     " AND (%(b0)s::timestamptz IS NULL OR bucket >= %(b0)s)"
     " AND (%(b1)s::timestamptz IS NULL OR bucket < %(b1)s)"
 )
+# The one factor lookup (Scope 2: the site's region and factor series; Scope 1: its fuel series,
+# region, then country, then GLOBAL; newest vintage, then highest version). Needs ``e`` (carrier,
+# unit, cv_basis, refc, fuel_type, scope) and ``s`` (a sites row); ``{day}`` is the site-local date.
+FACTOR_LOOKUP: Final = """
+    SELECT ef.factor_id, ef.kg_co2e_per_unit, ef.kg_co2_per_unit, ef.kg_ch4_per_unit, ef.kg_n2o_per_unit
+    FROM emission_factors ef
+    WHERE ef.carrier = e.carrier AND ef.unit = e.unit
+      AND ef.reference_conditions = e.refc AND ef.fuel_type = e.fuel_type
+      AND (e.scope = 2 OR e.unit <> 'kWh' OR ef.cv_basis = e.cv_basis)
+      AND CASE WHEN e.scope = 2
+               THEN ef.region = s.grid_region AND ef.series = coalesce(s.factor_series, %(series)s)
+               ELSE ef.region IN (s.grid_region, split_part(s.grid_region, '-', 1), 'GLOBAL')
+                    AND ef.series = coalesce(s.fuel_series, %(fuel_series)s) END
+      AND ef.valid_from <= {day} AND {day} < ef.valid_to
+    ORDER BY (ef.region = s.grid_region) DESC, (ef.region = split_part(s.grid_region, '-', 1)) DESC,
+             ef.data_year DESC NULLS LAST, ef.version DESC, ef.factor_id
+    LIMIT 1
+"""
+
 _INSERT_ROLLUPS = """
 INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, activity_unit, cv_basis,
                               reference_conditions, fuel_type, kwh, kwh_estimated, coverage, kg_co2e,
@@ -189,23 +208,8 @@ CROSS JOIN LATERAL (
     WHERE mm.site_id = e.site_id AND mm.carrier = e.carrier AND coalesce(mm.activity_unit, r.unit) = e.unit
       AND mm.cv_basis = e.cv_basis AND mm.reference_conditions = e.refc AND mm.fuel_type = e.fuel_type
 ) n
-LEFT JOIN LATERAL (
-    SELECT ef.factor_id, ef.kg_co2e_per_unit, ef.kg_co2_per_unit, ef.kg_ch4_per_unit, ef.kg_n2o_per_unit
-    FROM emission_factors ef
-    WHERE ef.carrier = e.carrier AND ef.unit = e.unit
-      AND ef.reference_conditions = e.refc AND ef.fuel_type = e.fuel_type
-      AND (e.scope = 2 OR e.unit <> 'kWh' OR ef.cv_basis = e.cv_basis)
-      AND CASE WHEN e.scope = 2
-               THEN ef.region = s.grid_region AND ef.series = coalesce(s.factor_series, %(series)s)
-               ELSE ef.region IN (s.grid_region, split_part(s.grid_region, '-', 1), 'GLOBAL')
-                    AND ef.series = coalesce(s.fuel_series, %(fuel_series)s) END
-      AND ef.valid_from <= (e.bucket AT TIME ZONE s.timezone)::date
-      AND (e.bucket AT TIME ZONE s.timezone)::date < ef.valid_to
-    ORDER BY (ef.region = s.grid_region) DESC, (ef.region = split_part(s.grid_region, '-', 1)) DESC,
-             ef.data_year DESC NULLS LAST, ef.version DESC, ef.factor_id
-    LIMIT 1
-) f ON true
-"""
+LEFT JOIN LATERAL ({lookup}) f ON true
+""".format(lookup=FACTOR_LOOKUP.format(day="(e.bucket AT TIME ZONE s.timezone)::date"))
 
 
 def _one(cur: psycopg.Cursor[Any], sql: str, params: tuple[Any, ...]) -> Any:

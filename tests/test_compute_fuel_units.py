@@ -221,8 +221,8 @@ def test_rebuild_equals_incremental(conn: Any) -> None:
         ('carrier = "natural_gas"', "needs reference_conditions"),
         ('carrier = "natural_gas"\nunit = "l"\nreference_conditions = "0C-101.325kPa"', "counts in"),
         ('carrier = "coal"', "needs fuel_type"),
-        ('carrier = "electricity"\ncv_basis = "gross"', "take no cv_basis"),
-        ('carrier = "diesel"\nreference_conditions = "0C-101.325kPa"', "apply to m3 gas meters only"),
+        ('carrier = "electricity"\ncv_basis = "gross"', "takes no cv_basis"),
+        ('carrier = "diesel"\nreference_conditions = "0C-101.325kPa"', "apply to gas in m3 only"),
     ],
 )
 def test_meter_must_state_its_unit_basis(tmp_path: Path, meter: str, message: str) -> None:

@@ -45,7 +45,7 @@ def compute_dsn() -> Iterator[str]:
 def reset(conn: psycopg.Connection[Any]) -> None:
     conn.execute(
         "TRUNCATE readings, meter_energy_15m, site_rollups_15m, site_market_1h, contractual_instruments, "
-        "emission_factors, meters, gateways, sites, suppliers"
+        "activity_records, emission_factors, meters, gateways, sites, suppliers"
     )
     conn.commit()
 
