@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from compute.activity import apply_activity
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from compute.recompute import recompute
@@ -78,6 +79,36 @@ carrier = "electricity"
 model = "eastron_sdm630"
 """
 
+ACTIVITY = """
+[[refrigerants]]
+id = "chiller"
+site = "uk"
+period_start = 2024-03-01
+period_end = 2024-04-01
+gas = "R-410A"
+kg = 2.0
+gwp_set = "AR4"
+provenance = "service report 17"
+
+[[fuel_purchases]]
+id = "diesel-inv"
+site = "uk"
+period_start = 2024-02-15
+period_end = 2024-03-15
+carrier = "diesel"
+amount = 1000.0
+provenance = "invoice 551"
+
+[[generation]]
+id = "pv-feb"
+site = "uk"
+period_start = 2024-02-01
+period_end = 2024-03-01
+source = "pv"
+self_consumed_kwh = 900.0
+exported_kwh = 100.0
+provenance = "inverter log"
+"""
 T0 = datetime(2024, 3, 5, 10, 0, tzinfo=UTC)
 HOUR = {"gas-kwh": 200_000.0, "gas-m3": 1_000.0, "uk-elec": 1_000.0, "chill": 500.0, "sz-elec": 2_000.0}
 QUANTITY = {"gas-m3": "gas_m3"}
@@ -112,6 +143,8 @@ def figures(compute_dsn: str, tmp_path: Path) -> Any:
         insert_rows(conn, data)
         for d in dirty_ranges(data):
             recompute(conn, d)
+        (tmp_path / "activity.toml").write_text(ACTIVITY)
+        apply_activity(conn, tmp_path / "activity.toml")
         with conn.transaction():
             return month_figures(conn, "acme", "2024-03")
 
@@ -157,3 +190,20 @@ def test_cooling_without_a_factor_is_listed_as_refused(figures: dict[str, Any]) 
     )
     assert refusal["activity"] == pytest.approx(500.0)
     assert "no emission factor for cooling" in refusal["reason"]
+
+
+def test_non_metered_activity_is_listed_prorated_and_counted(figures: dict[str, Any]) -> None:
+    nm = {r["record_id"]: r for r in figures["not_metered"]}
+    assert set(nm) == {"chiller", "diesel-inv"}  # February's PV is outside March
+    assert all(r["metered"] is False for r in nm.values())
+    # R-410A 2 kg, AR4: 2 x 2,087.5 = 4,175 kg CO2e, all in March.
+    assert nm["chiller"]["kg_co2e"] == pytest.approx(4175.0)
+    # 1,000 l over 15 Feb-15 Mar 2024 (29 days), 14 of them in March; DESNZ 2024 diesel 2.66155/l.
+    assert nm["diesel-inv"]["share_in_month"] == pytest.approx(14 / 29)
+    assert nm["diesel-inv"]["kg_co2e"] == pytest.approx(1000 * 2.66155 * 14 / 29)
+    assert nm["diesel-inv"]["provenance"] == "invoice 551"
+    extra = 4175.0 + 1000 * 2.66155 * 14 / 29
+    assert figures["not_metered_kg"] == pytest.approx(extra)
+    metered = 200_000 * 0.18290 + 1_000 * 2.04542
+    assert figures["totals"]["scope1"] == pytest.approx(metered + extra)
+    assert "gb-desnz-2024-diesel-l-v1" in {f["factor_id"] for f in figures["factors"]}

@@ -135,6 +135,7 @@ def build_inputs(
         "meters": meters_of(conn, supplier),
         "factors": figures["factors"],
         "instruments": figures["instruments"],
+        "not_metered": figures.get("not_metered", []),
         "allocations": [a.model_dump() for a in cfg.allocations_for(supplier)],
         "production": production.model_dump() if production else None,
     }

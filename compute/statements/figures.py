@@ -22,7 +22,10 @@ GHG Protocol rules applied here:
 - per-gas totals (kg of CO2, CH4, N2O) come from the factors' per-gas values; CO2-only factors
   (China's grid factors) cover CO2 alone, which ``by_gas`` states (``co2_only_factor_ids``);
 - buckets the compute engine could not turn into emissions (no factor: ``refusal``) are listed in
-  ``refusals``; a statement with refusals is incomplete.
+  ``refusals``; a statement with refusals is incomplete;
+- non-metered activity (``compute.activity``: refrigerant top-ups, fuel invoices, generation) is
+  listed in ``not_metered``, prorated to the month by the days its period overlaps it; its Scope 1
+  kg CO2e is part of ``totals.scope1`` (and of the site's) and shown apart as ``not_metered_kg``.
 """
 
 from __future__ import annotations
@@ -219,7 +222,9 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         ).fetchall()
     ]
 
-    factor_ids = sorted({f for line in lines for f in line["factor_ids"]})
+    factor_ids = sorted(
+        {f for line in lines for f in line["factor_ids"]} | set(_activity_factor_ids(conn, p, first, nxt))
+    )
     factors = [
         {
             "factor_id": r[0],
@@ -269,12 +274,24 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             else []
         )
     ]
+    not_metered = _not_metered(conn, p, first, nxt)
+    summary = _summarise(lines, daily_rows, buckets_in_month, residual, first, nxt)
+    extra = sum(r["kg_co2e"] or 0.0 for r in not_metered if r["scope"] == 1)
+    for r in not_metered:
+        if r["scope"] == 1 and r["kg_co2e"] is not None:
+            summary["per_site"][r["site_id"]]["scope1"] += r["kg_co2e"]
+    t = summary["totals"]
+    t["scope1"] += extra
+    t["total_location"] += extra
+    t["total_market"] += extra
     return {
         "supplier": {"id": supplier, "name": name},
         "month": month,
         "boundary": boundary,
         "lines": lines,
-        **_summarise(lines, daily_rows, buckets_in_month, residual, first, nxt),
+        **summary,
+        "not_metered": not_metered,
+        "not_metered_kg": extra,
         "by_gas": _by_gas(lines, factors),
         "factors": factors,
         "instruments": instruments,
@@ -308,6 +325,59 @@ def _factor_detail(conn: psycopg.Connection[Any]) -> list[str]:
         ).fetchall()
     }
     return [c if c in have else f"NULL AS {c}" for c in _FACTOR_DETAIL]
+
+
+def _activity_factor_ids(
+    conn: psycopg.Connection[Any], p: dict[str, Any], first: date, nxt: date
+) -> list[str]:
+    return [r["factor_id"] for r in _not_metered(conn, p, first, nxt) if r["factor_id"]]
+
+
+def _not_metered(
+    conn: psycopg.Connection[Any], p: dict[str, Any], first: date, nxt: date
+) -> list[dict[str, Any]]:
+    """Activity records of the supplier's sites overlapping the month, prorated by days."""
+    if conn.execute("SELECT to_regclass('activity_records')").fetchone() == (None,):
+        return []
+    rows = conn.execute(
+        "SELECT a.record_id, a.site_id, a.kind, a.scope, a.carrier, a.gas, a.period_start, a.period_end,"
+        " a.amount, a.unit, a.exported_kwh, a.gwp_set, a.kg_co2e, a.kg_hfc, a.factor_id, a.refusal,"
+        " a.provenance FROM activity_records a JOIN sites s USING (site_id)"
+        " WHERE s.supplier_id = %(supplier)s AND a.period_start < %(next)s AND a.period_end > %(first)s"
+        " ORDER BY a.site_id, a.record_id",
+        p,
+    ).fetchall()
+    out = []
+    for r in rows:
+        start, end = r[6], r[7]
+        share = ((min(end, nxt) - max(start, first)).days) / (end - start).days
+
+        def part(x: float | None, share: float = share) -> float | None:
+            return None if x is None else x * share
+
+        out.append(
+            {
+                "record_id": r[0],
+                "site_id": r[1],
+                "kind": r[2],
+                "scope": r[3],
+                "carrier": r[4],
+                "gas": r[5],
+                "period": [start.isoformat(), end.isoformat()],
+                "share_in_month": share,
+                "amount": r[8] * share,
+                "unit": r[9],
+                "exported_kwh": part(r[10]),
+                "gwp_set": r[11],
+                "kg_co2e": part(r[12]),
+                "kg_hfc": part(r[13]),
+                "factor_id": r[14],
+                "refusal": r[15],
+                "provenance": r[16],
+                "metered": False,
+            }
+        )
+    return out
 
 
 def _by_gas(lines: list[dict[str, Any]], factors: list[dict[str, Any]]) -> dict[str, Any]:

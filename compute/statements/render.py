@@ -443,6 +443,25 @@ def csv_text(doc: dict[str, Any]) -> str:
             scope=ln["scope"],
             method=ln["method"],
         )
+    for a in f.get("not_metered", []):
+        what = a["gas"] or a["carrier"] or ""
+        row(
+            "not_metered",
+            f"{a['kind']}:{a['record_id']}",
+            a["amount"],
+            a["unit"],
+            site=a["site_id"],
+            carrier=what,
+        )
+        if a["kg_co2e"] is not None:
+            row(
+                "not_metered",
+                f"{a['kind']}:{a['record_id']}",
+                a["kg_co2e"],
+                "kg CO2e",
+                site=a["site_id"],
+                scope=1,
+            )
     for d in f["daily"]:
         for k in ("scope1", "scope2_location", "scope2_market"):
             row("daily", k, d[k], "kg CO2e", day=d["date"])
