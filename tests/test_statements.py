@@ -268,6 +268,7 @@ def test_issue_writes_signed_versioned_statement_with_expected_figures(db: str, 
         total = next(r for r in rows if r["section"] == "totals" and r["metric"] == "scope2_location")
         assert float(total["value"]) == f["totals"]["scope2_location"]
         assert {r["customer"] for r in rows if r["section"] == "allocation"} == {"lenovo", "zte"}
+        assert {(r["supplier_id"], r["period"], r["version"]) for r in rows} == {("acme", MONTH, "1")}
 
         # Unchanged inputs: no new version.
         [again] = issue_month(conn, cfg, MONTH, ["acme"], now=now, params=Params(), progress=False)

@@ -366,7 +366,12 @@ def write_pdf(doc: dict[str, Any], path: Path) -> None:
             plt.close(fig)
 
 
+# Every row names its statement (supplier, period, version) so rows from many statements can be
+# stacked in one table without losing where they came from.
 CSV_HEADER = [
+    "supplier_id",
+    "period",
+    "version",
     "section",
     "site_id",
     "customer",
@@ -387,9 +392,12 @@ def csv_text(doc: dict[str, Any]) -> str:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_HEADER)
 
+    ident = [doc["supplier"]["id"], doc["month"], doc["version"]]
+
     def row(section: str, metric: str, value: Any, unit: str, **kw: Any) -> None:
         w.writerow(
             [
+                *ident,
                 section,
                 kw.get("site", ""),
                 kw.get("customer", ""),
