@@ -132,6 +132,9 @@ class Meter(FuelBasis):
     counter_max: Annotated[float, AfterValidator(_ratio)] | None = None
     # Longest interval between readings still counted as measured (default: settings).
     max_gap_s: Annotated[float, AfterValidator(_ratio)] | None = None
+    # Accuracy class in percent (IEC 62053-21 class 1 = 1.0, class 0.5S = 0.5; MID class B ~ 1):
+    # statements state their measurement uncertainty from it. Unset: uncertainty not assessed.
+    accuracy_class: Annotated[float, AfterValidator(_ratio)] | None = None
     # Tolerated simulation keys (see module doc); not stored.
     profile: Any = Field(default=None, exclude=True)
     base_kw: Any = Field(default=None, exclude=True)
@@ -257,6 +260,7 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                 "cv_basis",
                 "reference_conditions",
                 "fuel_type",
+                "accuracy_class",
             ),
             [
                 (
@@ -274,6 +278,7 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                     m.cv_basis or "",
                     m.reference_conditions or "",
                     m.fuel_type,
+                    m.accuracy_class,
                 )
                 for m in fleet.meters
             ],

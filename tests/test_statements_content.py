@@ -17,6 +17,8 @@ from compute.activity import apply_activity
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from compute.recompute import recompute
+from compute.statements.config import Allocation, Production, Reporting, StatementsConfig
+from compute.statements.document import derive
 from compute.statements.figures import month_figures
 from ingest.writer import dirty_ranges
 from tests.test_compute_support import REPO, Row, compute_dsn, insert_rows, reset
@@ -46,6 +48,7 @@ timezone = "Asia/Shanghai"
 
 [[meters]]
 id = "gas-kwh"
+accuracy_class = 1.0
 site = "uk"
 carrier = "natural_gas"
 unit = "kWh"
@@ -54,6 +57,7 @@ model = "gas_kwh"
 
 [[meters]]
 id = "gas-m3"
+accuracy_class = 1.5
 site = "uk"
 carrier = "natural_gas"
 unit = "m3"
@@ -62,6 +66,7 @@ model = "gas_m3"
 
 [[meters]]
 id = "uk-elec"
+accuracy_class = 1.0
 site = "uk"
 carrier = "electricity"
 model = "eastron_sdm630"
@@ -74,6 +79,7 @@ model = "heat_meter"
 
 [[meters]]
 id = "sz-elec"
+accuracy_class = 0.5
 site = "sz"
 carrier = "electricity"
 model = "eastron_sdm630"
@@ -207,3 +213,60 @@ def test_non_metered_activity_is_listed_prorated_and_counted(figures: dict[str, 
     metered = 200_000 * 0.18290 + 1_000 * 2.04542
     assert figures["totals"]["scope1"] == pytest.approx(metered + extra)
     assert "gb-desnz-2024-diesel-l-v1" in {f["factor_id"] for f in figures["factors"]}
+
+
+CFG = StatementsConfig(
+    allocations=[Allocation(supplier="acme", customer="lenovo", customer_name="Lenovo Group", share=0.25)],
+    production=[Production(supplier="acme", month="2024-03", quantity=1000.0, unit="PCBA")],
+    reporting=[
+        Reporting(
+            supplier="acme",
+            consolidation_approach="operational_control",
+            base_year=2023,
+            verification="limited",
+            verifier="Verifier Ltd",
+            verification_standard="ISO 14064-3:2019",
+            allocation_level="product",
+            estimated_uncertainty_pct=10.0,
+        )
+    ],
+)
+
+
+def test_disclosure_cdp_and_pact(figures: dict[str, Any]) -> None:
+    d = derive(figures, None, CFG)
+    disc = d["disclosure"]
+    assert (disc["consolidation_approach"], disc["base_year"]) == ("operational_control", 2023)
+    assert disc["verification"] == {
+        "status": "limited",
+        "verifier": "Verifier Ltd",
+        "standard": "ISO 14064-3:2019",
+    }
+    cat1 = disc["iso14064_categories"]["category_1_direct"]
+    assert cat1["kg_co2e"] == pytest.approx(figures["totals"]["scope1"])
+    assert disc["gwp_sets"] == ["AR5"]
+    # Uncertainty by hand: every line measured (no gaps), so each takes its meters' class:
+    # gas kWh 36,580 kg x 1 %, gas m3 2,045.42 x 1.5 %, UK electricity 207.05 x 1 %, China
+    # electricity 1,061.2 x 0.5 %; non-metered at 10 %: R-410A 4,175 and diesel 1,000 x 2.66155 x 14/29.
+    diesel = 1000 * 2.66155 * 14 / 29
+    parts = [(36_580.0, 1.0), (2_045.42, 1.5), (207.05, 1.0), (1_061.2, 0.5), (4_175.0, 10.0), (diesel, 10.0)]
+    total = sum(kg for kg, _ in parts)
+    expected = sum((kg * pct / 100) ** 2 for kg, pct in parts) ** 0.5 / total * 100
+    assert disc["uncertainty_pct"] == pytest.approx(expected, rel=1e-6)
+    [row] = d["cdp_sc1_1"]
+    assert row["requesting_member"] == "Lenovo Group" and row["allocation_level"] == "product"
+    assert row["quantity_supplied"] == pytest.approx(250.0) and row["unit_for_quantity_supplied"] == "PCBA"
+    assert row["emissions_t_co2e_location"] == pytest.approx(
+        figures["totals"]["total_location"] * 0.25 / 1000
+    )
+    assert row["verified"] is True and row["major_sources"][0] == "natural_gas"
+    assert row["uncertainty_pct"] == disc["uncertainty_pct"]
+    p = d["pact"]
+    assert p["geography"]["geographyCountry"] == ["CN", "GB"]
+    assert p["primaryDataShare"] == pytest.approx(100.0)
+    assert p["referencePeriodStart"].startswith("2024-02-29T16:00")  # Shenzhen's March starts first
+
+
+def test_uncertainty_not_assessed_without_accuracy_classes(figures: dict[str, Any]) -> None:
+    stripped = {**figures, "meter_accuracy": []}
+    assert derive(stripped, None, CFG)["disclosure"]["uncertainty_pct"] is None

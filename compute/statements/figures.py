@@ -274,6 +274,26 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             else []
         )
     ]
+    accuracy = (
+        [
+            {
+                "site_id": r[0],
+                "carrier": r[1],
+                "unit": r[2],
+                "worst_class_pct": r[3],
+                "meters_without_class": r[4],
+            }
+            for r in conn.execute(
+                "SELECT m.site_id, m.carrier, coalesce(m.activity_unit, 'kWh'), max(m.accuracy_class),"
+                " count(*) FILTER (WHERE m.accuracy_class IS NULL)"
+                " FROM meters m JOIN sites s USING (site_id) WHERE s.supplier_id = %(supplier)s"
+                " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                p,
+            ).fetchall()
+        ]
+        if "accuracy_class" in _meter_columns(conn)
+        else []
+    )
     not_metered = _not_metered(conn, p, first, nxt)
     summary = _summarise(lines, daily_rows, buckets_in_month, residual, first, nxt)
     extra = sum(r["kg_co2e"] or 0.0 for r in not_metered if r["scope"] == 1)
@@ -291,6 +311,7 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         "lines": lines,
         **summary,
         "not_metered": not_metered,
+        "meter_accuracy": accuracy,
         "not_metered_kg": extra,
         "by_gas": _by_gas(lines, factors),
         "factors": factors,
@@ -325,6 +346,14 @@ def _factor_detail(conn: psycopg.Connection[Any]) -> list[str]:
         ).fetchall()
     }
     return [c if c in have else f"NULL AS {c}" for c in _FACTOR_DETAIL]
+
+
+def _meter_columns(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'meters'"
+        " AND table_schema = current_schema()"
+    ).fetchall()
+    return {r[0] for r in rows}
 
 
 def _activity_factor_ids(
