@@ -526,3 +526,24 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFix
         == 2
     )
     assert os.path.exists(tmp_path / "k.pem")
+
+
+def test_annual_statement_rolls_up_the_months_and_verifies(db: str, cfg_path: Path) -> None:
+    """``issue --year``: the year's figures equal the sum of its twelve months (each site's local
+    calendar), it is signed and versioned like a month, and verify recomputes it from readings."""
+    cfg = load_statements_config(cfg_path)
+    now = datetime(2027, 1, 10, tzinfo=UTC)
+    with psycopg.connect(db, autocommit=True) as conn:
+        with conn.transaction():
+            months = [month_figures(conn, "acme", f"2026-{m:02d}") for m in range(1, 13)]
+            year = month_figures(conn, "acme", "2026")
+        for key in ("scope1", "scope2_location", "scope2_market", "energy_kwh"):
+            assert year["totals"][key] == pytest.approx(sum(f["totals"][key] for f in months), rel=1e-9)
+        assert sum(1 for f in months if f["lines"]) >= 2  # the fixture has October and November data
+        assert (year["period_kind"], len(year["daily"])) == ("year", 365)
+        [res] = issue_month(conn, cfg, "2026", ["acme"], now=now, params=Params(), progress=False)
+        doc = json.loads((res.directory / "statement.json").read_text())
+        assert (doc["month"], doc["version"], res.directory.parent.name) == ("2026", 1, "2026")
+        trusted = load_public_key(public_key_path(cfg.key_path))
+        assert verify_statement(conn, res.directory / "statement.json", trusted, cfg).status == "valid"
+    assert main(["statements", "issue", "--year", "26", "--config", str(cfg_path)]) == 2

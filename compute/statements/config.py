@@ -132,6 +132,20 @@ class StatementsConfig(_Entry):
         return [a for a in self.allocations if a.supplier == supplier]
 
     def production_for(self, supplier: str, month: str) -> Production | None:
+        """The month's production; for a year (``YYYY``) the sum of its months, when every month of
+        the year is given in one unit (else None: no annual intensity from partial data)."""
+        if len(month) == 4:
+            months = [
+                p for p in self.production if p.supplier == supplier and p.month.startswith(f"{month}-")
+            ]
+            if len(months) != 12 or len({p.unit for p in months}) != 1:
+                return None
+            return Production(
+                supplier=supplier,
+                month=f"{month}-12",
+                quantity=sum(p.quantity for p in months),
+                unit=months[0].unit,
+            )
         return next((p for p in self.production if p.supplier == supplier and p.month == month), None)
 
     def reporting_for(self, supplier: str) -> Reporting | None:

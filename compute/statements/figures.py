@@ -44,16 +44,29 @@ ENERGY_METHOD_PREFERENCE = ("location", "direct")
 
 
 def month_bounds(month: str) -> tuple[date, date]:
-    """``YYYY-MM`` → (first day, first day of the next month)."""
+    """``YYYY-MM`` → (first day, first day of the next month); ``YYYY`` → the calendar year (an
+    annual statement: the same queries over the year are exactly the sum of its months)."""
+    if len(month) == 4 and month.isdigit():
+        year = int(month)
+        if not 1990 <= year <= 2100:
+            raise UserError(f"year must be between 1990 and 2100, not {month!r}")
+        return date(year, 1, 1), date(year + 1, 1, 1)
     try:
         first = datetime.strptime(month, "%Y-%m").date()
     except ValueError:
-        raise UserError(f"month must be YYYY-MM, not {month!r}") from None
+        raise UserError(f"month must be YYYY-MM (or a year YYYY), not {month!r}") from None
     nxt = date(first.year + first.month // 12, first.month % 12 + 1, 1)
     return first, nxt
 
 
+def is_year(period: str) -> bool:
+    return len(period) == 4 and period.isdigit()
+
+
 def previous_month(month: str) -> str:
+    """The period before: the previous month, or the previous year for an annual period."""
+    if is_year(month):
+        return str(int(month) - 1)
     first, _ = month_bounds(month)
     return (first - timedelta(days=1)).strftime("%Y-%m")
 
@@ -307,6 +320,7 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
     return {
         "supplier": {"id": supplier, "name": name},
         "month": month,
+        "period_kind": "year" if is_year(month) else "month",
         "boundary": boundary,
         "lines": lines,
         **summary,

@@ -86,8 +86,10 @@ def _table(
 def _summary_page(doc: dict[str, Any]) -> Figure:
     f = doc["figures"]
     tot = f["totals"]
-    fig = _page("Monthly GHG emission statement (Scope 1 and 2)", doc, 1)
-    status = "PROVISIONAL — month not complete" if doc["provisional"] else "Final for the month"
+    kind = "Annual" if doc["figures"].get("period_kind") == "year" else "Monthly"
+    fig = _page(f"{kind} GHG emission statement (Scope 1 and 2)", doc, 1)
+    period = "year" if doc["figures"].get("period_kind") == "year" else "month"
+    status = f"PROVISIONAL — {period} not complete" if doc["provisional"] else f"Final for the {period}"
     if doc["supersedes"]:
         status += f"  ·  supersedes version {doc['supersedes']['version']}"
     fig.text(0.06, 0.915, f"Issued {doc['issued_at'][:19]}Z  ·  {status}", fontsize=8.5, color=MUTED)
