@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import psycopg
 import pytest
@@ -227,6 +228,24 @@ def cfg_path(tmp_path: Path) -> Path:
     return path
 
 
+STATEMENT_SCHEMA = json.loads(
+    (
+        Path(__file__).resolve().parent.parent
+        / "compute"
+        / "statements"
+        / "schema"
+        / "statement-1.schema.json"
+    ).read_text()
+)
+
+
+def assert_schema_valid(doc: dict[str, Any]) -> None:
+    """The published JSON Schema (draft 2020-12) accepts the statement, formats included."""
+    validator = jsonschema.Draft202012Validator(STATEMENT_SCHEMA, format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+
+
 def expected_location_kg(meters: list[str], hours: int) -> float:
     return sum(POWER[m] for m in meters) * hours * FACTOR
 
@@ -238,6 +257,7 @@ def test_issue_writes_signed_versioned_statement_with_expected_figures(db: str, 
         [res] = issue_month(conn, cfg, MONTH, ["acme"], now=now, params=Params(), progress=False)
         assert (res.version, res.status) == (1, "new")
         doc = json.loads((res.directory / "statement.json").read_text())
+        assert_schema_valid(doc)
         f = doc["figures"]
         s2 = expected_location_kg(["m1", "m2", "m3"], HOURS_NOV)
         assert f["totals"]["scope2_location"] == pytest.approx(s2, rel=1e-9)
@@ -544,6 +564,22 @@ def test_annual_statement_rolls_up_the_months_and_verifies(db: str, cfg_path: Pa
         [res] = issue_month(conn, cfg, "2026", ["acme"], now=now, params=Params(), progress=False)
         doc = json.loads((res.directory / "statement.json").read_text())
         assert (doc["month"], doc["version"], res.directory.parent.name) == ("2026", 1, "2026")
+        assert_schema_valid(doc)
         trusted = load_public_key(public_key_path(cfg.key_path))
         assert verify_statement(conn, res.directory / "statement.json", trusted, cfg).status == "valid"
     assert main(["statements", "issue", "--year", "26", "--config", str(cfg_path)]) == 2
+
+
+def test_schema_rejects_a_statement_missing_what_it_must_say(db: str, cfg_path: Path) -> None:
+    """The schema is not a rubber stamp: a statement without its gases or with a bad period fails."""
+    cfg = load_statements_config(cfg_path)
+    with psycopg.connect(db, autocommit=True) as conn:
+        [res] = issue_month(
+            conn, cfg, MONTH, ["acme"], now=datetime(2026, 12, 5, tzinfo=UTC), params=Params(), progress=False
+        )
+    doc = json.loads((res.directory / "statement.json").read_text())
+    validator = jsonschema.Draft202012Validator(STATEMENT_SCHEMA)
+    no_gases = {**doc, "figures": {k: v for k, v in doc["figures"].items() if k != "by_gas"}}
+    assert not validator.is_valid(no_gases)
+    assert not validator.is_valid({**doc, "month": "2026-13"})
+    assert not validator.is_valid({**doc, "inputs_digest": "xyz"})
