@@ -105,7 +105,8 @@ def readings_digest(conn: psycopg.Connection[Any], supplier: str, month: str) ->
 
 def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, Any]]:
     rows = conn.execute(
-        "SELECT m.meter_id, m.site_id, m.carrier, m.model, m.ct_ratio, m.pt_ratio FROM meters m"
+        "SELECT m.meter_id, m.site_id, m.carrier, m.model, m.ct_ratio, m.pt_ratio, m.activity_unit,"
+        " m.cv_basis, m.reference_conditions, m.fuel_type, m.accuracy_class FROM meters m"
         " JOIN sites s USING (site_id) WHERE s.supplier_id = %s ORDER BY m.meter_id",
         (supplier,),
     ).fetchall()
@@ -117,6 +118,12 @@ def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, An
             "model": r[3],
             "ct_ratio": r[4],
             "pt_ratio": r[5],
+            # What the meter's counter means (unit and basis) and how exact it is.
+            "unit": r[6],
+            "cv_basis": r[7],
+            "reference_conditions": r[8],
+            "fuel_type": r[9],
+            "accuracy_class": r[10],
         }
         for r in rows
     ]

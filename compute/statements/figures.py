@@ -136,7 +136,7 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         _WINDOWS + "SELECT s.site_id, s.name, s.grid_region, s.timezone, w.t0, w.t1,"
         " (SELECT count(*) FROM meters m WHERE m.site_id = s.site_id),"
         " coalesce((SELECT array_agg(DISTINCT m.carrier ORDER BY m.carrier) FROM meters m"
-        "           WHERE m.site_id = s.site_id), '{}')"
+        "           WHERE m.site_id = s.site_id), '{}'), s.factor_series, s.fuel_series"
         " FROM sites s JOIN w USING (site_id) ORDER BY s.site_id",
         p,
     ).fetchall()
@@ -149,6 +149,9 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             "window_utc": [r[4].isoformat(), r[5].isoformat()],
             "meters": r[6],
             "carriers": list(r[7]),
+            # The published series the site's factors come from (None: the settings' default).
+            "factor_series": r[8],
+            "fuel_series": r[9],
         }
         for r in sites
     ]
