@@ -339,6 +339,7 @@ def apply_factors(conn: psycopg.Connection[Any], path: Path) -> ApplyResult:
         cur.execute(
             "SELECT factor_id, publisher, series, region, carrier, unit, cv_basis, reference_conditions,"
             " fuel_type, data_year, version, valid_from, valid_to FROM emission_factors"
+            " WHERE gases IS NOT NULL"  # legacy rows (before 0004) are never looked up again
         )
         everything = [_Vintage(r[0], tuple(r[1:9]), r[9], r[10], r[11], r[12]) for r in cur.fetchall()]
         check_vintages(everything, f"{path} together with the factors already in the database")

@@ -154,12 +154,15 @@ _DELETE_ROLLUPS = (
     " AND (%(b1)s::timestamptz IS NULL OR bucket < %(b1)s)"
 )
 # The one factor lookup (Scope 2: the site's region and factor series; Scope 1: its fuel series,
-# region, then country, then GLOBAL; newest vintage, then highest version). Needs ``e`` (carrier,
+# region, then country, then GLOBAL; newest vintage, then highest version). Factors applied before
+# migration 0004 (no gases, no data year: not disclosure-grade, possibly open-ended) stay in the
+# table for the rollups that cite them but are never chosen again. Needs ``e`` (carrier,
 # unit, cv_basis, refc, fuel_type, scope) and ``s`` (a sites row); ``{day}`` is the site-local date.
 FACTOR_LOOKUP: Final = """
     SELECT ef.factor_id, ef.kg_co2e_per_unit, ef.kg_co2_per_unit, ef.kg_ch4_per_unit, ef.kg_n2o_per_unit
     FROM emission_factors ef
     WHERE ef.carrier = e.carrier AND ef.unit = e.unit
+      AND ef.gases IS NOT NULL AND ef.data_year IS NOT NULL
       AND ef.reference_conditions = e.refc AND ef.fuel_type = e.fuel_type
       AND (e.scope = 2 OR e.unit <> 'kWh' OR ef.cv_basis = e.cv_basis)
       AND CASE WHEN e.scope = 2

@@ -10,6 +10,7 @@ import pytest
 
 from compute.config import ConfigError
 from compute.factors import apply_factors, load_factors
+from compute.recompute import FACTOR_LOOKUP
 from tests.test_compute_support import REPO, compute_dsn, reset
 
 __all__ = ["compute_dsn"]
@@ -284,7 +285,7 @@ def test_china_2023_series_is_the_published_one() -> None:
     national = {
         f.data_year: f
         for f in load_factors(LIBRARY)
-        if f.id.startswith("cn-mee-stat-20") and f.id.endswith("national-v1")
+        if f.series == "national-power-average" and f.region == "CN"
     }
     assert (national[2022].valid_to, national[2023].valid_from) == (
         national[2023].valid_from,
@@ -340,3 +341,33 @@ def test_no_mixed_source_gas_factor_for_the_uk() -> None:
     m3 = [f for f in factors if f.carrier.value == "natural_gas" and f.unit == "m3"]
     assert {f.region for f in m3 if "GB/T 32150" in f.publisher} == {"CN"}
     assert not [f for f in m3 if f.region == "GLOBAL"]
+
+
+def test_library_applies_over_the_pre_issue_14_library_and_ignores_it(compute_dsn: str) -> None:
+    """The old library's rows (no gases, open-ended to 2100) stay for the rollups citing them, the new
+    library applies beside them, and no lookup uses them again: activity after the newest vintage
+    (2027) gets no factor although a legacy row claims validity to 2100."""
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        conn.execute(
+            "INSERT INTO emission_factors (factor_id, publisher, series, region, carrier, valid_from,"
+            " valid_to, kg_co2e_per_unit, unit, version, source, data_year)"
+            " VALUES ('cn-mee-stat-2022-national-v1', 'China MEE / NBS', 'national-power-average', 'CN',"
+            " 'electricity', '2022-01-01', '2100-01-01', 0.5366, 'kWh', 1, 'pre-issue-14 library', 2022)"
+        )
+        conn.commit()
+        assert apply_factors(conn, LIBRARY).inserted == len(load_factors(LIBRARY))
+        lookup = (
+            "SELECT f.factor_id FROM (SELECT 'electricity'::text AS carrier, 'kWh'::text AS unit,"
+            " ''::text AS cv_basis, ''::text AS refc, ''::text AS fuel_type, 2 AS scope) e,"
+            " (SELECT 'CN'::text AS grid_region, NULL::text AS factor_series, NULL::text AS fuel_series) s,"
+            " LATERAL ({}) f"
+        )
+        sql = lookup.format(FACTOR_LOOKUP.format(day="%(day)s::date"))
+        args = {"series": "national-power-average", "fuel_series": "ipcc-2006-default"}
+        for day, expected in (
+            ("2022-06-01", "cn-mee-stat-2022-national-v2"),
+            ("2026-06-01", "cn-mee-stat-2023-national-v1"),
+        ):
+            assert conn.execute(sql, {**args, "day": day}).fetchone() == (expected,)
+        assert conn.execute(sql, {**args, "day": "2027-06-01"}).fetchone() is None
