@@ -1,4 +1,4 @@
-"""``scopemeter fleet apply``, ``factors apply``, ``compute run|rebuild`` and ``bench compute``."""
+"""``scopemeter fleet|factors|activity apply``, ``compute run|rebuild`` and ``bench compute``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     iapply = isub.add_parser("apply", help="validate the instruments file and upsert it into the database")
     iapply.add_argument("path", nargs="?", type=Path, help="default: CONFIG_DIR/instruments.toml")
     iapply.set_defaults(handler=_instruments_apply)
+
+    activity = sub.add_parser(
+        "activity", help="non-metered activity: refrigerants, fuel invoices, generation"
+    )
+    asub = activity.add_subparsers(dest="activity_command", required=True, metavar="ACTION")
+    aapply = asub.add_parser("apply", help="validate the activity file (TOML or CSV), compute and upsert it")
+    aapply.add_argument("path", nargs="?", type=Path, help="default: CONFIG_DIR/activity.toml")
+    aapply.set_defaults(handler=_activity_apply)
 
     compute = sub.add_parser("compute", help="readings → 15-minute energy and emissions rollups")
     csub = compute.add_subparsers(dest="compute_command", required=True, metavar="ACTION")
@@ -99,6 +107,22 @@ def _fleet_apply(args: Any) -> int:
         extra = result.not_in_file[table]
         note = f"; in the database but not in the file: {', '.join(extra)}" if extra else ""
         print(f"{table}: {inserted} inserted, {result.updated[table]} updated{note}")
+    return 0
+
+
+def _activity_apply(args: Any) -> int:
+    from compute.activity import apply_activity, load_activity
+
+    settings = Settings()
+    path = args.path or settings.config_dir / "activity.toml"
+    load_activity(path)  # a bad file is reported before touching the database
+    with _connect(settings) as conn:
+        result = apply_activity(conn, path, settings.compute.fuel_factor_series)
+    print(f"activity {path}: {result.written} records written")
+    for line in result.refused:
+        print(f"  refused (no emissions): {line}")
+    if result.not_in_file:
+        print(f"  in the database but not in the file (kept): {', '.join(result.not_in_file)}")
     return 0
 
 

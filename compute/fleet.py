@@ -14,17 +14,29 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from compute.config import Carrier, ConfigError, check_keys, read_toml, section_entries
+from compute.config import SCOPE2_CARRIERS, Carrier, ConfigError, check_keys, read_toml, section_entries
+from compute.factors import REFERENCE_CONDITIONS, Region
 from edge.wire import Ident
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 SIMULATION_KEYS = frozenset({"profile", "base_kw", "peak_kw"})
+# The units a meter of each carrier may count in; the first is the default.
+METER_UNITS: Final[dict[Carrier, tuple[str, ...]]] = {
+    Carrier.ELECTRICITY: ("kWh",),
+    Carrier.HEAT: ("kWh",),
+    Carrier.STEAM: ("kWh",),
+    Carrier.COOLING: ("kWh",),
+    Carrier.NATURAL_GAS: ("m3", "kWh"),
+    Carrier.DIESEL: ("l", "kg"),
+    Carrier.LPG: ("kg", "l"),
+    Carrier.COAL: ("kg",),
+}
 
 
 def _timezone(tz: str) -> str:
@@ -54,10 +66,12 @@ class Site(_Entry):
     id: Ident
     supplier: Ident
     name: Name
-    grid_region: Name
+    grid_region: Region  # ISO 3166 (GB, CN, CN-YN) or a China grid region (CN-North); see compute.factors
     timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
-    # Published factor series for this site's location-based Scope 2 (default: settings).
+    # Published factor series for this site's location-based Scope 2 and its Scope 1 fuels
+    # (default: settings), e.g. "ghg-conversion-factors" (UK DESNZ) for a site in GB.
     factor_series: Name | None = None
+    fuel_series: Name | None = None
 
 
 class Gateway(_Entry):
@@ -65,11 +79,50 @@ class Gateway(_Entry):
     site: Ident
 
 
-class Meter(_Entry):
+class FuelBasis(_Entry):
+    """What an amount of a carrier is: its unit, the CV basis of gas in kWh, the reference
+    conditions of gas in m3 and the fuel type (the coal type). Shared by meters and by fuel bought
+    by invoice (``compute.activity``), so both are matched to factors the same way."""
+
+    carrier: Carrier
+    # Default per carrier: natural gas m3, diesel l, LPG and coal kg (``METER_UNITS``).
+    unit: Literal["kWh", "m3", "l", "kg"] | None = None
+    cv_basis: Literal["gross", "net"] | None = None
+    reference_conditions: Literal[REFERENCE_CONDITIONS] | None = None  # type: ignore[valid-type]
+    fuel_type: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{0,40}$")] = ""
+
+    @model_validator(mode="after")
+    def _check_basis(self) -> FuelBasis:
+        c = self.carrier.value
+        allowed = METER_UNITS[self.carrier]
+        if self.unit is not None and self.unit not in allowed:
+            raise ValueError(f"{c} counts in {list(allowed)}, not {self.unit!r}")
+        unit = self.activity_unit
+        if self.carrier in SCOPE2_CARRIERS and (self.cv_basis or self.reference_conditions or self.fuel_type):
+            raise ValueError(f"{c} takes no cv_basis, reference_conditions or fuel_type")
+        if self.carrier is Carrier.NATURAL_GAS and unit == "kWh" and self.cv_basis is None:
+            raise ValueError("natural gas in kWh needs cv_basis (gross or net)")
+        if self.carrier is Carrier.NATURAL_GAS and unit == "m3" and self.reference_conditions is None:
+            raise ValueError(
+                f"natural gas in m3 needs reference_conditions (one of {list(REFERENCE_CONDITIONS)})"
+            )
+        if self.carrier is Carrier.COAL and not self.fuel_type:
+            raise ValueError("coal needs fuel_type (the coal type, e.g. 'industrial')")
+        if unit != "kWh" and self.cv_basis is not None:
+            raise ValueError("cv_basis applies to amounts in kWh only")
+        if unit != "m3" and self.reference_conditions is not None:
+            raise ValueError("reference_conditions apply to gas in m3 only")
+        return self
+
+    @property
+    def activity_unit(self) -> str:
+        return self.unit or METER_UNITS[self.carrier][0]
+
+
+class Meter(FuelBasis):
     id: Ident
     site: Ident
     gateway: Ident | None = None
-    carrier: Carrier
     model: Name
     unit_id: Annotated[int, Field(ge=0, le=255)] | None = None
     ct_ratio: Annotated[float, AfterValidator(_ratio)] = 1.0
@@ -79,6 +132,9 @@ class Meter(_Entry):
     counter_max: Annotated[float, AfterValidator(_ratio)] | None = None
     # Longest interval between readings still counted as measured (default: settings).
     max_gap_s: Annotated[float, AfterValidator(_ratio)] | None = None
+    # Accuracy class in percent (IEC 62053-21 class 1 = 1.0, class 0.5S = 0.5; MID class B ~ 1):
+    # statements state their measurement uncertainty from it. Unset: uncertainty not assessed.
+    accuracy_class: Annotated[float, AfterValidator(_ratio)] | None = None
     # Tolerated simulation keys (see module doc); not stored.
     profile: Any = Field(default=None, exclude=True)
     base_kw: Any = Field(default=None, exclude=True)
@@ -179,8 +235,11 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
         (
             "sites",
             "site_id",
-            ("site_id", "supplier_id", "name", "grid_region", "timezone", "factor_series"),
-            [(s.id, s.supplier, s.name, s.grid_region, s.timezone, s.factor_series) for s in fleet.sites],
+            ("site_id", "supplier_id", "name", "grid_region", "timezone", "factor_series", "fuel_series"),
+            [
+                (s.id, s.supplier, s.name, s.grid_region, s.timezone, s.factor_series, s.fuel_series)
+                for s in fleet.sites
+            ],
         ),
         ("gateways", "gateway_id", ("gateway_id", "site_id"), [(g.id, g.site) for g in fleet.gateways]),
         (
@@ -197,6 +256,11 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                 "pt_ratio",
                 "counter_max",
                 "max_gap_s",
+                "activity_unit",
+                "cv_basis",
+                "reference_conditions",
+                "fuel_type",
+                "accuracy_class",
             ),
             [
                 (
@@ -210,6 +274,11 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                     m.pt_ratio,
                     m.counter_max,
                     m.max_gap_s,
+                    m.activity_unit,
+                    m.cv_basis or "",
+                    m.reference_conditions or "",
+                    m.fuel_type,
+                    m.accuracy_class,
                 )
                 for m in fleet.meters
             ],

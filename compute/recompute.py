@@ -17,19 +17,25 @@ Why replays, duplicates, out-of-order and late data give exactly a clean run's r
   rollup of a bucket always sees every meter's final rows.
 
 What is computed, per meter carrier (``CARRIERS``): Scope 2 location-based for electricity, heat,
-steam and cooling from the ``energy_import_kwh`` counter; Scope 1 ``direct`` for natural gas from
-the ``gas_m3`` counter, diesel from ``fuel_l`` (litres), LPG and coal from ``fuel_kg``, with CO2,
-CH4 and N2O kept apart. Counter handling follows ``compute.kernels``: the
-meter's ``counter_max`` undoes wraps, quality bits mark resets/replacements, intervals longer
-than the meter's ``max_gap_s`` (default: settings) are estimated energy. Rollups keep
-``kwh_estimated`` apart and carry ``coverage`` (measured meter-time / registered meters × 15 min).
-Scope 2 changes also rebuild the affected hours of market-based Scope 2 (``compute.market``).
+steam and cooling from the ``energy_import_kwh`` counter; Scope 1 ``direct`` for fuels from the
+counter of the unit the meter counts in (``QUANTITY_OF_UNIT``: natural gas in m3 from ``gas_m3``
+or in kWh from ``energy_import_kwh``, diesel/LPG in litres from ``fuel_l`` or kg from ``fuel_kg``,
+coal in kg), with CO2, CH4 and N2O kept apart. Rollups are per activity class: carrier, unit, CV
+basis (kWh gas), reference conditions (m3 gas) and fuel type (coal type). Counter handling
+follows ``compute.kernels``: the meter's ``counter_max`` undoes wraps, quality bits mark
+resets/replacements, intervals longer than the meter's ``max_gap_s`` (default: settings) are
+estimated energy. Rollups keep ``kwh_estimated`` apart and carry ``coverage`` (measured
+meter-time / registered meters of the class × 15 min). Scope 2 changes also rebuild the affected
+hours of market-based Scope 2 (``compute.market``).
 
 Factors: Scope 2 uses the ``emission_factors`` row for the site's ``grid_region`` + carrier in the
-site's ``factor_series`` (default: settings); Scope 1 the fuel series, the site's region first,
-else ``GLOBAL``; unit must match the counter's; validity (site-local calendar dates) must cover
-the bucket; highest version first. ``kg_co2e`` is NULL where none does. Meters missing from the
-registry get ``meter_energy_15m`` rows (as electricity) but no rollup.
+site's ``factor_series`` (default: settings); Scope 1 the site's ``fuel_series`` (default:
+settings), the site's region first, then its country (``CN`` for ``CN-North``), else ``GLOBAL``;
+unit, CV basis (kWh only), reference conditions and fuel type must match the meter's; validity
+(site-local calendar dates) must cover the bucket; newest vintage, then highest version first.
+Where none does, ``kg_co2e`` is NULL and ``refusal`` says what was missing (view
+``site_refusals``), e.g. cooling without a factor source: statements must not go Final. Meters
+missing from the registry get ``meter_energy_15m`` rows (as electricity) but no rollup.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from typing import Any, Final
 import numpy as np
 import psycopg
 
-from compute.config import Carrier
+from compute.config import SCOPE2_CARRIERS, Carrier
+from compute.fleet import METER_UNITS
 from compute.kernels import BUCKET_MS, bucket_energy, ceil_bucket, event_counts, floor_bucket
 from compute.market import recompute_market
 from edge.wire import Quantity
@@ -59,28 +66,23 @@ DEFAULT_MAX_GAP_S: Final = 900.0
 
 @dataclass(frozen=True)
 class CarrierRule:
-    quantity: str  # the counter computed for meters of this carrier
-    unit: str  # its unit, which the factor's unit must equal
     scope: int
     method: str
 
 
-_S2 = (COUNTER, "kWh", 2, "location")
+# The counter a meter's readings must carry, by the unit the meter counts in (compute.fleet).
+QUANTITY_OF_UNIT: Final[dict[str, str]] = {
+    "kWh": COUNTER,
+    "m3": Quantity.GAS_M3.value,
+    "l": Quantity.FUEL_L.value,
+    "kg": Quantity.FUEL_KG.value,
+}
 CARRIERS: Final[dict[str, CarrierRule]] = {
-    Carrier.ELECTRICITY.value: CarrierRule(*_S2),
-    Carrier.HEAT.value: CarrierRule(*_S2),
-    Carrier.STEAM.value: CarrierRule(*_S2),
-    Carrier.COOLING.value: CarrierRule(*_S2),
-    Carrier.NATURAL_GAS.value: CarrierRule(Quantity.GAS_M3.value, "m3", 1, "direct"),
-    # Diesel is metered by volume (flow totalisers on gensets and boilers); LPG and coal by mass
-    # (weighed cylinders, weighbridges), which is also the unit their IPCC factors are given in.
-    Carrier.DIESEL.value: CarrierRule(Quantity.FUEL_L.value, "l", 1, "direct"),
-    Carrier.LPG.value: CarrierRule(Quantity.FUEL_KG.value, "kg", 1, "direct"),
-    Carrier.COAL.value: CarrierRule(Quantity.FUEL_KG.value, "kg", 1, "direct"),
+    c.value: CarrierRule(2, "location") if c in SCOPE2_CARRIERS else CarrierRule(1, "direct") for c in Carrier
 }
 _RULE_COLUMNS = {
     "r_carrier": list(CARRIERS),
-    "r_unit": [r.unit for r in CARRIERS.values()],
+    "r_unit": [METER_UNITS[Carrier(c)][0] for c in CARRIERS],
     "r_scope": [r.scope for r in CARRIERS.values()],
     "r_method": [r.method for r in CARRIERS.values()],
 }
@@ -151,15 +153,46 @@ _DELETE_ROLLUPS = (
     " AND (%(b0)s::timestamptz IS NULL OR bucket >= %(b0)s)"
     " AND (%(b1)s::timestamptz IS NULL OR bucket < %(b1)s)"
 )
+# The one factor lookup (Scope 2: the site's region and factor series; Scope 1: its fuel series,
+# region, then country, then GLOBAL; newest vintage, then highest version). Factors applied before
+# migration 0004 (no gases, no data year: not disclosure-grade, possibly open-ended) stay in the
+# table for the rollups that cite them but are never chosen again. Needs ``e`` (carrier,
+# unit, cv_basis, refc, fuel_type, scope) and ``s`` (a sites row); ``{day}`` is the site-local date.
+FACTOR_LOOKUP: Final = """
+    SELECT ef.factor_id, ef.kg_co2e_per_unit, ef.kg_co2_per_unit, ef.kg_ch4_per_unit, ef.kg_n2o_per_unit
+    FROM emission_factors ef
+    WHERE ef.carrier = e.carrier AND ef.unit = e.unit
+      AND ef.gases IS NOT NULL AND ef.data_year IS NOT NULL
+      AND ef.reference_conditions = e.refc AND ef.fuel_type = e.fuel_type
+      AND (e.scope = 2 OR e.unit <> 'kWh' OR ef.cv_basis = e.cv_basis)
+      AND CASE WHEN e.scope = 2
+               THEN ef.region = s.grid_region AND ef.series = coalesce(s.factor_series, %(series)s)
+               ELSE ef.region IN (s.grid_region, split_part(s.grid_region, '-', 1), 'GLOBAL')
+                    AND ef.series = coalesce(s.fuel_series, %(fuel_series)s) END
+      AND ef.valid_from <= {day} AND {day} < ef.valid_to
+    ORDER BY (ef.region = s.grid_region) DESC, (ef.region = split_part(s.grid_region, '-', 1)) DESC,
+             ef.data_year DESC NULLS LAST, ef.version DESC, ef.factor_id
+    LIMIT 1
+"""
+
 _INSERT_ROLLUPS = """
-INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, activity_unit, kwh, kwh_estimated,
-                              coverage, kg_co2e, kg_co2, kg_ch4, kg_n2o, factor_id)
-SELECT e.site_id, e.bucket, e.carrier, e.scope, e.method, e.unit, e.kwh, e.est,
-       e.measured_ms::float8 / (n.meters * %(bucket_ms)s),
+INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, activity_unit, cv_basis,
+                              reference_conditions, fuel_type, kwh, kwh_estimated, coverage, kg_co2e,
+                              kg_co2, kg_ch4, kg_n2o, factor_id, refusal)
+SELECT e.site_id, e.bucket, e.carrier, e.scope, e.method, e.unit, e.cv_basis, e.refc, e.fuel_type, e.kwh,
+       e.est, e.measured_ms::float8 / (n.meters * %(bucket_ms)s),
        e.kwh * f.kg_co2e_per_unit, e.kwh * f.kg_co2_per_unit, e.kwh * f.kg_ch4_per_unit,
-       e.kwh * f.kg_n2o_per_unit, f.factor_id
+       e.kwh * f.kg_n2o_per_unit, f.factor_id,
+       CASE WHEN f.factor_id IS NULL THEN
+           format('no emission factor for %%s per %%s%%s%%s%%s in series %%L for region %%L on this date',
+                  e.carrier, e.unit, nullif(' (' || e.cv_basis || ' CV)', ' ( CV)'),
+                  nullif(' at ' || e.refc, ' at '), nullif(', type ' || e.fuel_type, ', type '),
+                  CASE WHEN e.scope = 2 THEN coalesce(s.factor_series, %(series)s)
+                       ELSE coalesce(s.fuel_series, %(fuel_series)s) END, s.grid_region)
+       END
 FROM (
-    SELECT m.site_id, me.bucket, m.carrier, r.unit, r.scope, r.method,
+    SELECT m.site_id, me.bucket, m.carrier, coalesce(m.activity_unit, r.unit) AS unit,
+           m.cv_basis, m.reference_conditions AS refc, m.fuel_type, r.scope, r.method,
            sum(me.kwh ORDER BY me.meter_id) AS kwh, sum(me.kwh_estimated ORDER BY me.meter_id) AS est,
            sum(me.measured_ms) AS measured_ms
     FROM meter_energy_15m me JOIN meters m USING (meter_id)
@@ -168,25 +201,18 @@ FROM (
     WHERE (%(site)s::text IS NULL OR m.site_id = %(site)s)
       AND (%(b0)s::timestamptz IS NULL OR me.bucket >= %(b0)s)
       AND (%(b1)s::timestamptz IS NULL OR me.bucket < %(b1)s)
-    GROUP BY m.site_id, me.bucket, m.carrier, r.unit, r.scope, r.method
+    GROUP BY m.site_id, me.bucket, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,
+             m.reference_conditions, m.fuel_type, r.scope, r.method
 ) e
 JOIN sites s ON s.site_id = e.site_id
 CROSS JOIN LATERAL (
-    SELECT count(*) AS meters FROM meters WHERE site_id = e.site_id AND carrier = e.carrier
+    SELECT count(*) AS meters FROM meters mm
+    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[]) AS r(carrier, unit) ON r.carrier = mm.carrier
+    WHERE mm.site_id = e.site_id AND mm.carrier = e.carrier AND coalesce(mm.activity_unit, r.unit) = e.unit
+      AND mm.cv_basis = e.cv_basis AND mm.reference_conditions = e.refc AND mm.fuel_type = e.fuel_type
 ) n
-LEFT JOIN LATERAL (
-    SELECT ef.factor_id, ef.kg_co2e_per_unit, ef.kg_co2_per_unit, ef.kg_ch4_per_unit, ef.kg_n2o_per_unit
-    FROM emission_factors ef
-    WHERE ef.carrier = e.carrier AND ef.unit = e.unit
-      AND CASE WHEN e.scope = 2
-               THEN ef.region = s.grid_region AND ef.series = coalesce(s.factor_series, %(series)s)
-               ELSE ef.region IN (s.grid_region, 'GLOBAL') AND ef.series = %(fuel_series)s END
-      AND ef.valid_from <= (e.bucket AT TIME ZONE s.timezone)::date
-      AND (e.bucket AT TIME ZONE s.timezone)::date < ef.valid_to
-    ORDER BY (ef.region = s.grid_region) DESC, ef.version DESC, ef.factor_id
-    LIMIT 1
-) f ON true
-"""
+LEFT JOIN LATERAL ({lookup}) f ON true
+""".format(lookup=FACTOR_LOOKUP.format(day="(e.bucket AT TIME ZONE s.timezone)::date"))
 
 
 def _one(cur: psycopg.Cursor[Any], sql: str, params: tuple[Any, ...]) -> Any:
@@ -231,16 +257,23 @@ class _Meter:
     counter_max: float
     max_gap_ms: int
     registered: bool
+    unit: str  # what the counter measures (compute.fleet.METER_UNITS)
+
+    @property
+    def quantity(self) -> str:
+        return QUANTITY_OF_UNIT[self.unit]
 
 
 def _meter(cur: psycopg.Cursor[Any], meter_id: str, site_hint: str, params: Params) -> _Meter:
     row = cur.execute(
-        "SELECT site_id, carrier, counter_max, max_gap_s FROM meters WHERE meter_id = %s", (meter_id,)
+        "SELECT site_id, carrier, counter_max, max_gap_s, activity_unit FROM meters WHERE meter_id = %s",
+        (meter_id,),
     ).fetchone()
     if row is None:
-        return _Meter(site_hint, Carrier.ELECTRICITY.value, 0.0, round(params.max_gap_s * 1000), False)
+        return _Meter(site_hint, Carrier.ELECTRICITY.value, 0.0, round(params.max_gap_s * 1000), False, "kWh")
     gap = row[3] if row[3] is not None else params.max_gap_s
-    return _Meter(row[0], row[1], float(row[2] or 0.0), round(gap * 1000), True)
+    unit = row[4] or METER_UNITS[Carrier(row[1])][0]
+    return _Meter(row[0], row[1], float(row[2] or 0.0), round(gap * 1000), True, unit)
 
 
 def _write_energy(cur: psycopg.Cursor[Any], meter_id: str, e: Any) -> None:
@@ -275,15 +308,15 @@ def recompute(
     meter_id, q = dirty.meter_id, dirty.quantity
     with conn.transaction(), conn.cursor() as cur:
         meter = _meter(cur, meter_id, dirty.site_id, params)
-        rule = CARRIERS.get(meter.carrier)
-        if rule is None or rule.quantity != q:
+        rule = CARRIERS[meter.carrier]
+        if meter.quantity != q:
             return RecomputeResult(
                 meter_id,
                 meter.site_id,
                 None,
                 None,
                 registered=meter.registered,
-                skipped=f"quantity {q} is not computed for {meter.carrier} meters",
+                skipped=f"quantity {q} is not computed for {meter.carrier} meters counting in {meter.unit}",
             )
         if not meter.registered:
             log.warning("meter %s (site %s) is not in the fleet registry: no rollup", meter_id, meter.site_id)
@@ -349,14 +382,13 @@ def recompute_all(
         cur.execute("LOCK TABLE meter_energy_15m, site_rollups_15m IN EXCLUSIVE MODE")
         pairs = cur.execute(
             "SELECT DISTINCT meter_id, quantity FROM readings WHERE quantity = ANY(%s) ORDER BY 1, 2",
-            (sorted({r.quantity for r in CARRIERS.values()}),),
+            (sorted(set(QUANTITY_OF_UNIT.values())),),
         ).fetchall()
         cur.execute("DELETE FROM meter_energy_15m")
         meters = 0
         for meter_id, q in pairs:
             meter = _meter(cur, meter_id, "", params)
-            rule = CARRIERS.get(meter.carrier)
-            if rule is None or rule.quantity != q:
+            if meter.quantity != q:
                 continue
             ts, value, quality = _load(cur, _LOAD_ALL, (meter_id, q))
             energy = bucket_energy(

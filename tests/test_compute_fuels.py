@@ -47,6 +47,7 @@ model = "fuel_flow"
 id = "boiler"
 site = "s1"
 carrier = "coal"
+fuel_type = "other_bituminous"
 model = "weighbridge"
 
 [[meters]]
@@ -108,9 +109,9 @@ def rollups(conn: psycopg.Connection[Any], carrier: str) -> list[tuple[Any, ...]
 @pytest.mark.parametrize(
     ("meter", "carrier", "unit", "factor_id"),
     [
-        ("genset", "diesel", "l", "ipcc-2006-diesel-l-v1"),
-        ("boiler", "coal", "kg", "ipcc-2006-coal-kg-v1"),
-        ("canteen", "lpg", "kg", "ipcc-2006-lpg-kg-v1"),
+        ("genset", "diesel", "l", "ipcc-2006-diesel-l-v2"),
+        ("boiler", "coal", "kg", "ipcc-2006-coal-kg-v2"),
+        ("canteen", "lpg", "kg", "ipcc-2006-lpg-kg-v2"),
     ],
 )
 def test_fuel_scope1_per_gas_from_the_library(

@@ -45,7 +45,7 @@ def compute_dsn() -> Iterator[str]:
 def reset(conn: psycopg.Connection[Any]) -> None:
     conn.execute(
         "TRUNCATE readings, meter_energy_15m, site_rollups_15m, site_market_1h, contractual_instruments, "
-        "emission_factors, meters, gateways, sites, suppliers"
+        "activity_records, emission_factors, meters, gateways, sites, suppliers"
     )
     conn.commit()
 
@@ -72,7 +72,8 @@ def snapshot(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list
     ).fetchall()
     rollups = conn.execute(
         "SELECT site_id, bucket, carrier, scope, method, activity_unit, kwh, kwh_estimated, coverage,"
-        " kg_co2e, kg_co2, kg_ch4, kg_n2o, factor_id FROM site_rollups_15m ORDER BY 1, 2, 3, 4, 5"
+        " kg_co2e, kg_co2, kg_ch4, kg_n2o, factor_id, cv_basis, reference_conditions, fuel_type, refusal"
+        " FROM site_rollups_15m ORDER BY 1, 2, 3, 4, 5, 6, 15, 16, 17"
     ).fetchall()
     conn.commit()
     return energy, rollups

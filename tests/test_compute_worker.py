@@ -157,9 +157,9 @@ def test_worker_recomputes_and_commits_offsets(broker: str, compute_dsn: str) ->
         (total,) = site_totals(conn, T0, T0 + timedelta(hours=2))
     assert total.site_id == "sz-plant-1" and total.carrier == "electricity"
     assert total.kwh == pytest.approx(180.0)  # (60 + 30) kW * 2 h
-    assert total.kg_co2e == pytest.approx(180.0 * 0.5366)
+    assert total.kg_co2e == pytest.approx(180.0 * 0.5306)  # MEE/NBS 2023 national average
     assert total.buckets == 8 and total.buckets_without_factor == 0
-    assert total.factor_ids == ("cn-mee-stat-2022-national-v1",)
+    assert total.factor_ids == ("cn-mee-stat-2023-national-v1",)
 
 
 def test_lag_is_partition_end_minus_position(broker: str) -> None:

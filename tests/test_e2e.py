@@ -64,12 +64,12 @@ def test_every_reading_once_and_energy_matches_truth(e2e_settings: Settings, tmp
         ).fetchone()
         assert conn.execute("SELECT count(DISTINCT meter_id) FROM readings").fetchone()[0] == meters
     assert rolled == pytest.approx(advance, rel=1e-9)
-    assert kg == pytest.approx(rolled * 0.5366, rel=1e-9)
+    assert kg == pytest.approx(rolled * 0.5306, rel=1e-9)  # MEE/NBS 2023 national average
 
     # Against the simulator's exact integral of its load profile, over the full 15-minute buckets.
     assert len(r.buckets) == 2
-    assert r.factor_ids == ["cn-mee-stat-2022-national-v1"]
+    assert r.factor_ids == ["cn-mee-stat-2023-national-v1"]
     assert math.isclose(r.kwh, r.truth_kwh, rel_tol=1e-3)
     for b in r.buckets:
         assert math.isclose(b.kwh, b.truth_kwh, rel_tol=1e-2), b
-        assert b.kg_co2e == pytest.approx(b.kwh * 0.5366, rel=1e-9)
+        assert b.kg_co2e == pytest.approx(b.kwh * 0.5306, rel=1e-9)

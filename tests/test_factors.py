@@ -1,4 +1,5 @@
-"""The emission factor library: validation errors people can act on, and immutable applies."""
+"""The emission factor library: every factor says what it is, vintages chain, applies are immutable,
+and the shipped values equal the publishers' figures (typed here from the publishers' files)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import pytest
 
 from compute.config import ConfigError
 from compute.factors import apply_factors, load_factors
+from compute.recompute import FACTOR_LOOKUP
 from tests.test_compute_support import REPO, compute_dsn, reset
 
 __all__ = ["compute_dsn"]
+
+LIBRARY = REPO / "config" / "factors.toml"
 
 BASE = """
 [[factors]]
@@ -20,18 +24,47 @@ publisher = "China MEE / NBS"
 series = "national-power-average"
 region = "CN"
 carrier = "electricity"
+unit = "kWh"
+data_year = 2022
 valid_from = 2022-01-01
 valid_to = 2023-01-01
-kg_co2e_per_unit = 0.5366
-unit = "kWh"
 version = 1
+gases = "CO2"
+gwp_set = "none"
+kg_co2_per_unit = 0.5366
+source = "test"
+"""
+
+# A per-m3 DESNZ-like fuel factor with everything a fuel needs.
+GAS = """
+[[factors]]
+id = "ng"
+publisher = "UK DESNZ"
+series = "ghg-conversion-factors"
+region = "GB"
+carrier = "natural_gas"
+unit = "m3"
+data_year = 2022
+valid_from = 2022-01-01
+valid_to = 2023-01-01
+version = 1
+gases = "CO2e"
+gwp_set = "AR4"
+kg_co2_per_unit = 2.0
+kg_ch4_per_unit = 0.001
+kg_n2o_per_unit = 0.0001
+cv_basis = "net"
+ncv = 10.0
+ncv_unit = "kWh (net CV) per m3"
+ncv_source = "test"
+reference_conditions = "15C-101.325kPa"
 source = "test"
 """
 
 
-def entry(**changes: object) -> str:
+def entry(base: str = BASE, **changes: object) -> str:
     lines = []
-    for line in BASE.strip().splitlines()[1:]:
+    for line in base.strip().splitlines()[1:]:
         key = line.split("=")[0].strip()
         if key in changes:
             value = changes.pop(key)
@@ -50,7 +83,7 @@ def write(tmp_path: Path, *entries: str) -> Path:
 
 
 def test_repo_library_loads() -> None:
-    factors = load_factors(REPO / "config" / "factors.toml")
+    factors = load_factors(LIBRARY)
     assert any(f.series == "national-power-average" and f.region == "CN" for f in factors)
 
 
@@ -58,35 +91,113 @@ def test_repo_library_loads() -> None:
     ("changes", "message"),
     [
         ({"carrier": '"plutonium"'}, "carrier"),
-        ({"kg_co2e_per_unit": "-1.0"}, "kg_co2e_per_unit"),
-        ({"kg_co2e_per_unit": "nan"}, "kg_co2e_per_unit"),
+        ({"kg_co2_per_unit": "-1.0"}, "kg_co2_per_unit"),
+        ({"kg_co2_per_unit": "nan"}, "kg_co2_per_unit"),
+        ({"kg_co2_per_unit": None}, "kg_co2_per_unit is required"),
         ({"valid_to": "2021-01-01"}, "must be before"),
         ({"unit": '"MWh"'}, "per kWh"),
         ({"version": "0"}, "version"),
         ({"id": None}, "id: Field required"),
         ({"colour": '"green"'}, "colour: Extra inputs are not permitted"),
         ({"id": '"has space"'}, "id"),
+        ({"publisher": None}, "publisher: Field required"),
+        ({"series": None}, "series: Field required"),
+        ({"data_year": None}, "data_year: Field required"),
+        ({"gases": None}, "gases: Field required"),
+        ({"gwp_set": None}, "gwp_set: Field required"),
+        ({"source": None}, "source: Field required"),
+        ({"region": '"UK"'}, "the United Kingdom is 'GB'"),
+        ({"region": '"China"'}, "not an ISO 3166 code"),
+        ({"gwp_set": '"AR5"'}, 'gases = "CO2" factors have no CH4/N2O parts'),
+        ({"gases": '"CO2e"'}, 'gases = "CO2e" needs'),
+        ({"cv_basis": '"gross"'}, "electricity is not a fuel"),
     ],
 )
 def test_bad_entry_named_in_error(tmp_path: Path, changes: dict[str, object], message: str) -> None:
+    # Two comment lines first: the error must give the line of the entry's [[factors]] header.
+    path = write(tmp_path, "# library\n# of factors\n", entry(**changes))
     with pytest.raises(ConfigError, match=message) as err:
-        load_factors(write(tmp_path, entry(**changes)))
-    assert "[[factors]] #1" in str(err.value)
-    assert str(tmp_path) in str(err.value)
+        load_factors(path)
+    assert str(path) in str(err.value)
+    assert "line 4" in str(err.value)
+    if "id" not in changes:
+        assert "'cn-2022-v1'" in str(err.value)
 
 
-def test_overlap_same_key_and_version_rejected(tmp_path: Path) -> None:
-    second = entry(id='"cn-2022b-v1"', valid_from="2022-06-01", valid_to="2023-06-01")
-    with pytest.raises(ConfigError, match="'cn-2022-v1' and 'cn-2022b-v1' overlap"):
-        load_factors(write(tmp_path, entry(), second))
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"cv_basis": None}, "fuel factors need cv_basis"),
+        ({"ncv": None}, "needs ncv, ncv_unit and ncv_source"),
+        ({"ncv_source": None}, "needs ncv, ncv_unit and ncv_source"),
+        ({"reference_conditions": None}, "reference_conditions are required for per-m3"),
+        ({"reference_conditions": '"25C"'}, "reference_conditions"),
+        ({"kg_n2o_per_unit": None}, 'gases = "CO2e" needs'),
+        ({"gwp_set": '"none"'}, 'gases = "CO2e" needs'),
+        ({"unit": '"t"'}, "fuel factors are per"),
+    ],
+)
+def test_fuel_factor_must_state_its_basis(tmp_path: Path, changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        load_factors(write(tmp_path, entry(GAS, **changes)))
+    assert "line 1: factor 'ng'" in str(err.value)
 
 
-def test_adjacent_periods_other_series_and_higher_versions_allowed(tmp_path: Path) -> None:
-    adjacent = entry(id='"cn-2023-v1"', valid_from="2023-01-01", valid_to="2024-01-01")
+def test_coal_needs_its_type_and_kwh_fuel_needs_no_ncv(tmp_path: Path) -> None:
+    coal = entry(GAS, carrier='"coal"', unit='"kg"', reference_conditions=None)
+    with pytest.raises(ConfigError, match="coal factors need a fuel_type"):
+        load_factors(write(tmp_path, coal))
+    typed = entry(GAS, carrier='"coal"', unit='"kg"', reference_conditions=None, fuel_type='"industrial"')
+    kwh = entry(GAS, id='"ng-kwh"', unit='"kWh"', reference_conditions=None, ncv=None, ncv_unit=None)
+    assert [f.id for f in load_factors(write(tmp_path, typed, kwh))] == ["ng", "ng-kwh"]
+
+
+@pytest.mark.parametrize(
+    ("gwp", "ch4", "n2o"), [("AR4", 25.0, 298.0), ("AR5", 28.0, 265.0), ("AR6", 29.8, 273.0)]
+)
+def test_co2e_from_gases_uses_the_stated_gwp_set(tmp_path: Path, gwp: str, ch4: float, n2o: float) -> None:
+    (f,) = load_factors(write(tmp_path, entry(GAS, gwp_set=f'"{gwp}"')))
+    assert f.kg_co2e_per_unit == pytest.approx(2.0 + 0.001 * ch4 + 0.0001 * n2o)
+    with pytest.raises(ConfigError, match="disagrees with the gases"):
+        load_factors(write(tmp_path, entry(GAS, gwp_set=f'"{gwp}"', kg_co2e_per_unit="2.0")))
+
+
+def test_co2_only_factor_is_its_co2(tmp_path: Path) -> None:
+    (f,) = load_factors(write(tmp_path, entry()))
+    assert (f.gases, f.gwp_set, f.kg_co2e_per_unit, f.kg_ch4_per_unit) == ("CO2", "none", 0.5366, None)
+
+
+def test_vintages_must_chain(tmp_path: Path) -> None:
+    nxt = entry(id='"cn-2023-v1"', data_year="2023", valid_from="2023-01-01", valid_to="2024-01-01")
+    assert len(load_factors(write(tmp_path, entry(), nxt))) == 2
+    overlap = entry(id='"cn-2023-v1"', data_year="2023", valid_from="2022-06-01", valid_to="2024-01-01")
+    with pytest.raises(ConfigError, match=r"'cn-2022-v1' \(line 1\).* overlaps 'cn-2023-v1' \(line 17\)"):
+        load_factors(write(tmp_path, entry(), overlap))
+    gap = entry(id='"cn-2023-v1"', data_year="2023", valid_from="2023-02-01", valid_to="2024-01-01")
+    with pytest.raises(ConfigError, match="leaves a gap before 'cn-2023-v1'"):
+        load_factors(write(tmp_path, entry(), gap))
+
+
+def test_a_revision_is_a_version_of_its_vintage(tmp_path: Path) -> None:
+    """A revised 2022 value overlaps only its own vintage; once a 2023 vintage exists, the revision
+    of 2022 must end where 2023 begins (it cannot reach over the newer vintage)."""
+    nxt = entry(id='"cn-2023-v1"', data_year="2023", valid_from="2023-01-01", valid_to="2024-01-01")
+    revision = entry(id='"cn-2022-v2"', version="2", kg_co2_per_unit="0.55")
+    factors = load_factors(write(tmp_path, entry(), revision, nxt))
+    assert [f.id for f in factors] == ["cn-2022-v1", "cn-2022-v2", "cn-2023-v1"]
+    reaching = entry(id='"cn-2022-v2"', version="2", valid_to="2030-01-01")
+    with pytest.raises(ConfigError, match=r"'cn-2022-v2'.* overlaps 'cn-2023-v1'"):
+        load_factors(write(tmp_path, entry(), reaching, nxt))
+    same_version = entry(id='"cn-2022-again"', kg_co2_per_unit="0.55")
+    with pytest.raises(ConfigError, match="both version 1 of vintage 2022"):
+        load_factors(write(tmp_path, entry(), same_version))
+
+
+def test_other_series_region_or_unit_are_separate_series(tmp_path: Path) -> None:
     other_series = entry(id='"cn-2022-stat-v1"', series='"statistical"')
-    revision = entry(id='"cn-2022-v2"', version="2", kg_co2e_per_unit="0.55")
-    factors = load_factors(write(tmp_path, entry(), adjacent, other_series, revision))
-    assert [f.id for f in factors] == ["cn-2022-v1", "cn-2023-v1", "cn-2022-stat-v1", "cn-2022-v2"]
+    other_region = entry(id='"cn-2022-yn-v1"', region='"CN-YN"')
+    grid = entry(id='"cn-2022-north-v1"', region='"CN-North"')
+    assert len(load_factors(write(tmp_path, entry(), other_series, other_region, grid))) == 4
 
 
 def test_duplicate_id_rejected(tmp_path: Path) -> None:
@@ -114,79 +225,149 @@ def test_apply_is_idempotent_and_immutable(compute_dsn: str, tmp_path: Path) -> 
         # The citation may be corrected in place ...
         fixed = apply_factors(conn, write(tmp_path, entry(source='"MEE 2024-04"')))
         assert fixed.updated == 1
-        # ... the number may not: that is a new version.
-        with pytest.raises(ConfigError, match="immutable"):
-            apply_factors(conn, write(tmp_path, entry(kg_co2e_per_unit="0.6")))
-        rows = conn.execute("SELECT factor_id, kg_co2e_per_unit, source FROM emission_factors").fetchall()
-        assert rows == [("cn-2022-v1", 0.5366, "MEE 2024-04")]
+        # ... the number, the gases or the GWP set may not: that is a new version.
+        for change in ({"kg_co2_per_unit": "0.6"}, {"data_year": "2021"}):
+            with pytest.raises(ConfigError, match="immutable"):
+                apply_factors(conn, write(tmp_path, entry(**change)))
+        rows = conn.execute(
+            "SELECT factor_id, kg_co2e_per_unit, kg_co2_per_unit, gases, gwp_set, source"
+            " FROM emission_factors"
+        ).fetchall()
+        assert rows == [("cn-2022-v1", 0.5366, 0.5366, "CO2", "none", "MEE 2024-04")]
 
 
 def test_apply_rejects_overlap_with_factor_already_in_db(compute_dsn: str, tmp_path: Path) -> None:
     with psycopg.connect(compute_dsn) as conn:
         reset(conn)
         apply_factors(conn, write(tmp_path, entry()))
-        renamed = entry(id='"cn-2022-renamed"')
+        other_vintage = entry(id='"cn-2021-renamed"', data_year="2021")
         with pytest.raises(ConfigError, match="already in the database"):
-            apply_factors(conn, write(tmp_path, renamed))
+            apply_factors(conn, write(tmp_path, other_vintage))
         assert conn.execute("SELECT count(*) FROM emission_factors").fetchone() == (1,)
 
 
-def _write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "factors.toml"
-    p.write_text(text)
-    return p
+def test_repo_library_applies_with_its_metadata(compute_dsn: str) -> None:
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        result = apply_factors(conn, LIBRARY)
+        assert result.inserted == len(load_factors(LIBRARY))
+        row = conn.execute(
+            "SELECT gases, gwp_set, cv_basis, reference_conditions, ncv_unit FROM emission_factors"
+            " WHERE factor_id = 'gb-desnz-2022-natural-gas-m3-v1'"
+        ).fetchone()
+        assert row == ("CO2e", "AR4", "net", "15C-101.325kPa", "kWh (net CV) per m3")
 
 
-GAS = """
-[[factors]]
-id = "ng"
-publisher = "IPCC"
-series = "ipcc-2006-default"
-region = "GLOBAL"
-carrier = "natural_gas"
-valid_from = 2006-01-01
-valid_to = 2100-01-01
-kg_co2_per_unit = 2.0
-kg_ch4_per_unit = 0.001
-kg_n2o_per_unit = 0.0001
-unit = "m3"
-version = 1
-source = "test"
-"""
+# The publishers' figures, typed from their documents (not read from the library):
+# MEE/NBS 2023 announcement (kgCO2/kWh), as reported by Guangming Daily / China Electric Power News.
+CN_2023 = {
+    ("national-power-average", "CN"): 0.5306,
+    ("national-power-average-excl-market-nonfossil", "CN"): 0.6096,
+    ("national-fossil-power", "CN"): 0.8273,
+    ("national-power-average", "CN-North"): 0.6361,
+    ("national-power-average", "CN-Northeast"): 0.5122,
+    ("national-power-average", "CN-East"): 0.5500,
+    ("national-power-average", "CN-Central"): 0.5271,
+    ("national-power-average", "CN-Northwest"): 0.5543,
+    ("national-power-average", "CN-South"): 0.4042,
+    ("national-power-average", "CN-Southwest"): 0.2472,
+}
 
 
-@pytest.mark.parametrize(("gwp", "ch4", "n2o"), [("AR5", 28.0, 265.0), ("AR6", 29.8, 273.0)])
-def test_co2e_from_gases_uses_the_stated_gwp_set(tmp_path: Path, gwp: str, ch4: float, n2o: float) -> None:
-    (f,) = load_factors(_write(tmp_path, GAS + f'gwp_set = "{gwp}"\n'))
-    assert f.kg_co2e_per_unit == pytest.approx(2.0 + 0.001 * ch4 + 0.0001 * n2o)
-
-
-def test_gas_factor_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="need a gwp_set"):
-        load_factors(_write(tmp_path, GAS))
-    with pytest.raises(ConfigError, match="disagrees with the gases"):
-        load_factors(_write(tmp_path, GAS + 'gwp_set = "AR5"\nkg_co2e_per_unit = 2.0\n'))
-    with pytest.raises(ConfigError, match="give kg_co2e_per_unit or the per-gas"):
-        load_factors(_write(tmp_path, entry(kg_co2e_per_unit=None)))
-
-
-def test_same_key_in_other_units_may_overlap(tmp_path: Path) -> None:
-    other = GAS.replace('id = "ng"', 'id = "ng-kg"').replace('unit = "m3"', 'unit = "kg"')
-    assert len(load_factors(_write(tmp_path, GAS + 'gwp_set = "AR5"\n' + other + 'gwp_set = "AR5"\n'))) == 2
-
-
-def test_repo_library_has_both_china_series_uk_and_ipcc_fuels() -> None:
-    by_id = {f.id: f for f in load_factors(REPO / "config" / "factors.toml")}
-    assert by_id["cn-mee-stat-2022-national-v1"].kg_co2e_per_unit == 0.5366
-    assert by_id["cn-mee-ets-2022-national-v1"].kg_co2e_per_unit == 0.5703
-    assert by_id["cn-mee-stat-2022-national-v1"].series != by_id["cn-mee-ets-2022-national-v1"].series
-    assert {
-        f.data_year for f in by_id.values() if f.publisher == "UK DESNZ" and f.carrier == "electricity"
-    } == {2022, 2023, 2024, 2025}
-    fuels = {f.carrier.value for f in by_id.values() if f.series == "ipcc-2006-default"}
-    assert fuels == {"natural_gas", "diesel", "lpg", "coal"}
-    assert all(
-        f.gwp_set and f.kg_ch4_per_unit and f.kg_n2o_per_unit
-        for f in by_id.values()
-        if f.series == "ipcc-2006-default"
+def test_china_2023_series_is_the_published_one() -> None:
+    got = {
+        (f.series, f.region): f.kg_co2e_per_unit
+        for f in load_factors(LIBRARY)
+        if f.publisher == "China MEE / NBS" and f.data_year == 2023
+    }
+    assert got == CN_2023
+    # 2023 and later activity at a national-average site must use 2023, not 2022 (0.5366).
+    national = {
+        f.data_year: f
+        for f in load_factors(LIBRARY)
+        if f.series == "national-power-average" and f.region == "CN"
+    }
+    assert (national[2022].valid_to, national[2023].valid_from) == (
+        national[2023].valid_from,
+        national[2023].valid_from,
     )
+    assert all(f.gases == "CO2" and f.gwp_set == "none" for f in national.values())
+
+
+# DESNZ/BEIS flat files, 'Factors by Category' (kg CO2e per unit): (year, carrier, unit, basis) → value.
+DESNZ = {
+    (2020, "electricity", "kWh", ""): 0.23314,
+    (2021, "electricity", "kWh", ""): 0.21233,
+    (2022, "electricity", "kWh", ""): 0.19338,
+    (2023, "electricity", "kWh", ""): 0.20707,
+    (2024, "electricity", "kWh", ""): 0.20705,
+    (2020, "natural_gas", "kWh", "gross"): 0.18387,
+    (2021, "natural_gas", "kWh", "gross"): 0.18316,
+    (2022, "natural_gas", "kWh", "gross"): 0.18254,
+    (2023, "natural_gas", "kWh", "gross"): 0.18293,
+    (2024, "natural_gas", "kWh", "gross"): 0.18290,
+    (2022, "natural_gas", "kWh", "net"): 0.20227,
+    (2022, "natural_gas", "m3", "net"): 2.01574,
+    (2024, "natural_gas", "m3", "net"): 2.04542,
+    (2022, "diesel", "l", "net"): 2.69880,
+    (2023, "lpg", "l", "net"): 1.55713,
+}
+
+
+def test_desnz_values_and_gwp_sets_are_the_published_ones() -> None:
+    lib = {
+        (f.data_year, f.carrier.value, f.unit, f.cv_basis or "", f.fuel_type): f
+        for f in load_factors(LIBRARY)
+        if f.publisher == "UK DESNZ"
+    }
+    for (year, carrier, unit, basis), value in DESNZ.items():
+        f = lib[(year, carrier, unit, basis, "")]
+        assert f.kg_co2e_per_unit == pytest.approx(value, abs=6e-6), (year, carrier, unit)
+        assert f.region == "GB"
+        assert f.gwp_set == ("AR4" if year <= 2022 else "AR5")
+    # Coal by type (2024, per tonne / 1000): industrial 2399.43994, domestic 2904.95234 kg CO2e/t.
+    assert lib[(2024, "coal", "kg", "net", "industrial")].kg_co2e_per_unit == pytest.approx(2.39943994)
+    assert lib[(2024, "coal", "kg", "net", "domestic")].kg_co2e_per_unit == pytest.approx(2.90495234)
+    # Per-gas: DESNZ 2022 natural gas per m3 is CO2 2.01193 + CH4 0.00274 + N2O 0.00107 kg CO2e (AR4).
+    m3 = lib[(2022, "natural_gas", "m3", "net", "")]
+    assert (m3.kg_co2_per_unit, m3.kg_ch4_per_unit * 25, m3.kg_n2o_per_unit * 298) == pytest.approx(
+        (2.01193, 0.00274, 0.00107)
+    )
+
+
+def test_no_mixed_source_gas_factor_for_the_uk() -> None:
+    """The m3 factor built on China's NCV is a China factor; a GB site gets only DESNZ per m3."""
+    factors = load_factors(LIBRARY)
+    m3 = [f for f in factors if f.carrier.value == "natural_gas" and f.unit == "m3"]
+    assert {f.region for f in m3 if "GB/T 32150" in f.publisher} == {"CN"}
+    assert not [f for f in m3 if f.region == "GLOBAL"]
+
+
+def test_library_applies_over_the_pre_issue_14_library_and_ignores_it(compute_dsn: str) -> None:
+    """The old library's rows (no gases, open-ended to 2100) stay for the rollups citing them, the new
+    library applies beside them, and no lookup uses them again: activity after the newest vintage
+    (2027) gets no factor although a legacy row claims validity to 2100."""
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        conn.execute(
+            "INSERT INTO emission_factors (factor_id, publisher, series, region, carrier, valid_from,"
+            " valid_to, kg_co2e_per_unit, unit, version, source, data_year)"
+            " VALUES ('cn-mee-stat-2022-national-v1', 'China MEE / NBS', 'national-power-average', 'CN',"
+            " 'electricity', '2022-01-01', '2100-01-01', 0.5366, 'kWh', 1, 'pre-issue-14 library', 2022)"
+        )
+        conn.commit()
+        assert apply_factors(conn, LIBRARY).inserted == len(load_factors(LIBRARY))
+        lookup = (
+            "SELECT f.factor_id FROM (SELECT 'electricity'::text AS carrier, 'kWh'::text AS unit,"
+            " ''::text AS cv_basis, ''::text AS refc, ''::text AS fuel_type, 2 AS scope) e,"
+            " (SELECT 'CN'::text AS grid_region, NULL::text AS factor_series, NULL::text AS fuel_series) s,"
+            " LATERAL ({}) f"
+        )
+        sql = lookup.format(FACTOR_LOOKUP.format(day="%(day)s::date"))
+        args = {"series": "national-power-average", "fuel_series": "ipcc-2006-default"}
+        for day, expected in (
+            ("2022-06-01", "cn-mee-stat-2022-national-v2"),
+            ("2026-06-01", "cn-mee-stat-2023-national-v1"),
+        ):
+            assert conn.execute(sql, {**args, "day": day}).fetchone() == (expected,)
+        assert conn.execute(sql, {**args, "day": "2027-06-01"}).fetchone() is None

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import psycopg
 import pytest
@@ -118,7 +119,10 @@ region = "CN"
 carrier = "electricity"
 valid_from = 2022-01-01
 valid_to = 2100-01-01
-kg_co2e_per_unit = {FACTOR}
+data_year = 2022
+kg_co2_per_unit = {FACTOR}
+gases = "CO2"
+gwp_set = "none"
 unit = "kWh"
 version = 1
 source = "test grid factor"
@@ -131,10 +135,14 @@ region = "CN"
 carrier = "natural_gas"
 valid_from = 2022-01-01
 valid_to = 2100-01-01
-kg_co2e_per_unit = {GAS_FACTOR}
+data_year = 2022
+kg_co2_per_unit = {GAS_FACTOR}
+gases = "CO2"
+gwp_set = "none"
 unit = "kWh"
 version = 1
 source = "test gas factor"
+cv_basis = "net"
 """
 
 
@@ -220,6 +228,24 @@ def cfg_path(tmp_path: Path) -> Path:
     return path
 
 
+STATEMENT_SCHEMA = json.loads(
+    (
+        Path(__file__).resolve().parent.parent
+        / "compute"
+        / "statements"
+        / "schema"
+        / "statement-1.schema.json"
+    ).read_text()
+)
+
+
+def assert_schema_valid(doc: dict[str, Any]) -> None:
+    """The published JSON Schema (draft 2020-12) accepts the statement, formats included."""
+    validator = jsonschema.Draft202012Validator(STATEMENT_SCHEMA, format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+
+
 def expected_location_kg(meters: list[str], hours: int) -> float:
     return sum(POWER[m] for m in meters) * hours * FACTOR
 
@@ -231,6 +257,7 @@ def test_issue_writes_signed_versioned_statement_with_expected_figures(db: str, 
         [res] = issue_month(conn, cfg, MONTH, ["acme"], now=now, params=Params(), progress=False)
         assert (res.version, res.status) == (1, "new")
         doc = json.loads((res.directory / "statement.json").read_text())
+        assert_schema_valid(doc)
         f = doc["figures"]
         s2 = expected_location_kg(["m1", "m2", "m3"], HOURS_NOV)
         assert f["totals"]["scope2_location"] == pytest.approx(s2, rel=1e-9)
@@ -261,6 +288,7 @@ def test_issue_writes_signed_versioned_statement_with_expected_figures(db: str, 
         total = next(r for r in rows if r["section"] == "totals" and r["metric"] == "scope2_location")
         assert float(total["value"]) == f["totals"]["scope2_location"]
         assert {r["customer"] for r in rows if r["section"] == "allocation"} == {"lenovo", "zte"}
+        assert {(r["supplier_id"], r["period"], r["version"]) for r in rows} == {("acme", MONTH, "1")}
 
         # Unchanged inputs: no new version.
         [again] = issue_month(conn, cfg, MONTH, ["acme"], now=now, params=Params(), progress=False)
@@ -518,3 +546,40 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFix
         == 2
     )
     assert os.path.exists(tmp_path / "k.pem")
+
+
+def test_annual_statement_rolls_up_the_months_and_verifies(db: str, cfg_path: Path) -> None:
+    """``issue --year``: the year's figures equal the sum of its twelve months (each site's local
+    calendar), it is signed and versioned like a month, and verify recomputes it from readings."""
+    cfg = load_statements_config(cfg_path)
+    now = datetime(2027, 1, 10, tzinfo=UTC)
+    with psycopg.connect(db, autocommit=True) as conn:
+        with conn.transaction():
+            months = [month_figures(conn, "acme", f"2026-{m:02d}") for m in range(1, 13)]
+            year = month_figures(conn, "acme", "2026")
+        for key in ("scope1", "scope2_location", "scope2_market", "energy_kwh"):
+            assert year["totals"][key] == pytest.approx(sum(f["totals"][key] for f in months), rel=1e-9)
+        assert sum(1 for f in months if f["lines"]) >= 2  # the fixture has October and November data
+        assert (year["period_kind"], len(year["daily"])) == ("year", 365)
+        [res] = issue_month(conn, cfg, "2026", ["acme"], now=now, params=Params(), progress=False)
+        doc = json.loads((res.directory / "statement.json").read_text())
+        assert (doc["month"], doc["version"], res.directory.parent.name) == ("2026", 1, "2026")
+        assert_schema_valid(doc)
+        trusted = load_public_key(public_key_path(cfg.key_path))
+        assert verify_statement(conn, res.directory / "statement.json", trusted, cfg).status == "valid"
+    assert main(["statements", "issue", "--year", "26", "--config", str(cfg_path)]) == 2
+
+
+def test_schema_rejects_a_statement_missing_what_it_must_say(db: str, cfg_path: Path) -> None:
+    """The schema is not a rubber stamp: a statement without its gases or with a bad period fails."""
+    cfg = load_statements_config(cfg_path)
+    with psycopg.connect(db, autocommit=True) as conn:
+        [res] = issue_month(
+            conn, cfg, MONTH, ["acme"], now=datetime(2026, 12, 5, tzinfo=UTC), params=Params(), progress=False
+        )
+    doc = json.loads((res.directory / "statement.json").read_text())
+    validator = jsonschema.Draft202012Validator(STATEMENT_SCHEMA)
+    no_gases = {**doc, "figures": {k: v for k, v in doc["figures"].items() if k != "by_gas"}}
+    assert not validator.is_valid(no_gases)
+    assert not validator.is_valid({**doc, "month": "2026-13"})
+    assert not validator.is_valid({**doc, "inputs_digest": "xyz"})

@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     issue = ssub.add_parser("issue", help="issue (or supersede) the statements of one month")
     common(issue)
-    issue.add_argument("--month", required=True, help="YYYY-MM, or 'previous' (the month before now)")
+    period = issue.add_mutually_exclusive_group(required=True)
+    period.add_argument("--month", help="YYYY-MM, or 'previous' (the month before now)")
+    period.add_argument("--year", help="YYYY: the annual statement, rolling up the year's months")
     issue.add_argument("--supplier", action="append", help="repeatable; default: every supplier")
     issue.add_argument("--email", action="store_true", help="also e-mail each new version to its recipients")
     issue.add_argument(
@@ -70,6 +72,17 @@ def _month(spec: str, settings: Settings) -> str:
     return spec
 
 
+def _year(spec: str) -> str:
+    from compute.statements.figures import is_year, month_bounds
+
+    if not is_year(spec):
+        from ops.errors import UserError
+
+        raise UserError(f"--year must be YYYY, not {spec!r}")
+    month_bounds(spec)
+    return spec
+
+
 def _issue(args: Any) -> int:
     import sys
 
@@ -80,7 +93,7 @@ def _issue(args: Any) -> int:
 
     settings = Settings()
     cfg = _config(args, settings)
-    month = _month(args.month, settings)
+    month = _month(args.month, settings) if args.month else _year(args.year)
     with psycopg.connect(settings.db.dsn, autocommit=True) as conn:
         results = issue_month(
             conn,

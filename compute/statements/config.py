@@ -9,7 +9,7 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -61,6 +61,38 @@ class Production(_Entry):
     unit: Text
 
 
+class Exclusion(_Entry):
+    what: Text
+    reason: Text
+
+
+DEFAULT_RECALCULATION = (
+    "The base year is recalculated when structural changes (acquisitions, divestments, outsourcing),"
+    " changes in calculation methodology or emission factors, or discovered errors change base-year"
+    " emissions by 5 % or more (GHG Protocol Corporate Standard, chapter 5)."
+)
+
+
+class Reporting(_Entry):
+    """What a supplier's statements disclose about their boundary and assurance (GHG Protocol,
+    ISO 14064-1:2018 clause 9, CDP Supply Chain SC1.1)."""
+
+    supplier: Ident
+    consolidation_approach: Literal["operational_control", "financial_control", "equity_share"]
+    base_year: Annotated[int, Field(ge=1990, le=2100)]
+    recalculation_policy: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = (
+        DEFAULT_RECALCULATION
+    )
+    exclusions: list[Exclusion] = []
+    verification: Literal["none", "limited", "reasonable"] = "none"
+    verifier: Text | None = None
+    verification_standard: Text | None = None  # e.g. "ISO 14064-3:2019"
+    allocation_level: Literal["company", "facility", "product"] = "company"
+    # Assumed uncertainty (percent) of estimated energy (gaps, estimated readings) and of
+    # non-metered activity; measured energy takes its meters' accuracy class.
+    estimated_uncertainty_pct: Annotated[float, AfterValidator(_positive)] = 10.0
+
+
 class Recipients(_Entry):
     supplier: Ident
     to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(min_length=1)
@@ -82,6 +114,7 @@ class StatementsConfig(_Entry):
     allocations: list[Allocation] = []
     production: list[Production] = []
     recipients: list[Recipients] = []
+    reporting: list[Reporting] = []
 
     def path(self, p: Path) -> Path:
         """Relative paths are relative to the repository root (where the default config lives)."""
@@ -99,7 +132,24 @@ class StatementsConfig(_Entry):
         return [a for a in self.allocations if a.supplier == supplier]
 
     def production_for(self, supplier: str, month: str) -> Production | None:
+        """The month's production; for a year (``YYYY``) the sum of its months, when every month of
+        the year is given in one unit (else None: no annual intensity from partial data)."""
+        if len(month) == 4:
+            months = [
+                p for p in self.production if p.supplier == supplier and p.month.startswith(f"{month}-")
+            ]
+            if len(months) != 12 or len({p.unit for p in months}) != 1:
+                return None
+            return Production(
+                supplier=supplier,
+                month=f"{month}-12",
+                quantity=sum(p.quantity for p in months),
+                unit=months[0].unit,
+            )
         return next((p for p in self.production if p.supplier == supplier and p.month == month), None)
+
+    def reporting_for(self, supplier: str) -> Reporting | None:
+        return next((r for r in self.reporting if r.supplier == supplier), None)
 
     def recipients_for(self, supplier: str) -> list[str]:
         return [addr for r in self.recipients if r.supplier == supplier for addr in r.to]
@@ -109,6 +159,7 @@ _SECTIONS: dict[str, type[_Entry]] = {
     "allocations": Allocation,
     "production": Production,
     "recipients": Recipients,
+    "reporting": Reporting,
 }
 
 
@@ -128,6 +179,9 @@ def load_statements_config(path: Path) -> StatementsConfig:
     for supplier, total in totals.items():
         if total > 1 + 1e-9:
             raise ConfigError(f"{path}: allocation shares of {supplier!r} add up to {total:.4f} > 1")
+    reporting = [r.supplier for r in cfg.reporting]
+    if len(set(reporting)) != len(reporting):
+        raise ConfigError(f"{path}: [[reporting]] is given twice for the same supplier")
     months = [(p.supplier, p.month) for p in cfg.production]
     if len(set(months)) != len(months):
         raise ConfigError(f"{path}: production is given twice for the same supplier and month")

@@ -105,7 +105,8 @@ def readings_digest(conn: psycopg.Connection[Any], supplier: str, month: str) ->
 
 def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, Any]]:
     rows = conn.execute(
-        "SELECT m.meter_id, m.site_id, m.carrier, m.model, m.ct_ratio, m.pt_ratio FROM meters m"
+        "SELECT m.meter_id, m.site_id, m.carrier, m.model, m.ct_ratio, m.pt_ratio, m.activity_unit,"
+        " m.cv_basis, m.reference_conditions, m.fuel_type, m.accuracy_class FROM meters m"
         " JOIN sites s USING (site_id) WHERE s.supplier_id = %s ORDER BY m.meter_id",
         (supplier,),
     ).fetchall()
@@ -117,6 +118,12 @@ def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, An
             "model": r[3],
             "ct_ratio": r[4],
             "pt_ratio": r[5],
+            # What the meter's counter means (unit and basis) and how exact it is.
+            "unit": r[6],
+            "cv_basis": r[7],
+            "reference_conditions": r[8],
+            "fuel_type": r[9],
+            "accuracy_class": r[10],
         }
         for r in rows
     ]
@@ -135,6 +142,7 @@ def build_inputs(
         "meters": meters_of(conn, supplier),
         "factors": figures["factors"],
         "instruments": figures["instruments"],
+        "not_metered": figures.get("not_metered", []),
         "allocations": [a.model_dump() for a in cfg.allocations_for(supplier)],
         "production": production.model_dump() if production else None,
     }
@@ -183,11 +191,133 @@ def derive(figures: dict[str, Any], previous: dict[str, Any] | None, cfg: Statem
         }
         for a in cfg.allocations_for(supplier)
     ]
+    reporting = cfg.reporting_for(supplier)
+    uncertainty = uncertainty_pct(figures, reporting.estimated_uncertainty_pct if reporting else None)
     return {
         "month_on_month": mom,
         "intensity": intensity,
         "allocation": allocation,
         "unallocated_share": max(0.0, 1.0 - sum(a["share"] for a in allocation)),
+        "disclosure": disclosure(figures, reporting, uncertainty),
+        "cdp_sc1_1": cdp_sc1_1(figures, allocation, intensity, reporting, uncertainty),
+        "pact": pact(figures),
+    }
+
+
+UNCERTAINTY_METHOD: Final = (
+    "Measurement uncertainty only, combined in quadrature over independent site/carrier lines: "
+    "measured activity at the worst accuracy class of the line's meters, estimated activity and "
+    "non-metered records at the stated estimated_uncertainty_pct. Emission factor uncertainty is "
+    "not included."
+)
+
+
+def uncertainty_pct(figures: dict[str, Any], estimated_pct: float | None) -> float | None:
+    """+-% of Scope 1 + location-based Scope 2 (see ``UNCERTAINTY_METHOD``); None when a meter has
+    no accuracy class or no estimated-uncertainty assumption is stated."""
+    if estimated_pct is None:
+        return None
+    classes = {(a["site_id"], a["carrier"], a["unit"]): a for a in figures.get("meter_accuracy", [])}
+    total = variance = 0.0
+    for ln in figures["lines"]:
+        if (ln["scope"], ln["method"]) not in ((1, "direct"), (2, "location")) or not ln["kg_co2e"]:
+            continue
+        acc = classes.get((ln["site_id"], ln["carrier"], ln["unit"]))
+        if acc is None or acc["meters_without_class"] or acc["worst_class_pct"] is None:
+            return None
+        amount = ln["kwh"] or 0.0
+        est = ln["kwh_estimated"] or 0.0
+        share_est = est / amount if amount else 0.0
+        rel = math.hypot((1 - share_est) * acc["worst_class_pct"], share_est * estimated_pct) / 100
+        variance += (ln["kg_co2e"] * rel) ** 2
+        total += ln["kg_co2e"]
+    for rec in figures.get("not_metered", []):
+        if rec["kg_co2e"]:
+            variance += (rec["kg_co2e"] * estimated_pct / 100) ** 2
+            total += rec["kg_co2e"]
+    return math.sqrt(variance) / total * 100 if total else None
+
+
+def disclosure(figures: dict[str, Any], reporting: Any | None, uncertainty: float | None) -> dict[str, Any]:
+    """Boundary, base year, exclusions, assurance and the ISO 14064-1:2018 categories."""
+    t = figures["totals"]
+    by_gas = figures.get("by_gas", {})
+    return {
+        "standards": ["GHG Protocol Corporate Standard", "GHG Protocol Scope 2 Guidance", "ISO 14064-1:2018"],
+        "consolidation_approach": reporting.consolidation_approach if reporting else None,
+        "base_year": reporting.base_year if reporting else None,
+        "recalculation_policy": reporting.recalculation_policy if reporting else None,
+        "exclusions": [e.model_dump() for e in reporting.exclusions] if reporting else [],
+        "verification": {
+            "status": reporting.verification if reporting else "none",
+            "verifier": reporting.verifier if reporting else None,
+            "standard": reporting.verification_standard if reporting else None,
+        },
+        "iso14064_categories": {
+            "category_1_direct": {"kg_co2e": t["scope1"], "kg_by_gas": by_gas.get("scope1")},
+            "category_2_imported_energy": {
+                "kg_co2e_location": t["scope2_location"],
+                "kg_co2e_market": t["scope2_market"],
+                "kg_by_gas_location": by_gas.get("scope2_location"),
+            },
+        },
+        "gwp_sets": by_gas.get("gwp_sets", []),
+        "co2_only_factor_ids": by_gas.get("co2_only_factor_ids", []),
+        "uncertainty_pct": uncertainty,
+        "uncertainty_method": UNCERTAINTY_METHOD,
+        "not_metered_kg_co2e": figures.get("not_metered_kg", 0.0),
+    }
+
+
+def cdp_sc1_1(
+    figures: dict[str, Any],
+    allocation: list[dict[str, Any]],
+    intensity: dict[str, Any] | None,
+    reporting: Any | None,
+    uncertainty: float | None,
+) -> list[dict[str, Any]]:
+    """CDP Supply Chain SC1.1 rows: one per requesting customer with its allocated emissions."""
+    sources = sorted(
+        ((ln["carrier"], ln["kg_co2e"]) for ln in figures["lines"] if ln["method"] in ("direct", "location")),
+        key=lambda x: -x[1],
+    )
+    major: list[str] = []
+    for carrier, _kg in sources:
+        if carrier not in major:
+            major.append(carrier)
+    return [
+        {
+            "requesting_member": a["customer_name"],
+            "customer": a["customer"],
+            "scope_or_category": "Scope 1 and Scope 2 (supplier); customer's Scope 3 category 1",
+            "allocation_level": reporting.allocation_level if reporting else None,
+            "allocation_method": f"{a['basis']} share {a['share']}",
+            "quantity_supplied": intensity["production"] * a["share"] if intensity else None,
+            "unit_for_quantity_supplied": intensity["unit"] if intensity else None,
+            "emissions_t_co2e_location": a["total_location_kg"] / 1000,
+            "emissions_t_co2e_market": a["total_market_kg"] / 1000,
+            "uncertainty_pct": uncertainty,
+            "major_sources": major[:3],
+            "verified": bool(reporting and reporting.verification != "none"),
+        }
+        for a in allocation
+    ]
+
+
+def pact(figures: dict[str, Any]) -> dict[str, Any]:
+    """PACT (Pathfinder) v3-style data-quality fields for the period."""
+    windows = [s["window_utc"] for s in figures["boundary"]]
+    coverage = figures["coverage"]
+    return {
+        "referencePeriodStart": min((w[0] for w in windows), default=None),
+        "referencePeriodEnd": max((w[1] for w in windows), default=None),
+        "geography": {
+            "geographyCountry": sorted({s["grid_region"].split("-")[0] for s in figures["boundary"]}),
+            "geographyRegionOrSubregion": sorted({s["grid_region"] for s in figures["boundary"]}),
+        },
+        # Share of activity measured by this system's meters (not estimated, not entered by hand).
+        "primaryDataShare": coverage["measured_share"] * 100,
+        "dqi": {"coveragePercent": coverage["bucket_share"] * 100},
     }
 
 

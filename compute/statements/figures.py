@@ -17,7 +17,15 @@ GHG Protocol rules applied here:
   tariff: ``kwh_instruments``) / all electricity kWh;
 - coverage = measured kWh / all kWh, where the rollups carry a measured/estimated split
   (``kwh_estimated`` or ``kwh_measured`` column); otherwise all kWh is measured and coverage also
-  reports the share of the month's 15-minute buckets that have data.
+  reports the share of the month's 15-minute buckets that have data;
+- activity is reported per carrier AND unit (gas metered in m3 and in kWh are never added up);
+- per-gas totals (kg of CO2, CH4, N2O) come from the factors' per-gas values; CO2-only factors
+  (China's grid factors) cover CO2 alone, which ``by_gas`` states (``co2_only_factor_ids``);
+- buckets the compute engine could not turn into emissions (no factor: ``refusal``) are listed in
+  ``refusals``; a statement with refusals is incomplete;
+- non-metered activity (``compute.activity``: refrigerant top-ups, fuel invoices, generation) is
+  listed in ``not_metered``, prorated to the month by the days its period overlaps it; its Scope 1
+  kg CO2e is part of ``totals.scope1`` (and of the site's) and shown apart as ``not_metered_kg``.
 """
 
 from __future__ import annotations
@@ -36,16 +44,29 @@ ENERGY_METHOD_PREFERENCE = ("location", "direct")
 
 
 def month_bounds(month: str) -> tuple[date, date]:
-    """``YYYY-MM`` → (first day, first day of the next month)."""
+    """``YYYY-MM`` → (first day, first day of the next month); ``YYYY`` → the calendar year (an
+    annual statement: the same queries over the year are exactly the sum of its months)."""
+    if len(month) == 4 and month.isdigit():
+        year = int(month)
+        if not 1990 <= year <= 2100:
+            raise UserError(f"year must be between 1990 and 2100, not {month!r}")
+        return date(year, 1, 1), date(year + 1, 1, 1)
     try:
         first = datetime.strptime(month, "%Y-%m").date()
     except ValueError:
-        raise UserError(f"month must be YYYY-MM, not {month!r}") from None
+        raise UserError(f"month must be YYYY-MM (or a year YYYY), not {month!r}") from None
     nxt = date(first.year + first.month // 12, first.month % 12 + 1, 1)
     return first, nxt
 
 
+def is_year(period: str) -> bool:
+    return len(period) == 4 and period.isdigit()
+
+
 def previous_month(month: str) -> str:
+    """The period before: the previous month, or the previous year for an annual period."""
+    if is_year(month):
+        return str(int(month) - 1)
     first, _ = month_bounds(month)
     return (first - timedelta(days=1)).strftime("%Y-%m")
 
@@ -71,6 +92,12 @@ def _columns(conn: psycopg.Connection[Any]) -> set[str]:
 
 def _unit_expr(columns: set[str]) -> str:
     return "r.activity_unit" if "activity_unit" in columns else "'kWh'::text"
+
+
+def _gas_expr(columns: set[str]) -> str:
+    if "kg_co2" not in columns:
+        return "NULL::float8, NULL::float8, NULL::float8"
+    return ", ".join(f"sum(r.{g} ORDER BY r.bucket)" for g in ("kg_co2", "kg_ch4", "kg_n2o"))
 
 
 def _estimated_expr(columns: set[str]) -> str:
@@ -109,7 +136,7 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         _WINDOWS + "SELECT s.site_id, s.name, s.grid_region, s.timezone, w.t0, w.t1,"
         " (SELECT count(*) FROM meters m WHERE m.site_id = s.site_id),"
         " coalesce((SELECT array_agg(DISTINCT m.carrier ORDER BY m.carrier) FROM meters m"
-        "           WHERE m.site_id = s.site_id), '{}')"
+        "           WHERE m.site_id = s.site_id), '{}'), s.factor_series, s.fuel_series"
         " FROM sites s JOIN w USING (site_id) ORDER BY s.site_id",
         p,
     ).fetchall()
@@ -122,6 +149,9 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             "window_utc": [r[4].isoformat(), r[5].isoformat()],
             "meters": r[6],
             "carriers": list(r[7]),
+            # The published series the site's factors come from (None: the settings' default).
+            "factor_series": r[8],
+            "fuel_series": r[9],
         }
         for r in sites
     ]
@@ -135,10 +165,10 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         " coalesce(sum(r.kg_co2e ORDER BY r.bucket), 0), count(*),"
         " count(*) FILTER (WHERE r.kg_co2e IS NULL), 0::float8,"
         " coalesce(array_agg(DISTINCT r.factor_id) FILTER (WHERE r.factor_id IS NOT NULL), '{}'),"
-        f" min({_unit_expr(columns)})"
+        f" {_unit_expr(columns)}, {_gas_expr(columns)}"
         " FROM site_rollups_15m r JOIN w ON r.site_id = w.site_id"
         " AND r.bucket >= w.t0 AND r.bucket < w.t1 WHERE r.method <> 'market'"
-        " GROUP BY r.site_id, r.carrier, r.scope, r.method",
+        f" GROUP BY r.site_id, r.carrier, r.scope, r.method, {_unit_expr(columns)}",
         p,
     ).fetchall()
     market_lines = conn.execute(
@@ -146,7 +176,8 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         " coalesce(sum(m.kg_co2e ORDER BY m.bucket), 0), count(*),"
         " count(*) FILTER (WHERE m.kg_co2e IS NULL), sum(m.kwh_instruments ORDER BY m.bucket),"
         " coalesce(array_agg(DISTINCT m.residual_factor_id)"
-        "          FILTER (WHERE m.residual_factor_id IS NOT NULL), '{}'), 'kWh'"
+        "          FILTER (WHERE m.residual_factor_id IS NOT NULL), '{}'), 'kWh',"
+        " NULL::float8, NULL::float8, NULL::float8"
         " FROM site_market_1h m JOIN w ON m.site_id = w.site_id AND m.bucket >= w.t0 AND m.bucket < w.t1"
         " GROUP BY m.site_id, m.carrier",
         p,
@@ -165,8 +196,11 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             "instrument_kwh": r[9],
             "factor_ids": sorted(r[10]),
             "unit": r[11],
+            "kg_co2": r[12],
+            "kg_ch4": r[13],
+            "kg_n2o": r[14],
         }
-        for r in sorted(rollup_lines + market_lines, key=lambda r: (r[0], r[1], r[2], r[3]))
+        for r in sorted(rollup_lines + market_lines, key=lambda r: (r[0], r[1], r[2], r[3], r[11]))
     ]
 
     daily_rows = conn.execute(
@@ -204,7 +238,9 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         ).fetchall()
     ]
 
-    factor_ids = sorted({f for line in lines for f in line["factor_ids"]})
+    factor_ids = sorted(
+        {f for line in lines for f in line["factor_ids"]} | set(_activity_factor_ids(conn, p, first, nxt))
+    )
     factors = [
         {
             "factor_id": r[0],
@@ -218,24 +254,190 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             "unit": r[8],
             "version": r[9],
             "source": r[10],
+            **dict(zip(_FACTOR_DETAIL, r[11:], strict=True)),
         }
         for r in conn.execute(
             "SELECT factor_id, publisher, series, region, carrier, valid_from, valid_to,"
-            " kg_co2e_per_unit, unit, version, source FROM emission_factors"
+            f" kg_co2e_per_unit, unit, version, source, {', '.join(_factor_detail(conn))}"
+            " FROM emission_factors"
             " WHERE factor_id = ANY(%s) ORDER BY factor_id",
             (factor_ids,),
         ).fetchall()
     ]
     residual = {f["factor_id"] for f in factors if f["series"] == RESIDUAL_SERIES}
+    refusals = [
+        {
+            "site_id": r[0],
+            "carrier": r[1],
+            "scope": r[2],
+            "unit": r[3],
+            "reason": r[4],
+            "buckets": r[5],
+            "activity": r[6],
+            "first_bucket": r[7].isoformat(),
+            "last_bucket": r[8].isoformat(),
+        }
+        for r in (
+            conn.execute(
+                _WINDOWS + "SELECT r.site_id, r.carrier, r.scope, r.activity_unit, r.refusal, count(*),"
+                " sum(r.kwh ORDER BY r.bucket), min(r.bucket), max(r.bucket)"
+                " FROM site_rollups_15m r JOIN w ON r.site_id = w.site_id"
+                " AND r.bucket >= w.t0 AND r.bucket < w.t1 WHERE r.refusal IS NOT NULL"
+                " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5",
+                p,
+            ).fetchall()
+            if "refusal" in columns
+            else []
+        )
+    ]
+    accuracy = (
+        [
+            {
+                "site_id": r[0],
+                "carrier": r[1],
+                "unit": r[2],
+                "worst_class_pct": r[3],
+                "meters_without_class": r[4],
+            }
+            for r in conn.execute(
+                "SELECT m.site_id, m.carrier, coalesce(m.activity_unit, 'kWh'), max(m.accuracy_class),"
+                " count(*) FILTER (WHERE m.accuracy_class IS NULL)"
+                " FROM meters m JOIN sites s USING (site_id) WHERE s.supplier_id = %(supplier)s"
+                " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                p,
+            ).fetchall()
+        ]
+        if "accuracy_class" in _meter_columns(conn)
+        else []
+    )
+    not_metered = _not_metered(conn, p, first, nxt)
+    summary = _summarise(lines, daily_rows, buckets_in_month, residual, first, nxt)
+    extra = sum(r["kg_co2e"] or 0.0 for r in not_metered if r["scope"] == 1)
+    for r in not_metered:
+        if r["scope"] == 1 and r["kg_co2e"] is not None:
+            summary["per_site"][r["site_id"]]["scope1"] += r["kg_co2e"]
+    t = summary["totals"]
+    t["scope1"] += extra
+    t["total_location"] += extra
+    t["total_market"] += extra
     return {
         "supplier": {"id": supplier, "name": name},
         "month": month,
+        "period_kind": "year" if is_year(month) else "month",
         "boundary": boundary,
         "lines": lines,
-        **_summarise(lines, daily_rows, buckets_in_month, residual, first, nxt),
+        **summary,
+        "not_metered": not_metered,
+        "meter_accuracy": accuracy,
+        "not_metered_kg": extra,
+        "by_gas": _by_gas(lines, factors),
         "factors": factors,
         "instruments": instruments,
+        "refusals": refusals,
     }
+
+
+# Factor columns beyond the original ones (migrations 0003/0004), reported when present.
+_FACTOR_DETAIL = (
+    "data_year",
+    "gases",
+    "gwp_set",
+    "kg_co2_per_unit",
+    "kg_ch4_per_unit",
+    "kg_n2o_per_unit",
+    "cv_basis",
+    "reference_conditions",
+    "fuel_type",
+    "ncv",
+    "ncv_unit",
+    "ncv_source",
+)
+
+
+def _factor_detail(conn: psycopg.Connection[Any]) -> list[str]:
+    have = {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'emission_factors'"
+            " AND table_schema = current_schema()"
+        ).fetchall()
+    }
+    return [c if c in have else f"NULL AS {c}" for c in _FACTOR_DETAIL]
+
+
+def _meter_columns(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'meters'"
+        " AND table_schema = current_schema()"
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _activity_factor_ids(
+    conn: psycopg.Connection[Any], p: dict[str, Any], first: date, nxt: date
+) -> list[str]:
+    return [r["factor_id"] for r in _not_metered(conn, p, first, nxt) if r["factor_id"]]
+
+
+def _not_metered(
+    conn: psycopg.Connection[Any], p: dict[str, Any], first: date, nxt: date
+) -> list[dict[str, Any]]:
+    """Activity records of the supplier's sites overlapping the month, prorated by days."""
+    if conn.execute("SELECT to_regclass('activity_records')").fetchone() == (None,):
+        return []
+    rows = conn.execute(
+        "SELECT a.record_id, a.site_id, a.kind, a.scope, a.carrier, a.gas, a.period_start, a.period_end,"
+        " a.amount, a.unit, a.exported_kwh, a.gwp_set, a.kg_co2e, a.kg_hfc, a.factor_id, a.refusal,"
+        " a.provenance FROM activity_records a JOIN sites s USING (site_id)"
+        " WHERE s.supplier_id = %(supplier)s AND a.period_start < %(next)s AND a.period_end > %(first)s"
+        " ORDER BY a.site_id, a.record_id",
+        p,
+    ).fetchall()
+    out = []
+    for r in rows:
+        start, end = r[6], r[7]
+        share = ((min(end, nxt) - max(start, first)).days) / (end - start).days
+
+        def part(x: float | None, share: float = share) -> float | None:
+            return None if x is None else x * share
+
+        out.append(
+            {
+                "record_id": r[0],
+                "site_id": r[1],
+                "kind": r[2],
+                "scope": r[3],
+                "carrier": r[4],
+                "gas": r[5],
+                "period": [start.isoformat(), end.isoformat()],
+                "share_in_month": share,
+                "amount": r[8] * share,
+                "unit": r[9],
+                "exported_kwh": part(r[10]),
+                "gwp_set": r[11],
+                "kg_co2e": part(r[12]),
+                "kg_hfc": part(r[13]),
+                "factor_id": r[14],
+                "refusal": r[15],
+                "provenance": r[16],
+                "metered": False,
+            }
+        )
+    return out
+
+
+def _by_gas(lines: list[dict[str, Any]], factors: list[dict[str, Any]]) -> dict[str, Any]:
+    """kg of each gas per scope (Scope 1 direct, Scope 2 location), the GWP sets converting them to
+    CO2e, and which factors cover CO2 only (their CH4/N2O are not in the figures)."""
+    out: dict[str, Any] = {}
+    for scope, method in ((1, "direct"), (2, "location")):
+        rows = [ln for ln in lines if ln["scope"] == scope and ln["method"] == method]
+        out[f"scope{scope}" if scope == 1 else "scope2_location"] = {
+            gas: sum(ln[f"kg_{gas}"] or 0.0 for ln in rows) for gas in ("co2", "ch4", "n2o")
+        }
+    out["gwp_sets"] = sorted({f["gwp_set"] for f in factors if f.get("gwp_set") not in (None, "none")})
+    out["co2_only_factor_ids"] = sorted(f["factor_id"] for f in factors if f.get("gases") == "CO2")
+    return out
 
 
 def _summarise(
@@ -250,6 +452,10 @@ def _summarise(
     for line in lines:
         methods[(line["site_id"], line["carrier"], line["scope"])].add(line["method"])
     chosen = {key: energy_method(key[2], ms) for key, ms in methods.items()}
+    # A carrier metered in more than one unit (gas in m3 and kWh) is reported per unit.
+    units: dict[str, set[str]] = defaultdict(set)
+    for line in lines:
+        units[line["carrier"]].add(line["unit"])
 
     def is_energy(line: dict[str, Any]) -> bool:
         return bool(line["method"] == chosen[(line["site_id"], line["carrier"], line["scope"])])
@@ -270,7 +476,9 @@ def _summarise(
     for line in lines:
         site, scope, method = line["site_id"], line["scope"], line["method"]
         if is_energy(line):
-            e = energy.setdefault(line["carrier"], {"amount": 0.0, "estimated": 0.0, "unit": line["unit"]})
+            carrier = line["carrier"]
+            key = carrier if len(units[carrier]) == 1 else f"{carrier} ({line['unit']})"
+            e = energy.setdefault(key, {"amount": 0.0, "estimated": 0.0, "unit": line["unit"]})
             e["amount"] += line["kwh"]
             e["estimated"] += line["kwh_estimated"]
             missing_factor += line["buckets_without_factor"]

@@ -86,8 +86,10 @@ def _table(
 def _summary_page(doc: dict[str, Any]) -> Figure:
     f = doc["figures"]
     tot = f["totals"]
-    fig = _page("Monthly GHG emission statement (Scope 1 and 2)", doc, 1)
-    status = "PROVISIONAL — month not complete" if doc["provisional"] else "Final for the month"
+    kind = "Annual" if doc["figures"].get("period_kind") == "year" else "Monthly"
+    fig = _page(f"{kind} GHG emission statement (Scope 1 and 2)", doc, 1)
+    period = "year" if doc["figures"].get("period_kind") == "year" else "month"
+    status = f"PROVISIONAL — {period} not complete" if doc["provisional"] else f"Final for the {period}"
     if doc["supersedes"]:
         status += f"  ·  supersedes version {doc['supersedes']['version']}"
     fig.text(0.06, 0.915, f"Issued {doc['issued_at'][:19]}Z  ·  {status}", fontsize=8.5, color=MUTED)
@@ -366,7 +368,12 @@ def write_pdf(doc: dict[str, Any], path: Path) -> None:
             plt.close(fig)
 
 
+# Every row names its statement (supplier, period, version) so rows from many statements can be
+# stacked in one table without losing where they came from.
 CSV_HEADER = [
+    "supplier_id",
+    "period",
+    "version",
     "section",
     "site_id",
     "customer",
@@ -387,9 +394,12 @@ def csv_text(doc: dict[str, Any]) -> str:
     w = csv.writer(out, lineterminator="\n")
     w.writerow(CSV_HEADER)
 
+    ident = [doc["supplier"]["id"], doc["month"], doc["version"]]
+
     def row(section: str, metric: str, value: Any, unit: str, **kw: Any) -> None:
         w.writerow(
             [
+                *ident,
                 section,
                 kw.get("site", ""),
                 kw.get("customer", ""),
@@ -443,6 +453,25 @@ def csv_text(doc: dict[str, Any]) -> str:
             scope=ln["scope"],
             method=ln["method"],
         )
+    for a in f.get("not_metered", []):
+        what = a["gas"] or a["carrier"] or ""
+        row(
+            "not_metered",
+            f"{a['kind']}:{a['record_id']}",
+            a["amount"],
+            a["unit"],
+            site=a["site_id"],
+            carrier=what,
+        )
+        if a["kg_co2e"] is not None:
+            row(
+                "not_metered",
+                f"{a['kind']}:{a['record_id']}",
+                a["kg_co2e"],
+                "kg CO2e",
+                site=a["site_id"],
+                scope=1,
+            )
     for d in f["daily"]:
         for k in ("scope1", "scope2_location", "scope2_market"):
             row("daily", k, d[k], "kg CO2e", day=d["date"])
