@@ -5,6 +5,11 @@ Each MQTT message (QoS 1, shared subscription, persistent session) is validated,
 the record (paho manual ack), so a crash at any point leaves the message with Mosquitto, which
 redelivers it: nothing accepted is ever lost, and a redelivered duplicate is dropped by the DB key.
 
+Every batch is checked against the fleet registry (``ingest.registry``): its topic's supplier, site
+and gateway and each reading's meter must be registered together, else the batch goes to the DLQ.
+The bridge becomes ready only once it holds the registry; a DB outage later keeps the last one.
+Nothing a client sends can stop it: ``classify`` is total, and a dead letter is bounded in size.
+
 Two loss holes are closed on purpose:
 - A Kafka send that fails ends the process with an error (exit code 1): the supervisor restarts it
   and Mosquitto redelivers every message the dead process had not acked. Retrying in-process
@@ -31,11 +36,15 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.mqtt_client import new_client
 from edge.wire import READINGS_SUBSCRIPTION
+from ingest.dlq import DeadLetter, Reason
+from ingest.registry import RegistryCache
 from ingest.validate import Accepted, classify
 from ops import metrics
+from ops.ratelog import RateLimitedLog
 from ops.settings import Settings
 
 log = logging.getLogger("scopemeter.bridge")
+dlq_log = RateLimitedLog(log)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,15 @@ async def run_bridge(
         max_request_size=8 * 1024 * 1024,
     )
     await producer.start()
+    registry = RegistryCache(settings.db.dsn, settings.ingest.registry_refresh_s)
+    registry.refresh(soon=True)
+    while not registry.loaded():  # no batch is checked without it; the DB may be starting
+        await asyncio.sleep(1.0)
+        registry.refresh(soon=True)
+        if stop.is_set():
+            await producer.stop()
+            return
+        await asyncio.sleep(1.0)
     subscribed = asyncio.Event()
     connection = [0]  # bumped by every CONNACK; read by both threads (an int swap is atomic)
     in_flight: set[tuple[int, int]] = set()  # (connection, mid) received and not yet acked
@@ -139,13 +157,15 @@ async def run_bridge(
         while not stop.is_set():
             if failure:
                 raise RuntimeError(f"Kafka refused a record: {failure[0]!r}")
+            registry.refresh()
             try:
                 item = await asyncio.wait_for(inbox.get(), timeout=0.2)
             except TimeoutError:
+                dlq_log.flush()
                 continue
             in_flight.add((item.connection, item.mid))
             metrics.BRIDGE_IN_FLIGHT.set(len(in_flight))
-            fut = await _produce(producer, settings, item)
+            fut = await _produce(producer, settings, item, registry)
             fut.add_done_callback(functools.partial(acked, item))
         await producer.flush()
         await asyncio.sleep(0)  # let the done callbacks queue their PUBACKs before DISCONNECT
@@ -153,10 +173,20 @@ async def run_bridge(
         client.disconnect()
         client.loop_stop()
         await producer.stop()
+        registry.close()
 
 
-async def _produce(producer: AIOKafkaProducer, settings: Settings, item: Incoming) -> asyncio.Future[object]:
-    decided = classify(item.topic, item.payload, now=settings.clock.now(), limits=settings.ingest)
+async def _produce(
+    producer: AIOKafkaProducer, settings: Settings, item: Incoming, registry: RegistryCache
+) -> asyncio.Future[object]:
+    now = settings.clock.now()
+    check = functools.partial(classify, item.topic, item.payload, now=now, limits=settings.ingest)
+    decided = check(registry=registry.registry)
+    if isinstance(decided, DeadLetter) and decided.reason in _REGISTRY_REASONS:
+        # Perhaps the fleet changed a moment ago: look once more (at most once a second) first.
+        held = registry.registry
+        if registry.refresh(soon=True) is not held:
+            decided = check(registry=registry.registry)
     if isinstance(decided, Accepted):
         metrics.BRIDGE_MESSAGES.labels(outcome="accepted").inc()
         metrics.BRIDGE_READINGS.inc(decided.readings)
@@ -169,7 +199,13 @@ async def _produce(producer: AIOKafkaProducer, settings: Settings, item: Incomin
         )
     metrics.BRIDGE_MESSAGES.labels(outcome="dlq").inc()
     metrics.BRIDGE_DLQ.labels(reason=decided.reason.value).inc()
-    log.warning("DLQ %s: %s (%s)", decided.reason.value, decided.detail[:200], item.topic)
+    dlq_log.warning(decided.reason.value, "DLQ %s: %s (%s)", decided.reason.value, decided.detail[:200],
+                    decided.topic[:200])  # fmt: skip
     return await producer.send(  # type: ignore[no-any-return]
-        settings.kafka.dlq_topic, value=decided.encode(), key=item.topic.encode()
+        settings.kafka.dlq_topic, value=decided.encode(), key=decided.key()
     )
+
+
+_REGISTRY_REASONS = frozenset(
+    {Reason.UNREGISTERED_GATEWAY, Reason.UNREGISTERED_METER, Reason.METER_SITE_MISMATCH}
+)
