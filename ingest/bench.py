@@ -302,6 +302,7 @@ def run(
     s = lane_settings(settings, tag)
     asyncio.run(ensure_topics_async(s.kafka))
     fleet = Fleet(tag.replace("-", ""), sites, meters)
+    fleet.register(s.db.dsn)
     gen = LoadGenerator(s, fleet, steps=steps, spacing=timedelta(milliseconds=1))
     env = settings_env(s)
     log_dir = log_dir / tag  # each run keeps its own logs

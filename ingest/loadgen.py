@@ -60,6 +60,17 @@ class Fleet:
     def client_ids(self) -> list[str]:
         return [f"{self.prefix}-edge{s}" for s in range(self.sites)]
 
+    def register(self, dsn: str) -> None:
+        """Put the fleet in the registry: the bridge refuses readings of unregistered meters."""
+        import psycopg
+
+        from ingest.registry import register_gateway
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for s in range(self.sites):
+                meters = [self.meter(s, m) for m in range(self.meters)]
+                register_gateway(conn, self.supplier, self.site(s), self.gateway(s), meters)
+
 
 def forget_session(settings: Settings, client_id: str) -> None:
     """A clean-session connect drops a persistent session, so no broker queue is left growing."""
