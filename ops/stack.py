@@ -47,6 +47,7 @@ from ops.settings import KafkaSettings, Settings
 
 __all__ = [
     "ManagedProcess",
+    "MqttTls",
     "PieceStatus",
     "StackStatus",
     "client_settings",
@@ -129,6 +130,24 @@ def mosquitto_dynsec_plugin() -> Path:
                     " is not installed; `apt-get install mosquitto` ships it")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class MqttTls:
+    """A TLS listener that requires client certificates (mTLS): the certificate's CN is the user."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def render(self) -> str:
+        return "\n".join([
+            f"cafile {self.ca_file.resolve()}",
+            f"certfile {self.cert_file.resolve()}",
+            f"keyfile {self.key_file.resolve()}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ])
+
+
 def _mosquitto_access(auth: AuthFiles | None) -> str:
     if auth is None:
         # Tests' open listener only: no credentials, any client id.
@@ -142,11 +161,12 @@ def _mosquitto_access(auth: AuthFiles | None) -> str:
 
 
 def render_mosquitto_conf(
-    host: str, port: int, state_dir: Path, extra_conf: str = "", auth: AuthFiles | None = None
-) -> str:
+    host: str, port: int, state_dir: Path, extra_conf: str = "", auth: AuthFiles | None = None,
+    tls: MqttTls | None = None,
+) -> str:  # fmt: skip
     """The project's Mosquitto config (ops/mosquitto/mosquitto.conf.template) for this listener;
-    with ``auth`` the production access control (password file, ACL, client id = user), else an
-    open development listener."""
+    with ``auth`` the production access control (users and ACLs, client id = user), else an open
+    development listener; with ``tls`` the listener requires client certificates."""
     state_dir = state_dir.resolve()
     users = len(auth.credentials()) if auth is not None else 0
     return string.Template(MOSQUITTO_TEMPLATE.read_text()).substitute(
@@ -156,6 +176,7 @@ def render_mosquitto_conf(
         log_file=state_dir / "mosquitto.log",
         user=pwd.getpwuid(os.geteuid()).pw_name,
         access=_mosquitto_access(auth),
+        tls=tls.render() if tls is not None else "",
         max_connections=max(MQTT_MIN_CONNECTIONS, 2 * users),
         message_size_limit=MQTT_MESSAGE_SIZE_LIMIT,
         max_packet_size=MQTT_MAX_PACKET_SIZE,
@@ -173,6 +194,7 @@ def start_mosquitto(
     binary: Path | None = None,
     timeout: float = 30.0,
     auth: AuthFiles | None = None,
+    tls: MqttTls | None = None,
 ) -> ManagedProcess:
     """Start Mosquitto with the project's config; config, pid file, log and data in ``state_dir``.
 
@@ -184,7 +206,7 @@ def start_mosquitto(
     state_dir = state_dir.resolve()
     (state_dir / "mosquitto").mkdir(parents=True, exist_ok=True)
     conf = state_dir / "mosquitto.conf"
-    conf.write_text(render_mosquitto_conf(host, port, state_dir, extra_conf, auth))
+    conf.write_text(render_mosquitto_conf(host, port, state_dir, extra_conf, auth, tls))
     return spawn(
         "mosquitto",
         [exe, "-c", str(conf)],

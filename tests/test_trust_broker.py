@@ -32,7 +32,7 @@ from ingest.registry import register_gateway
 from ops.mqtt_auth import BRIDGE_USER, AuthFiles, GatewayGrant, auth_files, render_dynsec, write_auth
 from ops.procs import ManagedProcess, free_port
 from ops.settings import MqttSettings, Settings, StackSettings
-from ops.stack import client_settings, prepare_mqtt_auth, render_mosquitto_conf, start_mosquitto
+from ops.stack import MqttTls, client_settings, prepare_mqtt_auth, render_mosquitto_conf, start_mosquitto
 
 X = GatewayGrant("supplier-x", "site-x", "gw-x")
 Y = GatewayGrant("supplier-y", "site-y", "gw-y")
@@ -323,3 +323,68 @@ def test_a_fleet_change_reaches_the_running_broker(settings: Settings, tmp_path:
             connected.close()
         finally:
             broker.stop()
+
+
+def test_mtls_option_binds_the_certificate_to_the_user(tmp_path: Path) -> None:
+    """With ``MqttTls`` the listener takes only clients with a certificate of the CA, and the CN is the
+    user the same generated ACLs apply to: gw-x's certificate cannot publish as gw-y."""
+    from tests.test_edge_mqtt_tls import make_pki
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki, ["gw-x", "gw-y", BRIDGE_USER])
+    files = auth_files(tmp_path)
+    write_auth(files, [X, Y])
+    tls = MqttTls(pki / "ca.pem", pki / "server.pem", pki / "server.key")
+    broker = start_mosquitto(free_port(), tmp_path, auth=files, tls=tls)
+
+    def tls_client(cn: str | None) -> Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}")
+        if cn is None:
+            c.tls_set(ca_certs=str(pki / "ca.pem"))
+        else:
+            c.tls_set(ca_certs=str(pki / "ca.pem"), certfile=str(pki / f"{cn}.pem"),
+                      keyfile=str(pki / f"{cn}.key"))  # fmt: skip
+        rec = Client(c)
+        c.on_connect = lambda _c, _u, _f, rc, _p: (rec.connack.append(rc), rec.connected.set())
+        c.on_subscribe = lambda _c, _u, _m, codes, _p: (rec.suback.append(codes), rec.subscribed.set())
+
+        def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+            with rec.got:
+                rec.messages.append(msg)
+                rec.got.notify_all()
+
+        def on_disconnect(*_a: object) -> None:
+            rec.disconnects += 1
+            rec.gone.set()
+            rec.connected.set()
+
+        c.on_message, c.on_disconnect = on_message, on_disconnect
+        try:
+            c.connect(broker.host, broker.port)
+        except OSError:  # the TLS handshake itself was refused
+            rec.gone.set()
+            return rec
+        c.loop_start()
+        assert rec.connected.wait(WAIT)
+        return rec
+
+    try:
+        anonymous = tls_client(None)  # TLS without a client certificate
+        assert anonymous.gone.is_set() and not anonymous.connack
+        anonymous.close()
+        bridge, x = tls_client(BRIDGE_USER), tls_client("gw-x")
+        assert not bridge.connack[0].is_failure and not x.connack[0].is_failure
+        assert not bridge.subscribe(READINGS_SUBSCRIPTION)[0].is_failure
+        assert x.subscribe("#")[0].is_failure
+        x.attempt(readings_topic(Y.supplier, Y.site, Y.gateway), b"forged")
+        x.close()
+        x = tls_client("gw-x")
+        own = readings_topic(X.supplier, X.site, X.gateway)
+        x.publish(own, b"marker")
+        bridge.wait_for(own, b"marker")
+        assert [m.payload for m in bridge.messages] == [b"marker"]
+        x.close()
+        bridge.close()
+    finally:
+        broker.stop()
