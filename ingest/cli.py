@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bridge.add_argument(
         "--client-id",
         default=None,
-        help="persistent MQTT client id, unique per bridge (default: scopemeter-bridge-HOSTNAME)",
+        help="persistent MQTT client id, unique per bridge (default: scopemeter-bridge-HOSTNAME); the"
+        " stack's closed broker uses the bridge's user name (SCOPEMETER_MQTT__USERNAME) instead",
     )
     bridge.set_defaults(handler=_bridge)
     writer = isub.add_parser("writer", help="write readings from Kafka to PostgreSQL")

@@ -82,7 +82,11 @@ class RegistryCache:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+            # Bounded waits: the bridge calls this between messages, so a DB that hangs (or a
+            # TRUNCATE holding a lock) may delay a refresh but never stall the bridge for long.
+            self._conn = psycopg.connect(
+                self._dsn, autocommit=True, connect_timeout=5, options="-c statement_timeout=5000"
+            )
         return self._conn
 
     def refresh(self, *, soon: bool = False) -> Registry:

@@ -97,34 +97,45 @@ def _implausible(readings: list[dict[str, Any]], now: datetime, limits: IngestSe
     return ""
 
 
+_METER = itemgetter("meter_id")
+_VALUE = itemgetter("value")
+_KEY = itemgetter("meter_id", "quantity", "ts")
+# Every quantity accepts [0, 1e11]: a batch whose values all lie there needs no per-reading look-up.
+_ALWAYS_PLAUSIBLE = (max(lo for lo, _ in PLAUSIBLE.values()), min(hi for _, hi in PLAUSIBLE.values()))
+
+
 def _check_readings(
     readings: list[dict[str, Any]], site: str, gateway: str, registry: Registry | None
 ) -> tuple[Reason, str] | None:
-    """The first reading that is physically impossible, not this gateway's to send, or a conflicting
-    duplicate of an earlier one in the batch; None when every reading passes."""
-    checked: set[str] = set()  # meters already found at home (a batch repeats them per timestamp)
-    seen: dict[tuple[str, str, datetime], float] = {}
-    for i, r in enumerate(readings):
-        meter, quantity, value = r["meter_id"], r["quantity"], r["value"]
-        lo, hi = PLAUSIBLE[quantity]
-        if not lo <= value <= hi:
-            return Reason.IMPLAUSIBLE_VALUE, (
-                f"readings[{i}]: {quantity} {value!r} of meter {meter} is outside [{lo:g}, {hi:g}]"
-            )
-        if registry is not None and meter not in checked:
+    """Why the batch holds a physically impossible value, a meter this gateway may not send, or a
+    conflicting duplicate; None when it holds none. Each check has a C-speed pass for the common
+    clean batch and looks reading by reading only when that pass finds something."""
+    values = list(map(_VALUE, readings))
+    if not _ALWAYS_PLAUSIBLE[0] <= min(values) <= max(values) <= _ALWAYS_PLAUSIBLE[1]:
+        for i, r in enumerate(readings):
+            lo, hi = PLAUSIBLE[r["quantity"]]
+            if not lo <= r["value"] <= hi:
+                return Reason.IMPLAUSIBLE_VALUE, (
+                    f"readings[{i}]: {r['quantity']} {r['value']!r} of meter {r['meter_id']}"
+                    f" is outside [{lo:g}, {hi:g}]"
+                )
+    if registry is not None:
+        for meter in sorted(set(map(_METER, readings))):
             home = registry.meters.get(meter)
             if home is None:
-                return Reason.UNREGISTERED_METER, f"readings[{i}]: meter {meter!r} is not registered"
+                return Reason.UNREGISTERED_METER, f"meter {meter!r} is not registered"
             if home.site != site or (home.gateway is not None and home.gateway != gateway):
                 return Reason.METER_SITE_MISMATCH, (
-                    f"readings[{i}]: meter {meter!r} is registered to site {home.site!r}"
-                    f" gateway {home.gateway!r}, not {site!r} gateway {gateway!r}"
+                    f"meter {meter!r} is registered to site {home.site!r} gateway {home.gateway!r},"
+                    f" not {site!r} gateway {gateway!r}"
                 )
-            checked.add(meter)
-        first = seen.setdefault((meter, quantity, r["ts"]), value)
-        if first != value:
-            return Reason.CONFLICTING_DUPLICATE, (
-                f"readings[{i}]: meter {meter} {quantity} at {r['ts'].isoformat()}"
-                f" is both {first!r} and {value!r}"
-            )
+    if len(set(map(_KEY, readings))) < len(readings):  # some reading repeats: same value each time?
+        seen: dict[tuple[str, str, datetime], float] = {}
+        for i, r in enumerate(readings):
+            first = seen.setdefault(_KEY(r), r["value"])
+            if first != r["value"]:
+                return Reason.CONFLICTING_DUPLICATE, (
+                    f"readings[{i}]: meter {r['meter_id']} {r['quantity']} at {r['ts'].isoformat()}"
+                    f" is both {first!r} and {r['value']!r}"
+                )
     return None
