@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.mqtt_client import new_client
@@ -191,19 +192,45 @@ async def _produce(
         metrics.BRIDGE_MESSAGES.labels(outcome="accepted").inc()
         metrics.BRIDGE_READINGS.inc(decided.readings)
         metrics.GATEWAY_LAST_SEEN.labels(site=decided.site, gateway=decided.gateway).set_to_current_time()
-        return await producer.send(  # type: ignore[no-any-return]
-            settings.kafka.readings_topic,
-            value=item.payload,  # validated; forwarded as received (a re-encode costs ~20 % CPU)
-            key=decided.site.encode(),
-            headers=[("gateway", decided.gateway.encode()), ("seq", str(decided.seq).encode())],
-        )
+        try:
+            sent = await producer.send(
+                settings.kafka.readings_topic,
+                value=item.payload,  # validated; forwarded as received (a re-encode costs ~20 % CPU)
+                key=decided.site.encode(),
+                headers=[("gateway", decided.gateway.encode()), ("seq", str(decided.seq).encode())],
+            )
+        except MessageSizeTooLargeError as exc:  # above the producer's own max_request_size
+            return await _dead_letter(producer, settings, _refused_by_kafka(item, exc))
+        return asyncio.ensure_future(_letter_if_refused_as_too_large(producer, settings, item, sent))
+    return await _dead_letter(producer, settings, decided)
+
+
+async def _dead_letter(
+    producer: AIOKafkaProducer, settings: Settings, letter: DeadLetter
+) -> asyncio.Future[object]:
     metrics.BRIDGE_MESSAGES.labels(outcome="dlq").inc()
-    metrics.BRIDGE_DLQ.labels(reason=decided.reason.value).inc()
-    dlq_log.warning(decided.reason.value, "DLQ %s: %s (%s)", decided.reason.value, decided.detail[:200],
-                    decided.topic[:200])  # fmt: skip
+    metrics.BRIDGE_DLQ.labels(reason=letter.reason.value).inc()
+    dlq_log.warning(letter.reason.value, "DLQ %s: %s (%s)", letter.reason.value, letter.detail[:200],
+                    letter.topic[:200])  # fmt: skip
     return await producer.send(  # type: ignore[no-any-return]
-        settings.kafka.dlq_topic, value=decided.encode(), key=decided.key()
+        settings.kafka.dlq_topic, value=letter.encode(), key=letter.key()
     )
+
+
+def _refused_by_kafka(item: Incoming, exc: BaseException) -> DeadLetter:
+    return DeadLetter.of(Reason.TOO_LARGE, f"Kafka refused the record: {exc!r}", item.topic, item.payload)
+
+
+async def _letter_if_refused_as_too_large(
+    producer: AIOKafkaProducer, settings: Settings, item: Incoming, sent: asyncio.Future[object]
+) -> object:
+    """The readings record's ack; when the broker refuses it as too large (an Apache Kafka topic keeps
+    the 1 MB default ``max.message.bytes``), a bounded dead letter's ack instead: such a batch would
+    otherwise fail on every redelivery and stop the bridge for good."""
+    try:
+        return await sent
+    except (RecordTooLargeError, MessageSizeTooLargeError) as exc:
+        return await (await _dead_letter(producer, settings, _refused_by_kafka(item, exc)))
 
 
 _REGISTRY_REASONS = frozenset(
