@@ -230,6 +230,13 @@ def test_client_ids_are_bound_to_users(secured: tuple[ManagedProcess, dict[str, 
         y.publish(topic, b"still here")
         bridge.wait_for(topic, b"still here")
         assert (bridge.disconnects, y.disconnects) == (0, 0)
+        # One user, one session whatever client ids it makes up: a second persistent login of gw-x
+        # under a fresh id replaces the first (200 abandoned sessions cannot pile up).
+        first = connect(broker, "gw-x", creds["gw-x"], client_id="made-up-1", clean=False)
+        second = connect(broker, "gw-x", creds["gw-x"], client_id="made-up-2", clean=False)
+        assert first.gone.wait(WAIT) and not second.gone.is_set()
+        first.close()
+        second.close()
     finally:
         bridge.close()
         y.close()
