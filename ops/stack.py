@@ -249,8 +249,9 @@ def prepare_mqtt_auth(
 
 def client_settings(settings: Settings, username: str) -> Settings:
     """``settings`` logging in to the stack's Mosquitto as ``username`` (a gateway id or
-    ``mqtt_auth.BRIDGE_USER``) with the password ``stack up`` generated; unchanged when the settings
-    already name a user or no credentials were generated (an external broker)."""
+    ``mqtt_auth.BRIDGE_USER``) with the password ``stack up`` (or ``mqtt acl``) generated in the state
+    dir; unchanged when the settings already name a user (set them for an external closed broker) or
+    there is no such user. An open broker ignores the credentials."""
     if settings.mqtt.username is not None:
         return settings
     password = auth_files(settings.stack.state_dir).credentials().get(username)
