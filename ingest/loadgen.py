@@ -110,9 +110,14 @@ class LoadGenerator:
     _encoded: int = 0  # rounds encoded and not yet published
 
     def connect(self, timeout: float = 30.0) -> None:
+        from ops.mqtt_auth import auth_files
+
         connected = [threading.Event() for _ in range(self.fleet.sites)]
+        creds = auth_files(self.settings.stack.state_dir).credentials()  # the stack's closed broker
         for s, client_id in enumerate(self.fleet.client_ids):
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+            if (gateway := self.fleet.gateway(s)) in creds:
+                client.username_pw_set(gateway, creds[gateway])
             client.max_inflight_messages_set(100)
             client.max_queued_messages_set(0)  # never drop: everything waits for its PUBACK
             client.reconnect_delay_set(min_delay=1, max_delay=2)

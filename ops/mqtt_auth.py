@@ -107,9 +107,7 @@ def _canonical(acls: Iterable[Acl]) -> list[Acl]:
                   key=lambda a: (a["acltype"], a["topic"]))  # fmt: skip
 
 
-def desired_roles(
-    grants: Iterable[GatewayGrant], bridge_users: Sequence[str], share_group: str
-) -> dict[str, list[Acl]]:
+def desired_roles(grants: Iterable[GatewayGrant], bridge_users: Sequence[str]) -> dict[str, list[Acl]]:
     """One role per user (named like it): anything not granted is denied by the plugin's defaults."""
     roles: dict[str, list[Acl]] = {
         ADMIN_USER: [_acl(t, "$CONTROL/dynamic-security/#")
@@ -118,8 +116,9 @@ def desired_roles(
     for user in bridge_users:
         roles[user] = [
             _acl("subscribePattern", READINGS_SUBSCRIPTION),
-            # Mosquitto 2.0.11 checks a shared subscription with its $share prefix.
-            _acl("subscribePattern", f"$share/{share_group}/{READINGS_SUBSCRIPTION}"),
+            # Mosquitto 2.0.11 checks a shared subscription with its $share prefix; any group name,
+            # since only bridges can subscribe at all.
+            _acl("subscribePattern", f"$share/+/{READINGS_SUBSCRIPTION}"),
             _acl("publishClientReceive", READINGS_SUBSCRIPTION),
             _acl("unsubscribe", "#"),
         ]
@@ -166,7 +165,6 @@ def write_auth(
     files: AuthFiles,
     grants: Sequence[GatewayGrant],
     bridge_users: Sequence[str] = (BRIDGE_USER,),
-    share_group: str = "ingest",
 ) -> AuthPlan:
     """Write the plugin's file and the credentials for exactly these users. Existing users keep
     their passwords; users not given are revoked."""
@@ -179,7 +177,7 @@ def write_auth(
         raise ValueError("a user is named twice (two gateways with one id?)")
     old_creds, old_roles = files.credentials(), files.roles()
     creds = {u: old_creds.get(u) or secrets.token_urlsafe(24) for u in users}
-    roles = desired_roles(grants, bridge_users, share_group)
+    roles = desired_roles(grants, bridge_users)
     commands: list[dict[str, Any]] = []
     # A user whose role changed is recreated: dropping the role first would leave it unconstrained
     # by nothing but the deny-all defaults, which is safe, and the client reconnects once.

@@ -233,7 +233,7 @@ def prepare_mqtt_auth(
     except psycopg.Error as exc:
         raise UserError(f"mqtt: cannot read the fleet registry: {str(exc).strip().splitlines()[0]}") from exc
     try:
-        plan = write_auth(files, grants, bridge_users, settings.mqtt.share_group)
+        plan = write_auth(files, grants, bridge_users)
     except ValueError as exc:
         raise UserError(f"mqtt: {exc}") from None
     broker = _brokers(settings)[0]

@@ -157,7 +157,7 @@ def test_the_production_config_closes_the_broker(tmp_path: Path) -> None:
     roles = {r["rolename"]: {(a["acltype"], a["topic"]) for a in r["acls"]} for r in config["roles"]}
     assert roles["gw-x"] == {("publishClientSend", readings_topic("supplier-x", "site-x", "gw-x")),
                              ("publishClientSend", status_topic("supplier-x", "site-x", "gw-x"))}  # fmt: skip
-    assert ("subscribePattern", f"$share/ingest/{READINGS_SUBSCRIPTION}") in roles[BRIDGE_USER]
+    assert ("subscribePattern", f"$share/+/{READINGS_SUBSCRIPTION}") in roles[BRIDGE_USER]
     assert all("#" not in topic for name, acls in roles.items() if name != "_admin" for _, topic in acls
                if _ != "unsubscribe")  # fmt: skip
     assert oct(files.credentials_file.stat().st_mode & 0o777) == "0o600"
@@ -196,6 +196,8 @@ def test_a_gateway_cannot_read_others_nor_join_the_bridges_group(
     y = connect(broker, "gw-y", creds["gw-y"])
     try:
         shared = f"$share/ingest/{READINGS_SUBSCRIPTION}"
+        assert not bridge.subscribe(f"$share/any-group/{READINGS_SUBSCRIPTION}")[0].is_failure
+        bridge.client.unsubscribe(f"$share/any-group/{READINGS_SUBSCRIPTION}")  # before anything is sent
         assert not bridge.subscribe(shared)[0].is_failure  # control: the bridge may
         y_topic = readings_topic(Y.supplier, Y.site, Y.gateway)
         for topic in ("#", shared, f"$share/other/{READINGS_SUBSCRIPTION}", READINGS_SUBSCRIPTION, y_topic,
