@@ -23,7 +23,8 @@ MAX_READINGS_PER_BATCH: Final = 10_000
 MAX_SEQ: Final = 2**63 - 1
 # ``value double precision`` holds any finite double, but sums of values near 1.8e308 overflow to
 # Infinity in compute. No meter reads more than 1e15 in any unit of ``Quantity`` (the whole world
-# uses about 3e13 kWh of electricity a year, IEA World Energy Outlook 2023), so this bound is
+# uses about 2.7e13 kWh of electricity a year: 26,991 TWh in 2022, IEA Electricity Market Report,
+# July 2023 update), so this bound is
 # physical and leaves sums of a million values finite. Per-quantity bounds are in ``PLAUSIBLE``.
 MAX_ABS_VALUE: Final = 1e15
 
@@ -66,11 +67,11 @@ COUNTER_QUANTITIES: Final = frozenset(
 
 # Physical bounds per quantity, in the quantity's unit: a value outside is no measurement (a
 # decoding error, a wrong register map, or a forged batch) and goes to the DLQ as
-# ``implausible_value``. Counters cannot be negative. 1e12 kWh (1,000 TWh) is more than any site
-# meters in a century: the largest single industrial sites use ~10 TWh a year, and the world's
-# whole electricity use is ~27,000 TWh a year (IEA, Electricity 2024). 1e11 W is four times the
-# largest power station (Three Gorges, 22.5 GW installed; China Three Gorges Corporation). The same
-# 1e12 bound is used for gas and fuel totalisers (m3, L, kg), which no site approaches either.
+# ``implausible_value``. Counters cannot be negative. 1e12 kWh (1,000 TWh) is over 3 % of the
+# world's yearly electricity use (26,991 TWh in 2022, IEA Electricity Market Report, July 2023
+# update): no single site's register reaches it. 1e11 W is four times the largest power station
+# (Three Gorges: 32 × 700 MW + 2 × 50 MW = 22,500 MW installed). The same 1e12 bound is used for
+# gas and fuel totalisers (m3, L, kg), which no site approaches either.
 PLAUSIBLE: Final[dict[str, tuple[float, float]]] = {
     "energy_import_kwh": (0.0, 1e12),
     "energy_export_kwh": (0.0, 1e12),

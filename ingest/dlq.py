@@ -17,8 +17,8 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict
 
-# Apache Kafka's broker default message.max.bytes is 1048588 (docs: Broker Configs); the letter
-# stays below it with room for the record's own framing.
+# Apache Kafka's broker default message.max.bytes is 1024 * 1024 + 12 (log overhead) = 1048588 since
+# KAFKA-4203 (apache/kafka PR #4154), 1000000 before; a letter stays within both.
 MAX_LETTER_BYTES: Final = 1_000_000
 KEEP_PAYLOAD_BYTES: Final = 512 * 1024  # base64: 4/3 of this, ~700 kB
 KEEP_TOPIC_CHARS: Final = 512  # an MQTT topic may be 65535 bytes
