@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import IntFlag, StrEnum
-from typing import Annotated, Any, Final, Literal, NotRequired
+from typing import Annotated, Any, Final, NotRequired
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
@@ -18,6 +18,15 @@ from typing_extensions import TypedDict
 WIRE_VERSION: Final = 1
 TOPIC_ROOT: Final = "scopemeter/v1"
 MAX_READINGS_PER_BATCH: Final = 10_000
+# What the DB columns hold (ingest/migrations/0002_readings.sql): ``batch_seq bigint`` and
+# ``quality integer``. A number past these would make the writer's COPY fail on every restart.
+MAX_SEQ: Final = 2**63 - 1
+# ``value double precision`` holds any finite double, but sums of values near 1.8e308 overflow to
+# Infinity in compute. No meter reads more than 1e15 in any unit of ``Quantity`` (the whole world
+# uses about 2.7e13 kWh of electricity a year: 26,991 TWh in 2022, IEA Electricity Market Report,
+# July 2023 update), so this bound is
+# physical and leaves sums of a million values finite. Per-quantity bounds are in ``PLAUSIBLE``.
+MAX_ABS_VALUE: Final = 1e15
 
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
@@ -56,6 +65,23 @@ COUNTER_QUANTITIES: Final = frozenset(
 )
 
 
+# Physical bounds per quantity, in the quantity's unit: a value outside is no measurement (a
+# decoding error, a wrong register map, or a forged batch) and goes to the DLQ as
+# ``implausible_value``. Counters cannot be negative. 1e12 kWh (1,000 TWh) is over 3 % of the
+# world's yearly electricity use (26,991 TWh in 2022, IEA Electricity Market Report, July 2023
+# update): no single site's register reaches it. 1e11 W is four times the largest power station
+# (Three Gorges: 32 × 700 MW + 2 × 50 MW = 22,500 MW installed). The same 1e12 bound is used for
+# gas and fuel totalisers (m3, L, kg), which no site approaches either.
+PLAUSIBLE: Final[dict[str, tuple[float, float]]] = {
+    "energy_import_kwh": (0.0, 1e12),
+    "energy_export_kwh": (0.0, 1e12),
+    "power_w": (-1e11, 1e11),
+    "gas_m3": (0.0, 1e12),
+    "fuel_l": (0.0, 1e12),
+    "fuel_kg": (0.0, 1e12),
+}
+
+
 class Quality(IntFlag):
     """Quality bits set at the source; 0 means a plain good measurement."""
 
@@ -76,8 +102,9 @@ class Reading(BaseModel):
     meter_id: Ident
     quantity: Quantity
     ts: Instant
-    value: Annotated[float, Field(allow_inf_nan=False)]
-    quality: Annotated[int, Field(ge=0, le=0xFFFF)] = 0
+    # Strict: JSON numbers only (``true`` and ``"12.5"`` are refused, not coerced).
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
+    quality: Annotated[int, Field(strict=True, ge=0, le=0xFFFF)] = 0
 
 
 class Batch(BaseModel):
@@ -85,11 +112,11 @@ class Batch(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = WIRE_VERSION
+    v: Annotated[int, Field(strict=True, ge=WIRE_VERSION, le=WIRE_VERSION)] = WIRE_VERSION  # not `true`
     supplier: Ident
     site: Ident
     gateway: Ident
-    seq: Annotated[int, Field(ge=0)]
+    seq: Annotated[int, Field(strict=True, ge=0, le=MAX_SEQ)]
     sent_at: Instant
     readings: Annotated[list[Reading], Field(min_length=1, max_length=MAX_READINGS_PER_BATCH)]
 

@@ -5,6 +5,11 @@ Each MQTT message (QoS 1, shared subscription, persistent session) is validated,
 the record (paho manual ack), so a crash at any point leaves the message with Mosquitto, which
 redelivers it: nothing accepted is ever lost, and a redelivered duplicate is dropped by the DB key.
 
+Every batch is checked against the fleet registry (``ingest.registry``): its topic's supplier, site
+and gateway and each reading's meter must be registered together, else the batch goes to the DLQ.
+The bridge becomes ready only once it holds the registry; a DB outage later keeps the last one.
+Nothing a client sends can stop it: ``classify`` is total, and a dead letter is bounded in size.
+
 Two loss holes are closed on purpose:
 - A Kafka send that fails ends the process with an error (exit code 1): the supervisor restarts it
   and Mosquitto redelivers every message the dead process had not acked. Retrying in-process
@@ -27,15 +32,20 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.mqtt_client import new_client
 from edge.wire import READINGS_SUBSCRIPTION
+from ingest.dlq import DeadLetter, Reason
+from ingest.registry import RegistryCache
 from ingest.validate import Accepted, classify
 from ops import metrics
+from ops.ratelog import RateLimitedLog
 from ops.settings import Settings
 
 log = logging.getLogger("scopemeter.bridge")
+dlq_log = RateLimitedLog(log)
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,15 @@ async def run_bridge(
         max_request_size=settings.kafka.max_message_bytes,
     )
     await producer.start()
+    registry = RegistryCache(settings.db.dsn, settings.ingest.registry_refresh_s)
+    registry.refresh(soon=True)
+    while not registry.loaded():  # no batch is checked without it; the DB may be starting
+        await asyncio.sleep(1.0)
+        registry.refresh(soon=True)
+        if stop.is_set():
+            await producer.stop()
+            return
+        await asyncio.sleep(1.0)
     subscribed = asyncio.Event()
     connection = [0]  # bumped by every CONNACK; read by both threads (an int swap is atomic)
     in_flight: set[tuple[int, int]] = set()  # (connection, mid) received and not yet acked
@@ -141,13 +160,15 @@ async def run_bridge(
         while not stop.is_set():
             if failure:
                 raise RuntimeError(f"Kafka refused a record: {failure[0]!r}")
+            registry.refresh()
             try:
                 item = await asyncio.wait_for(inbox.get(), timeout=0.2)
             except TimeoutError:
+                dlq_log.flush()
                 continue
             in_flight.add((item.connection, item.mid))
             metrics.BRIDGE_IN_FLIGHT.set(len(in_flight))
-            fut = await _produce(producer, settings, item)
+            fut = await _produce(producer, settings, item, registry)
             fut.add_done_callback(functools.partial(acked, item))
         await producer.flush()
         await asyncio.sleep(0)  # let the done callbacks queue their PUBACKs before DISCONNECT
@@ -155,23 +176,65 @@ async def run_bridge(
         client.disconnect()
         client.loop_stop()
         await producer.stop()
+        registry.close()
 
 
-async def _produce(producer: AIOKafkaProducer, settings: Settings, item: Incoming) -> asyncio.Future[object]:
-    decided = classify(item.topic, item.payload, now=settings.clock.now(), limits=settings.ingest)
+async def _produce(
+    producer: AIOKafkaProducer, settings: Settings, item: Incoming, registry: RegistryCache
+) -> asyncio.Future[object]:
+    now = settings.clock.now()
+    check = functools.partial(classify, item.topic, item.payload, now=now, limits=settings.ingest)
+    decided = check(registry=registry.registry)
+    if isinstance(decided, DeadLetter) and decided.reason in _REGISTRY_REASONS:
+        # Perhaps the fleet changed a moment ago: look once more (at most once a second) first.
+        held = registry.registry
+        if registry.refresh(soon=True) is not held:
+            decided = check(registry=registry.registry)
     if isinstance(decided, Accepted):
         metrics.BRIDGE_MESSAGES.labels(outcome="accepted").inc()
         metrics.BRIDGE_READINGS.inc(decided.readings)
         metrics.GATEWAY_LAST_SEEN.labels(site=decided.site, gateway=decided.gateway).set_to_current_time()
-        return await producer.send(  # type: ignore[no-any-return]
-            settings.kafka.readings_topic,
-            value=item.payload,  # validated; forwarded as received (a re-encode costs ~20 % CPU)
-            key=decided.site.encode(),
-            headers=[("gateway", decided.gateway.encode()), ("seq", str(decided.seq).encode())],
-        )
+        try:
+            sent = await producer.send(
+                settings.kafka.readings_topic,
+                value=item.payload,  # validated; forwarded as received (a re-encode costs ~20 % CPU)
+                key=decided.site.encode(),
+                headers=[("gateway", decided.gateway.encode()), ("seq", str(decided.seq).encode())],
+            )
+        except MessageSizeTooLargeError as exc:  # above the producer's own max_request_size
+            return await _dead_letter(producer, settings, _refused_by_kafka(item, exc))
+        return asyncio.ensure_future(_letter_if_refused_as_too_large(producer, settings, item, sent))
+    return await _dead_letter(producer, settings, decided)
+
+
+async def _dead_letter(
+    producer: AIOKafkaProducer, settings: Settings, letter: DeadLetter
+) -> asyncio.Future[object]:
     metrics.BRIDGE_MESSAGES.labels(outcome="dlq").inc()
-    metrics.BRIDGE_DLQ.labels(reason=decided.reason.value).inc()
-    log.warning("DLQ %s: %s (%s)", decided.reason.value, decided.detail[:200], item.topic)
+    metrics.BRIDGE_DLQ.labels(reason=letter.reason.value).inc()
+    dlq_log.warning(letter.reason.value, "DLQ %s: %s (%s)", letter.reason.value, letter.detail[:200],
+                    letter.topic[:200])  # fmt: skip
     return await producer.send(  # type: ignore[no-any-return]
-        settings.kafka.dlq_topic, value=decided.encode(), key=item.topic.encode()
+        settings.kafka.dlq_topic, value=letter.encode(), key=letter.key()
     )
+
+
+def _refused_by_kafka(item: Incoming, exc: BaseException) -> DeadLetter:
+    return DeadLetter.of(Reason.TOO_LARGE, f"Kafka refused the record: {exc!r}", item.topic, item.payload)
+
+
+async def _letter_if_refused_as_too_large(
+    producer: AIOKafkaProducer, settings: Settings, item: Incoming, sent: asyncio.Future[object]
+) -> object:
+    """The readings record's ack; when the broker refuses it as too large (an Apache Kafka topic keeps
+    the 1 MB default ``max.message.bytes``), a bounded dead letter's ack instead: such a batch would
+    otherwise fail on every redelivery and stop the bridge for good."""
+    try:
+        return await sent
+    except (RecordTooLargeError, MessageSizeTooLargeError) as exc:
+        return await (await _dead_letter(producer, settings, _refused_by_kafka(item, exc)))
+
+
+_REGISTRY_REASONS = frozenset(
+    {Reason.UNREGISTERED_GATEWAY, Reason.UNREGISTERED_METER, Reason.METER_SITE_MISMATCH}
+)

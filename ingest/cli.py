@@ -1,4 +1,4 @@
-"""``scopemeter ingest bridge|writer``, ``bench ingest`` and ``db migrate|info|retention``."""
+"""``scopemeter ingest bridge|writer``, ``bench ingest``, ``db migrate|info|retention`` and ``mqtt acl``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bridge.add_argument(
         "--client-id",
         default=None,
-        help="persistent MQTT client id, unique per bridge (default: scopemeter-bridge-HOSTNAME)",
+        help="persistent MQTT client id, unique per bridge (default: scopemeter-bridge-HOSTNAME); the"
+        " stack's closed broker uses the bridge's user name (SCOPEMETER_MQTT__USERNAME) instead",
     )
     bridge.set_defaults(handler=_bridge)
     writer = isub.add_parser("writer", help="write readings from Kafka to PostgreSQL")
@@ -58,6 +59,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     info.set_defaults(handler=_info)
     ret = dsub.add_parser("retention", help="drop readings past the retention horizon (cron it)")
     ret.set_defaults(handler=_retention)
+
+    mqtt = sub.add_parser("mqtt", help="the broker's users and access control")
+    msub = mqtt.add_subparsers(dest="mqtt_command", required=True, metavar="ACTION")
+    acl = msub.add_parser(
+        "acl",
+        help="generate Mosquitto's password and ACL files from the fleet registry (run after `fleet"
+        " apply`); the stack's own Mosquitto re-reads them",
+    )
+    acl.add_argument(
+        "--bridge-user",
+        action="append",
+        default=None,
+        help="an ingest bridge's user (repeat for several bridges; each must start with '_';"
+        " default: _bridge)",
+    )
+    acl.set_defaults(handler=_mqtt_acl)
 
 
 def _bridge(args: Any) -> int:
@@ -186,4 +203,15 @@ def _retention(_args: Any) -> int:
     with psycopg.connect(Settings().db.dsn) as conn:
         dropped = apply_retention(conn)
     print(f"dropped {dropped} partitions or chunks past the retention horizon")
+    return 0
+
+
+def _mqtt_acl(args: Any) -> int:
+    from ops import stack
+    from ops.mqtt_auth import BRIDGE_USER
+
+    settings = Settings()
+    files = stack.prepare_mqtt_auth(settings, args.bridge_user or [BRIDGE_USER])
+    print(f"{len(files.credentials())} users; Mosquitto dynamic-security config {files.dynsec_file};"
+          f" passwords (mode 0600) {files.credentials_file}")  # fmt: skip
     return 0

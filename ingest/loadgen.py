@@ -60,6 +60,17 @@ class Fleet:
     def client_ids(self) -> list[str]:
         return [f"{self.prefix}-edge{s}" for s in range(self.sites)]
 
+    def register(self, dsn: str) -> None:
+        """Put the fleet in the registry: the bridge refuses readings of unregistered meters."""
+        import psycopg
+
+        from ingest.registry import register_gateway
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for s in range(self.sites):
+                meters = [self.meter(s, m) for m in range(self.meters)]
+                register_gateway(conn, self.supplier, self.site(s), self.gateway(s), meters)
+
 
 def forget_session(settings: Settings, client_id: str) -> None:
     """A clean-session connect drops a persistent session, so no broker queue is left growing."""
@@ -99,9 +110,14 @@ class LoadGenerator:
     _encoded: int = 0  # rounds encoded and not yet published
 
     def connect(self, timeout: float = 30.0) -> None:
+        from ops.mqtt_auth import auth_files
+
         connected = [threading.Event() for _ in range(self.fleet.sites)]
+        creds = auth_files(self.settings.stack.state_dir).credentials()  # the stack's closed broker
         for s, client_id in enumerate(self.fleet.client_ids):
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+            if (gateway := self.fleet.gateway(s)) in creds:
+                client.username_pw_set(gateway, creds[gateway])
             client.max_inflight_messages_set(100)
             client.max_queued_messages_set(0)  # never drop: everything waits for its PUBACK
             client.reconnect_delay_set(min_delay=1, max_delay=2)

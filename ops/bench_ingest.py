@@ -32,10 +32,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from ingest.loadgen import Fleet, LoadGenerator, forget_session
 from ingest.writer import _COLS, _TYPES, Row
 from ops.errors import UserError
+from ops.mqtt_auth import BRIDGE_USER
 from ops.pipeline import _Proc, settings_env
 from ops.procs import cpu_seconds, free_port, listener_pid, machine_cpu_seconds, pids_named
 from ops.settings import Settings
-from ops.stack import ensure_topics_async, kafka_address
+from ops.stack import client_settings, ensure_topics_async, kafka_address, prepare_mqtt_auth
 
 Progress = Callable[[str, float], None]  # (phase, fraction done)
 
@@ -302,8 +303,11 @@ def run(
     s = lane_settings(settings, tag)
     asyncio.run(ensure_topics_async(s.kafka))
     fleet = Fleet(tag.replace("-", ""), sites, meters)
+    fleet.register(s.db.dsn)
+    prepare_mqtt_auth(s)  # the stack's closed broker admits the fleet's gateways from now on
     gen = LoadGenerator(s, fleet, steps=steps, spacing=timedelta(milliseconds=1))
     env = settings_env(s)
+    bridge_env = settings_env(client_settings(s, BRIDGE_USER))
     log_dir = log_dir / tag  # each run keeps its own logs
     log_dir.mkdir(parents=True, exist_ok=True)
     bridge_port = free_port()
@@ -319,7 +323,7 @@ def run(
         bridge = _Proc(
             "bench-bridge",
             ["ingest", "bridge", "--metrics-port", str(bridge_port), "--client-id", bridge_id],
-            env, log_dir,
+            bridge_env, log_dir,
         )  # fmt: skip
         procs.append(bridge)
         bridge.wait_event("bridge.ready", 60)

@@ -30,7 +30,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from edge.config import load_edge_config
 from ops.errors import UserError
+from ops.mqtt_auth import BRIDGE_USER
 from ops.settings import Settings
+from ops.stack import client_settings
 from simulators.config import load_simulation
 from simulators.loadprofile import energy_kwh
 
@@ -229,9 +231,15 @@ def run_pipeline(
     run_settings = settings.model_copy(update={"clock": clock})
     env = settings_env(run_settings)
 
+    # The stack's Mosquitto admits only its users: the bridge and the gateway log in as themselves.
+    as_user = {
+        "bridge": settings_env(client_settings(run_settings, BRIDGE_USER)),
+        "edge": settings_env(client_settings(run_settings, gateway.gateway)),
+    }
+
     with _processes() as procs:
         def start(name: str, *args: str) -> _Proc:
-            p = _Proc(name, list(args), env, log_dir)
+            p = _Proc(name, list(args), as_user.get(name, env), log_dir)
             procs.append(p)
             return p
 

@@ -109,6 +109,9 @@ class IngestSettings(BaseModel):
     # shared subscriptions from its persistence file: after a broker restart, batches published
     # before the bridge re-subscribes are PUBACKed and dropped. A single bridge should say False.
     shared_subscription: bool = True
+    # How often the bridge asks the DB whether the fleet registry changed (a one-row read); a batch
+    # naming an unknown meter or gateway makes it ask at once (at most once a second).
+    registry_refresh_s: float = Field(default=5.0, gt=0)
 
 
 class StackSettings(BaseModel):

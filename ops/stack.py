@@ -20,11 +20,20 @@ import shutil
 import string
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ops.errors import UserError
+from ops.mqtt_auth import (
+    ADMIN_USER,
+    BRIDGE_USER,
+    AuthFiles,
+    apply_live,
+    auth_files,
+    gateway_grants,
+    write_auth,
+)
 from ops.procs import (
     ManagedProcess,
     PortState,
@@ -38,13 +47,16 @@ from ops.settings import KafkaSettings, Settings
 
 __all__ = [
     "ManagedProcess",
+    "MqttTls",
     "PieceStatus",
     "StackStatus",
+    "client_settings",
     "down",
     "ensure_postgres",
     "ensure_topics",
     "ensure_topics_async",
     "free_port",
+    "prepare_mqtt_auth",
     "render_mosquitto_conf",
     "start_mosquitto",
     "status",
@@ -80,15 +92,74 @@ def mosquitto_binary(configured: Path | None = None) -> str:
 # --- brokers -------------------------------------------------------------------------------------
 
 
-def render_mosquitto_conf(host: str, port: int, state_dir: Path, extra_conf: str = "") -> str:
-    """The project's Mosquitto config (ops/mosquitto/mosquitto.conf.template) for this listener."""
+# Bounds rendered into every config (see the template for why).
+MQTT_MESSAGE_SIZE_LIMIT = 8 * 1024 * 1024  # twice the bridge's own limit (ingest.validate.MAX_PAYLOAD_BYTES)
+MQTT_MAX_PACKET_SIZE = MQTT_MESSAGE_SIZE_LIMIT + 70_000  # + the largest topic and headers
+MQTT_SESSION_EXPIRATION = "30d"  # a bridge down over a long holiday still gets its backlog
+MQTT_MIN_CONNECTIONS = 1024
+
+
+def mosquitto_dynsec_plugin() -> Path:
+    """Mosquitto's dynamic-security plugin (Debian: in the mosquitto package, in the multiarch lib dir)."""
+    for pattern in ("usr/lib/*/mosquitto_dynamic_security.so", "usr/lib/mosquitto_dynamic_security.so",
+                    "usr/local/lib/mosquitto_dynamic_security.so"):
+        for found in sorted(Path("/").glob(pattern)):
+            return found
+    raise UserError("mosquitto: the dynamic-security plugin (mosquitto_dynamic_security.so, Mosquitto >= 2.0)"
+                    " is not installed; `apt-get install mosquitto` ships it")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MqttTls:
+    """A TLS listener that requires client certificates (mTLS): the certificate's CN is the user."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def render(self) -> str:
+        return "\n".join([
+            f"cafile {self.ca_file.resolve()}",
+            f"certfile {self.cert_file.resolve()}",
+            f"keyfile {self.key_file.resolve()}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ])
+
+
+def _mosquitto_access(auth: AuthFiles | None) -> str:
+    if auth is None:
+        # Tests' open listener only: no credentials, any client id.
+        return "allow_anonymous true"
+    return "\n".join([
+        "allow_anonymous false",
+        f"plugin {mosquitto_dynsec_plugin()}",
+        f"plugin_opt_config_file {auth.dynsec_file}",
+        "use_username_as_clientid true",
+    ])
+
+
+def render_mosquitto_conf(
+    host: str, port: int, state_dir: Path, extra_conf: str = "", auth: AuthFiles | None = None,
+    tls: MqttTls | None = None,
+) -> str:  # fmt: skip
+    """The project's Mosquitto config (ops/mosquitto/mosquitto.conf.template) for this listener;
+    with ``auth`` the production access control (users and ACLs, client id = user), else an open
+    development listener; with ``tls`` the listener requires client certificates."""
     state_dir = state_dir.resolve()
+    users = len(auth.credentials()) if auth is not None else 0
     return string.Template(MOSQUITTO_TEMPLATE.read_text()).substitute(
         host=host,
         port=port,
         state_dir=state_dir / "mosquitto",
         log_file=state_dir / "mosquitto.log",
         user=pwd.getpwuid(os.geteuid()).pw_name,
+        access=_mosquitto_access(auth),
+        tls=tls.render() if tls is not None else "",
+        max_connections=max(MQTT_MIN_CONNECTIONS, 2 * users),
+        message_size_limit=MQTT_MESSAGE_SIZE_LIMIT,
+        max_packet_size=MQTT_MAX_PACKET_SIZE,
+        persistent_client_expiration=MQTT_SESSION_EXPIRATION,
         extra=extra_conf,
     )
 
@@ -101,16 +172,20 @@ def start_mosquitto(
     host: str = "127.0.0.1",
     binary: Path | None = None,
     timeout: float = 30.0,
+    auth: AuthFiles | None = None,
+    tls: MqttTls | None = None,
 ) -> ManagedProcess:
     """Start Mosquitto with the project's config; config, pid file, log and data in ``state_dir``.
 
-    Starting again on the same ``state_dir`` resumes the persisted sessions and queues.
+    ``auth`` (see :func:`prepare_mqtt_auth`) closes the broker to all but its users; without it the
+    listener is open (tests). Starting again on the same ``state_dir`` resumes the persisted
+    sessions and queues.
     """
     exe = mosquitto_binary(binary)
     state_dir = state_dir.resolve()
     (state_dir / "mosquitto").mkdir(parents=True, exist_ok=True)
     conf = state_dir / "mosquitto.conf"
-    conf.write_text(render_mosquitto_conf(host, port, state_dir, extra_conf))
+    conf.write_text(render_mosquitto_conf(host, port, state_dir, extra_conf, auth, tls))
     return spawn(
         "mosquitto",
         [exe, "-c", str(conf)],
@@ -121,6 +196,48 @@ def start_mosquitto(
         cwd=state_dir,
         timeout=timeout,
     )
+
+
+def prepare_mqtt_auth(
+    settings: Settings, bridge_users: Sequence[str] = (BRIDGE_USER,)
+) -> AuthFiles:
+    """(Re)generate the broker's users and ACLs from the fleet registry in the DB, in the state dir;
+    the stack's own running Mosquitto gets the changes at once (new users, revoked ones)."""
+    import psycopg
+
+    files = auth_files(settings.stack.state_dir)
+    try:
+        with psycopg.connect(settings.db.dsn) as conn:
+            grants = gateway_grants(conn)
+    except psycopg.Error as exc:
+        raise UserError(f"mqtt: cannot read the fleet registry: {str(exc).strip().splitlines()[0]}") from exc
+    try:
+        plan = write_auth(files, grants, bridge_users)
+    except ValueError as exc:
+        raise UserError(f"mqtt: {exc}") from None
+    broker = _brokers(settings)[0]
+    if plan.commands and broker.running() is not None:
+        try:
+            apply_live(broker.host, broker.port, plan.credentials[ADMIN_USER], plan.commands)
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"mqtt: the running Mosquitto did not take the new users ({exc}); restart it"
+                            " (`scopemeter stack down && scopemeter stack up`) to load them from "
+                            f"{files.dynsec_file}") from exc  # fmt: skip
+    return files
+
+
+def client_settings(settings: Settings, username: str) -> Settings:
+    """``settings`` logging in to the stack's Mosquitto as ``username`` (a gateway id or
+    ``mqtt_auth.BRIDGE_USER``) with the password ``stack up`` (or ``mqtt acl``) generated in the state
+    dir; unchanged when the settings already name a user (set them for an external closed broker) or
+    there is no such user. An open broker ignores the credentials."""
+    if settings.mqtt.username is not None:
+        return settings
+    password = auth_files(settings.stack.state_dir).credentials().get(username)
+    if password is None:
+        return settings
+    mqtt = settings.mqtt.model_copy(update={"username": username, "password": password})
+    return settings.model_copy(update={"mqtt": mqtt})
 
 
 def start_embedded_kafka(settings: Settings, host: str, port: int, timeout: float) -> ManagedProcess:
@@ -388,7 +505,8 @@ def _ensure_broker(b: _Broker, start: Callable[[], ManagedProcess], timeout: flo
 
 
 def up(settings: Settings | None = None, timeout: float | None = None) -> StackStatus:
-    """Start whatever is not reachable yet, then create the database, migrate, create topics."""
+    """Create the database and migrate, generate the broker's users and ACL from the fleet registry,
+    start whatever is not reachable yet (our running Mosquitto re-reads its users), create topics."""
     settings = settings or Settings()
     timeout = settings.stack.start_timeout if timeout is None else timeout
     state = settings.stack.state_dir.resolve()
@@ -396,11 +514,13 @@ def up(settings: Settings | None = None, timeout: float | None = None) -> StackS
     with _locked(state):
         if ensure_postgres(settings, timeout):
             started.append("postgresql")
+        applied = prepare_database(settings)  # first: the broker's ACL comes from the registry
+        auth = prepare_mqtt_auth(settings)
         mqtt, kafka = _brokers(settings)
         if _ensure_broker(
             mqtt,
             lambda: start_mosquitto(mqtt.port, state, host=mqtt.host, binary=settings.stack.mosquitto_bin,
-                                    timeout=timeout),
+                                    timeout=timeout, auth=auth),
             timeout,
         ):
             started.append("mosquitto")
@@ -410,7 +530,6 @@ def up(settings: Settings | None = None, timeout: float | None = None) -> StackS
             timeout,
         ):
             started.append("kafka")
-        applied = prepare_database(settings)
         created = ensure_topics(settings.kafka, timeout)
     current = status(settings)
     return StackStatus(current.pieces, state, started, created, applied)

@@ -36,7 +36,7 @@ def make_batch(
                     meter_id=f"{meter_prefix}{m}",
                     quantity=Quantity.ENERGY_IMPORT_KWH,
                     ts=ts,
-                    value=1000 + kw * hours,
+                    value=1_000_000 + kw * hours,  # a counter: positive a year either side of T0
                 )
             )
     return Batch(

@@ -76,6 +76,7 @@ def test_kill_9_of_every_ingest_piece_loses_and_duplicates_nothing(
     bridge_id = f"{tag}-bridge"
     writer_port = free_port()
     fleet = Fleet(tag.replace("-", ""), sites=4, meters=25)
+    fleet.register(s.db.dsn)
     gen = LoadGenerator(s, fleet, steps=4, spacing=timedelta(seconds=1))
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
     bridge = Supervised("bridge", ["ingest", "bridge", "--metrics-port", "0", "--client-id", bridge_id],

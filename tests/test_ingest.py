@@ -31,6 +31,7 @@ from edge.wire import READINGS_SUBSCRIPTION, Batch, Quantity, Reading, readings_
 from ingest.bridge import run_bridge
 from ingest.dlq import DeadLetter, Reason
 from ingest.events import DirtyRange, decode_dirty
+from ingest.registry import register_gateway
 from ingest.writer import run_writer
 from ops.bench_ingest import lane_settings
 from ops.settings import Settings
@@ -124,6 +125,9 @@ def lane(settings: Settings) -> Iterator[Lane]:
     s = private.model_copy(update={"kafka": kafka})
     asyncio.run(ensure_topics_async(kafka))
     lane = Lane(s, f"sup-{u}", f"site-{u}", f"gw-{u}", f"t{u}-m", f"bridge-{u}")
+    with psycopg.connect(s.db.dsn, autocommit=True) as conn:  # the bridge checks the fleet registry
+        meters = [f"{lane.meters}{i}" for i in range(10)]
+        register_gateway(conn, lane.supplier, lane.site, lane.gateway, meters)
     _open_session(lane)
     yield lane
     _drop_session(lane)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -10,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edge.wire import Batch, check_batch, readings_topic
-from ingest.dlq import DeadLetter, Reason
+from edge.wire import PLAUSIBLE, Batch, Quantity, check_batch, readings_topic
+from ingest.dlq import KEEP_PAYLOAD_BYTES, MAX_LETTER_BYTES, DeadLetter, Reason
+from ingest.registry import MeterHome, Registry
 from ingest.validate import MAX_PAYLOAD_BYTES, Accepted, classify
 from ops.settings import IngestSettings
 from tests.helpers import make_batch
@@ -167,8 +169,14 @@ def hostile_payloads(draw: st.DrawFn) -> bytes:
 def test_fuzz_hostile_payloads_all_land_in_the_dlq(payload: bytes) -> None:
     decided = classify(TOPIC, payload, now=NOW)
     assert isinstance(decided, DeadLetter)
-    assert decided.payload() == payload  # kept byte for byte
-    DeadLetter.model_validate_json(decided.encode())  # and the letter itself always encodes
+    assert decided.payload_sha256 == hashlib.sha256(payload).hexdigest()
+    if len(payload) <= KEEP_PAYLOAD_BYTES:
+        assert decided.payload() == payload and not decided.truncated  # kept byte for byte
+    else:
+        assert payload.startswith(decided.payload()) and decided.truncated
+    encoded = decided.encode()
+    assert len(encoded) <= MAX_LETTER_BYTES
+    DeadLetter.model_validate_json(encoded)  # and the letter itself always encodes
 
 
 def test_the_valid_template_is_accepted() -> None:
@@ -206,3 +214,123 @@ def test_plain_data_check_is_exactly_batch_decode(payload: bytes) -> None:
     """The bridge validates with check_batch (dicts, no models); it must accept and refuse exactly
     what Batch.decode does, for the same reasons at the same places."""
     assert _verdict(check_batch, payload) == _verdict(Batch.decode, payload)
+
+
+# --- strict types, DB-sized numbers, duplicates (issue 11) -----------------------------------------
+
+
+def _with(path: tuple[object, ...], value: object) -> bytes:
+    raw = json.loads(make_batch(0, start=NOW - timedelta(hours=1)).encode())
+    target = raw
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return json.dumps(raw).encode()
+
+
+def test_booleans_numeric_strings_and_numbers_past_the_db_columns_are_refused() -> None:
+    value = ("readings", 0, "value")
+    refused = {
+        "value true": _with(value, True),
+        'value "12.5"': _with(value, "12.5"),
+        "value 1.7e308": _with(value, 1.7e308),
+        "seq 2**63": _with(("seq",), 2**63),
+        'seq "7"': _with(("seq",), "7"),
+        "seq 7.0": _with(("seq",), 7.0),
+        "quality true": _with(("readings", 0, "quality"), True),
+        "quality 2**31": _with(("readings", 0, "quality"), 2**31),
+        "v true": _with(("v",), True),
+    }
+    for name, payload in refused.items():
+        decided = classify(TOPIC, payload, now=NOW)
+        assert isinstance(decided, DeadLetter) and decided.reason is Reason.SCHEMA, name
+    assert isinstance(classify(TOPIC, _with(("seq",), 2**63 - 1), now=NOW), Accepted)  # bigint's max
+    assert isinstance(classify(TOPIC, _with(value, 1_000_000), now=NOW), Accepted)  # an integer is a number
+
+
+def test_physically_impossible_values_are_implausible() -> None:
+    assert set(PLAUSIBLE) == {q.value for q in Quantity}
+    for payload in (_with(("readings", 0, "value"), -1.0), _with(("readings", 0, "value"), 2e12)):
+        decided = classify(TOPIC, payload, now=NOW)
+        assert isinstance(decided, DeadLetter) and decided.reason is Reason.IMPLAUSIBLE_VALUE
+        assert "m0" in decided.detail
+
+
+def test_conflicting_duplicates_in_a_batch_are_refused_identical_ones_are_not() -> None:
+    raw = json.loads(make_batch(0, start=NOW - timedelta(hours=1)).encode())
+    raw["readings"].append(dict(raw["readings"][0]))
+    assert isinstance(classify(TOPIC, json.dumps(raw).encode(), now=NOW), Accepted)
+    raw["readings"][-1]["value"] += 0.5
+    raw["readings"][-1]["ts"] = raw["readings"][-1]["ts"].replace("Z", "+00:00")  # the same instant
+    decided = classify(TOPIC, json.dumps(raw).encode(), now=NOW)
+    assert isinstance(decided, DeadLetter) and decided.reason is Reason.CONFLICTING_DUPLICATE
+
+
+# --- the fleet registry -----------------------------------------------------------------------------
+
+REGISTRY = Registry(
+    version=1,
+    sites={"sz-plant-1": "acme-electronics", "other-site": "globex"},
+    gateways={"gw-sz1-01": "sz-plant-1", "gw-other": "other-site"},
+    meters={
+        "m0": MeterHome("sz-plant-1", "gw-sz1-01"),
+        "m1": MeterHome("sz-plant-1", None),  # any gateway of the site
+        "y-meter": MeterHome("other-site", "gw-other"),
+    },
+)
+
+
+def test_registered_meters_of_the_topics_site_and_gateway_are_accepted() -> None:
+    batch = make_batch(0, start=NOW - timedelta(hours=1))
+    assert isinstance(classify(TOPIC, batch.encode(), now=NOW, registry=REGISTRY), Accepted)
+
+
+def test_readings_not_bound_to_the_topic_in_the_registry_are_refused() -> None:
+    start = NOW - timedelta(hours=1)
+    cases = {
+        # Supplier X's gateway publishing supplier Y's meter on its own topic.
+        Reason.METER_SITE_MISMATCH: (TOPIC, make_batch(0, start=start, meters=1, meter_prefix="y-meter")),
+        Reason.UNREGISTERED_METER: (TOPIC, make_batch(0, start=start, meter_prefix="ghost")),
+    }
+    for reason, (topic, batch) in cases.items():
+        payload = batch.encode()
+        if reason is Reason.METER_SITE_MISMATCH:
+            payload = payload.replace(b'"y-meter0"', b'"y-meter"')
+        decided = classify(topic, payload, now=NOW, registry=REGISTRY)
+        assert isinstance(decided, DeadLetter) and decided.reason is reason, reason
+    sources = [
+        ("unknown-supplier", "sz-plant-1", "gw-sz1-01"),
+        ("acme-electronics", "unknown-site", "gw-sz1-01"),
+        ("acme-electronics", "sz-plant-1", "unknown-gw"),
+        ("acme-electronics", "other-site", "gw-other"),  # another supplier's site
+        ("acme-electronics", "sz-plant-1", "gw-other"),  # another site's gateway
+    ]
+    for supplier, site, gateway in sources:
+        batch = make_batch(0, start=start, supplier=supplier, site=site, gateway=gateway)
+        topic = readings_topic(supplier, site, gateway)
+        decided = classify(topic, batch.encode(), now=NOW, registry=REGISTRY)
+        assert isinstance(decided, DeadLetter) and decided.reason is Reason.UNREGISTERED_GATEWAY, topic
+
+
+def test_a_meter_registered_to_another_gateway_of_the_same_site_is_a_mismatch() -> None:
+    registry = Registry(2, REGISTRY.sites, {**REGISTRY.gateways, "gw-sz1-02": "sz-plant-1"}, REGISTRY.meters)
+    topic = readings_topic("acme-electronics", "sz-plant-1", "gw-sz1-02")
+    batch = make_batch(0, start=NOW - timedelta(hours=1), gateway="gw-sz1-02")  # m0 is gw-sz1-01's
+    decided = classify(topic, batch.encode(), now=NOW, registry=registry)
+    assert isinstance(decided, DeadLetter) and decided.reason is Reason.METER_SITE_MISMATCH
+
+
+# --- oversize: a bounded letter ---------------------------------------------------------------------
+
+
+def test_an_oversized_message_becomes_a_bounded_letter_with_digest_and_prefix() -> None:
+    payload = b'{"v": 1, "pad": "' + b"x" * 6_300_000 + b'"}'
+    topic = "scopemeter/v1/" + "t" * 65_000
+    decided = classify(topic, payload)
+    assert isinstance(decided, DeadLetter) and decided.reason is Reason.TOO_LARGE
+    encoded = decided.encode()
+    assert len(encoded) <= MAX_LETTER_BYTES  # always one Kafka record, whatever the client sent
+    assert decided.truncated and decided.payload_bytes == len(payload)
+    assert decided.payload_sha256 == hashlib.sha256(payload).hexdigest()
+    assert payload.startswith(decided.payload()) and len(decided.payload()) == KEEP_PAYLOAD_BYTES
+    assert len(decided.key()) <= 4 * 512

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edge.wire import COUNTER_QUANTITIES, Batch, Quantity, Reading, readings_topic
+from edge.wire import COUNTER_QUANTITIES, PLAUSIBLE, Batch, Quantity, Reading, readings_topic
+from ingest.dlq import DeadLetter, Reason
 from ingest.events import DirtyBatch, DirtyRange, decode_dirty
 from ingest.validate import Accepted, classify
 from ingest.writer import (
@@ -65,16 +66,19 @@ def gateway_payloads(draw: st.DrawFn) -> bytes:
     quantities = [q.value for q in Quantity]
     base = NOW - timedelta(hours=draw(st.integers(1, 48)))
     readings: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str, datetime], float | int] = {}  # a repeated reading repeats its value
     for _ in range(n):
         ts = base + timedelta(seconds=draw(st.integers(0, 3600)), microseconds=draw(st.integers(0, 999_999)))
+        meter, quantity = f"m{draw(st.integers(0, 5))}", draw(st.sampled_from(quantities))
+        lo, hi = PLAUSIBLE[quantity]  # the bridge refuses values outside the quantity's bounds
         value: float | int = draw(
-            st.floats(-1e15, 1e15, allow_nan=False, allow_infinity=False) | st.integers(-(10**12), 10**12)
+            st.floats(lo, hi, allow_nan=False, allow_infinity=False) | st.integers(int(lo), int(hi))
         )
         reading: dict[str, Any] = {
-            "meter_id": f"m{draw(st.integers(0, 5))}",
-            "quantity": draw(st.sampled_from(quantities)),
+            "meter_id": meter,
+            "quantity": quantity,
             "ts": _spell_ts(ts, draw),
-            "value": value,
+            "value": seen.setdefault((meter, quantity, ts), value),
         }
         if draw(st.booleans()):
             reading["quality"] = draw(st.integers(0, 0xFFFF))
@@ -104,14 +108,29 @@ def test_fast_rows_equal_the_contracts_rows(payload: bytes) -> None:
     assert rows == want and letters == []
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"value": "12.5"},  # a numeric string: pydantic (lax) takes it, the fast path leaves it
-        {"quality": 3.0},
-        {"ts": 1_763_640_000},  # epoch seconds
-    ],
-)
+def _one_reading_with(change: dict[str, Any]) -> bytes:
+    raw = json.loads(Batch(
+        supplier="acme", site="site-1", gateway="gw-1", seq=1, sent_at=NOW,
+        readings=[Reading(meter_id="m1", quantity=Quantity.ENERGY_IMPORT_KWH, ts=NOW, value=1.0)],
+    ).encode())  # fmt: skip
+    for key, value in change.items():
+        (raw if key == "seq" else raw["readings"][0])[key] = value
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize("change", [{"value": "12.5"}, {"value": True}, {"quality": 3.0}, {"seq": "1"}])
+def test_coercible_spellings_are_refused_by_bridge_and_writer(change: dict[str, Any]) -> None:
+    """Types are strict (issue 11): a boolean or numeric string is no number, for the bridge and for
+    a record that reaches the writer some other way."""
+    payload = _one_reading_with(change)
+    decided = classify(TOPIC, payload, now=NOW + timedelta(days=1))
+    assert isinstance(decided, DeadLetter) and decided.reason is Reason.SCHEMA
+    assert trusted_rows(payload) is None
+    rows, letters = decode_records([_record(payload)])
+    assert rows == [] and [letter.reason for letter in letters] == [Reason.SCHEMA]
+
+
+@pytest.mark.parametrize("change", [{"ts": 1_763_640_000}])  # epoch seconds
 def test_lax_spellings_fall_back_to_pydantic_with_the_same_result(change: dict[str, Any]) -> None:
     raw = json.loads(Batch(
         supplier="acme", site="site-1", gateway="gw-1", seq=1, sent_at=NOW,
