@@ -1,8 +1,9 @@
-"""The writer and the compute worker outlive PostgreSQL: a private cluster (initdb in a temp dir,
-its own port; the machine's PostgreSQL is never touched) is stopped while readings keep arriving
-in Kafka and started again. Both processes (the real ``scopemeter`` commands) stay up, say so on
-/healthz (503 with the reason while the DB is away, 200 after), commit no Kafka offset while
-nothing reaches the DB, and the DB ends with exactly the readings produced."""
+"""The writer and the compute worker outlive PostgreSQL: they start while a private cluster (initdb
+in a temp dir, its own port; the machine's PostgreSQL is never touched) refuses connections, and
+it is later stopped while readings keep arriving in Kafka and started again. Both processes (the
+real ``scopemeter`` commands) stay up, say so on /healthz (503 with the reason while the DB is
+away, 200 after), commit no Kafka offset while nothing reaches the DB, and the DB ends with
+exactly the readings produced."""
 
 from __future__ import annotations
 
@@ -218,10 +219,16 @@ def test_writer_and_compute_outlive_a_postgresql_restart(
     def compute_committed() -> int:
         return asyncio.run(_committed(kafka, kafka.compute_group, kafka.committed_topic))
 
+    private_pg.stop()  # both start while PostgreSQL refuses connections
     writer = Service("writer", ["ingest", "writer"], env, tmp_path)
     compute = Service("compute", ["compute", "run"], env, tmp_path)
     services = [writer, compute]
     try:
+        for s in services:
+            _, body = _until(f"{s.log_path.stem} up without its DB", s.health,
+                             lambda h: h[0] == 503, services)  # fmt: skip
+            assert body["dependencies"]["db"] != "ok", body
+        private_pg.start()
         for s in services:
             _until(f"{s.log_path.stem} healthy", s.health, lambda h: h[0] == 200, services)
 
