@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 
@@ -84,6 +84,21 @@ def last_offsets(records: list[ConsumerRecord[bytes, bytes]]) -> dict[TopicParti
     return offsets
 
 
+class _Rebalances(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Logs what each rebalance takes and gives, and counts what it takes."""
+
+    def __init__(self, owner: GroupConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            self.owner.revoked += len(revoked)
+            log.info("%s: rebalance takes %s", self.owner.group, sorted(str(tp.partition) for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("%s: holds partitions %s", self.owner.group, sorted(tp.partition for tp in assigned))
+
+
 class GroupConsumer:
     """One topic consumed in a group, offsets committed by the caller after its DB commit."""
 
@@ -99,7 +114,6 @@ class GroupConsumer:
         self.group = group
         self.health = health
         self.consumer = AIOKafkaConsumer(
-            topic,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -107,9 +121,12 @@ class GroupConsumer:
             **client_kwargs(kafka),
             **options,
         )
+        self.consumer.subscribe([topic], listener=_Rebalances(self))
         # The group's committed offset per held partition: asked of the broker once, then ours.
         self._committed: dict[TopicPartition, int] = {}
         self._watch: asyncio.Task[None] | None = None
+        # Partitions taken from this member by rebalances so far (each logged).
+        self.revoked = 0
 
     async def start(self) -> None:
         await self.consumer.start()

@@ -122,7 +122,7 @@ def test_lag_is_partition_end_minus_committed_offset(settings: Settings) -> None
             seen.append((step, metrics.WRITER.get_sample_value("scopemeter_kafka_consumer_lag", labels)))
 
         try:
-            records = []
+            records: list[object] = []
             while len(records) < 5:
                 data = await consumer.getmany(1000, 5)
                 records += [r for rs in data.values() for r in rs]
@@ -232,3 +232,37 @@ def test_compute_worker_survives_a_rebalance_that_takes_its_partitions(
     assert alive
     assert kept == 2
     assert taken is None  # never committed by the worker after losing it: the newcomer replays it
+
+
+def test_keepalive_keeps_a_busy_member_in_its_group(settings: Settings) -> None:
+    """While a consumer waits for PostgreSQL it does not take records, yet must poll: after
+    ``max_poll_interval_ms`` (1.5 s here; 5 min by default) without a poll aiokafka leaves the group
+    and its partitions are taken away. ``keepalive`` polls without taking anything."""
+    kafka = settings.kafka
+    interval_s = 1.5
+
+    async def member(keepalive: bool) -> int:
+        topic = await _topic(kafka, 1)
+        await _produce(kafka, topic, [(0, b"x")])
+        consumer = GroupConsumer(kafka, topic, f"g-{topic}", max_poll_interval_ms=int(interval_s * 1000),
+                                 heartbeat_interval_ms=300)  # fmt: skip
+        await consumer.start()
+        try:
+            await _until("the record", lambda: consumer.getmany(500, 10), bool)
+            if keepalive:  # busy for four intervals, polling as the writer and compute do meanwhile
+                deadline = time.monotonic() + 4 * interval_s
+                while time.monotonic() < deadline:
+                    await consumer.keepalive()
+                    await asyncio.sleep(0.2)
+            else:
+
+                async def revoked() -> int:
+                    return consumer.revoked
+
+                await _until("aiokafka to leave the group", revoked, lambda n: n > 0)
+            return consumer.revoked
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(member(keepalive=False)) == 1  # the hazard is real
+    assert asyncio.run(member(keepalive=True)) == 0
