@@ -4,6 +4,8 @@ Records are gathered into large transactions: binary COPY into a temporary stagi
 ``INSERT … ON CONFLICT DO NOTHING`` into ``readings`` (the key is the reading identity, so replays
 and MQTT redeliveries vanish here). Only after the DB commit are the dirty ranges published for
 compute and the Kafka offsets committed: a crash anywhere replays records, never loses them.
+When PostgreSQL goes away the transaction at hand is retried on a new connection until it commits
+(``ops.db_session``); consumer setup, offset commits and lag are ``ops.kafka_client``'s.
 
 Speed (measured by ``scopemeter bench ingest``): records come from the bridge, which validated them
 and wrote the canonical encoding, so they are decoded by a trusted path (``json`` + a few type

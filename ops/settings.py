@@ -3,6 +3,10 @@
 Values come from (highest first) environment variables ``SCOPEMETER_<SECTION>__<FIELD>``
 (e.g. ``SCOPEMETER_DB__DSN``), then defaults. The defaults are the embedded stack that
 ``scopemeter stack up`` starts on this machine, so nothing needs configuring for the demo.
+
+Strict on purpose: a section rejects keys it does not have, and a ``SCOPEMETER_*`` variable that
+sets nothing stops the process at start, naming the closest real variable. A typo would otherwise
+leave the default in place without a word (``SCOPEMETER_DB__DNS`` pointing production at nothing).
 """
 
 from __future__ import annotations
