@@ -3,7 +3,8 @@ that sets it: a process serves only its own registry, so a bridge never exports 
 fire on) a writer's gauges. ``serve`` exposes a registry at /metrics beside /healthz.
 
 Registries: ``BRIDGE``, ``WRITER``, ``COMPUTE``; the edge agent's metrics are on prometheus_client's
-default ``REGISTRY``. Each registry also carries the process, platform and GC collectors.
+default ``REGISTRY``. Each registry also carries the process, platform and GC collectors. Any
+process (the edge agent too) serves its registry with ``serve(port, registry, bind=…, health=…)``.
 """
 
 from __future__ import annotations
@@ -124,13 +125,9 @@ DEPENDENCY_UP = Gauge(
 WRITER.register(DEPENDENCY_UP)
 COMPUTE.register(DEPENDENCY_UP)
 
-# Process name → its registry (tests and the monitoring checks walk them all).
-REGISTRIES: dict[str, CollectorRegistry] = {
-    "bridge": BRIDGE,
-    "writer": WRITER,
-    "compute": COMPUTE,
-    "edge": REGISTRY,
-}
+# Server process → its registry (tests and the monitoring checks walk them all). The edge agent's
+# metrics are the edge's own (prometheus_client's default registry here).
+REGISTRIES: dict[str, CollectorRegistry] = {"bridge": BRIDGE, "writer": WRITER, "compute": COMPUTE}
 
 
 class Health:

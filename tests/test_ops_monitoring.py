@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from ops import metrics
 from ops.cli import build_parser
@@ -33,7 +34,9 @@ def promtool(*args: str) -> str:
 
 def known_metrics() -> set[str]:
     names = set()
-    families = [f for registry in metrics.REGISTRIES.values() for f in registry.collect()]
+    # The server processes' registries, and the edge agent's (prometheus_client's default one).
+    registries = [*metrics.REGISTRIES.values(), REGISTRY]
+    families = [f for registry in registries for f in registry.collect()]
     for family in families:
         names.add(family.name)
         for suffix in ("_total", "_bucket", "_sum", "_count", "_created"):
