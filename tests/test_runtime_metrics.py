@@ -192,3 +192,54 @@ def test_every_alert_has_a_runbook_that_exists() -> None:
             assert part in page, f"{url} lacks {part}"
     pages = {p.stem for p in (REPO / "ops" / "runbooks").glob("Scopemeter*.md")}
     assert pages == alerts  # no runbook left for an alert that is gone
+
+
+def test_bridge_health_follows_its_mqtt_broker(settings: Settings, tmp_path: Path) -> None:
+    """A private Mosquitto is stopped under a running bridge and started again on the same port:
+    the bridge's health says MQTT is down with the reason meanwhile, and up once it reconnects."""
+    import asyncio
+
+    from ingest.bridge import run_bridge
+    from ops.stack import start_mosquitto
+
+    port = free_port()
+    brokers = [start_mosquitto(port, tmp_path / "mosquitto")]
+    run_settings = settings.model_copy(
+        update={
+            "mqtt": settings.mqtt.model_copy(update={"port": port}),
+            "ingest": settings.ingest.model_copy(update={"shared_subscription": False}),
+        }
+    )
+    health = metrics.Health("mqtt", "kafka")
+    seen: list[tuple[bool, dict[str, str]]] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        client_id = f"bridge-health-{uuid.uuid4().hex[:8]}"
+        bridge = asyncio.create_task(run_bridge(run_settings, stop, client_id=client_id, health=health))
+
+        async def until(healthy: bool) -> None:
+            deadline = time.monotonic() + 60
+            while health.report()[0] != healthy or (not healthy and health.is_up("mqtt")):
+                assert not bridge.done(), bridge.exception()
+                assert time.monotonic() < deadline, health.report()
+                await asyncio.sleep(0.1)
+            seen.append(health.report())
+
+        try:
+            await until(True)
+            brokers[-1].stop()
+            await until(False)
+            brokers.append(start_mosquitto(port, tmp_path / "mosquitto"))
+            await until(True)
+        finally:
+            stop.set()
+            await asyncio.wait_for(bridge, 30)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        brokers[-1].stop()
+    assert seen[0] == (True, {"mqtt": "ok", "kafka": "ok"})
+    assert seen[1][1]["kafka"] == "ok" and seen[1][1]["mqtt"].startswith("disconnected"), seen[1]
+    assert seen[2] == (True, {"mqtt": "ok", "kafka": "ok"})
