@@ -6,7 +6,7 @@ Values come from (highest first) environment variables ``SCOPEMETER_<SECTION>__<
 
 Strict on purpose: a section rejects keys it does not have, and a ``SCOPEMETER_*`` variable that
 sets nothing stops the process at start, naming the closest real variable. A typo would otherwise
-leave the default in place without a word (``SCOPEMETER_DB__DNS`` pointing production at nothing).
+leave the default in place without a word (a misspelt DSN variable: the local default database).
 """
 
 from __future__ import annotations
