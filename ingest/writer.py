@@ -290,6 +290,11 @@ async def run_writer(
     first_at = 0.0
     checked_at = 0.0
     flushes: deque[_Flush] = deque()  # oldest first; each waits for the one before it
+
+    def batch_due() -> bool:
+        full_enough = pending_rows >= batch_rows_target
+        return bool(pending) and (full_enough or time.monotonic() - first_at >= linger_s)
+
     try:
         await db.ping()  # health says at once whether the DB is there
         while True:
@@ -303,16 +308,14 @@ async def run_writer(
                 if not done and not stopping:
                     await consumer.keepalive()
             elif not stopping:
-                data = await consumer.getmany(timeout_ms=100, max_records=5_000)
+                # A batch already due goes out at once: only take what the fetcher already holds.
+                data = await consumer.getmany(timeout_ms=0 if batch_due() else 100, max_records=5_000)
                 for records in data.values():
                     if not pending and records:
                         first_at = time.monotonic()
                     pending.extend(records)
                     pending_rows += sum(_estimate_rows(r) for r in records)
-            due = (not full) and pending and (
-                stopping or pending_rows >= batch_rows_target or time.monotonic() - first_at >= linger_s
-            )
-            if due:
+            if not full and pending and (stopping or batch_due()):
                 previous = flushes[-1] if flushes else None
                 written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 flush = _flush(pending, previous, written, db, producer, consumer, settings)
@@ -331,6 +334,9 @@ async def run_writer(
     finally:
         if flushes:
             await asyncio.wait([f.task for f in flushes])  # never close the connection under a COPY
+            for f in flushes:  # they failed after the one that ended the loop: that one says why
+                if not f.task.cancelled():
+                    f.task.exception()
         await consumer.stop()
         await producer.stop()
         await db.close()
