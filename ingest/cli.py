@@ -59,6 +59,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ret = dsub.add_parser("retention", help="drop readings past the retention horizon (cron it)")
     ret.set_defaults(handler=_retention)
 
+    from ingest import tools_cli  # scopemeter import FILE, scopemeter dlq list|show|replay
+
+    tools_cli.register(sub)
+
 
 def _bridge(args: Any) -> int:
     from ingest.bridge import run_bridge
