@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from ingest.admit import Refused, admit, load_registry
 from ops.errors import UserError
@@ -79,12 +79,12 @@ def parse_letter(partition: int, offset: int, ts_ms: int, value: bytes | None) -
         return Letter(partition, offset, ts_ms, UNREADABLE, str(exc), "", "", raw, False, len(raw))
 
 
-async def _read(settings: Settings) -> list[Letter]:
-    topic = settings.kafka.dlq_topic
+async def _records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` up to its end as of now, read without a consumer group."""
     # Without a group, a subscribed consumer is assigned every partition of the topic by itself.
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=settings.kafka.bootstrap,
+        bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         group_id=None,
         auto_offset_reset="earliest",
@@ -96,24 +96,26 @@ async def _read(settings: Settings) -> list[Letter]:
                 break
             await asyncio.sleep(0.1)
         else:
-            raise UserError(f"no DLQ topic {topic!r} on {settings.kafka.bootstrap}")
+            raise UserError(f"no topic {topic!r} on {bootstrap}")
         tps = sorted(consumer.assignment())
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        letters: list[Letter] = []
+        records: list[ConsumerRecord[bytes, bytes]] = []
         pending = {tp for tp in tps if ends[tp] > await consumer.position(tp)}
         while pending:
             batches = await consumer.getmany(*pending, timeout_ms=1000, max_records=5000)
-            for tp, records in batches.items():
-                for r in records:
-                    if r.offset < ends[tp]:
-                        letters.append(parse_letter(tp.partition, r.offset, r.timestamp, r.value))
+            for tp, got in batches.items():
+                records.extend(r for r in got if r.offset < ends[tp])
             for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
-        return sorted(letters, key=lambda x: (x.kafka_ts_ms, x.partition, x.offset))
+        return sorted(records, key=lambda r: (r.timestamp, r.partition, r.offset))
     finally:
         await consumer.stop()
+
+
+def read_records(settings: Settings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    return asyncio.run(_records(settings.kafka.bootstrap, topic))
 
 
 def read_letters(
@@ -123,7 +125,8 @@ def read_letters(
     topic_contains: str | None = None,
     ids: list[str] | None = None,
 ) -> list[Letter]:
-    letters = asyncio.run(_read(settings))
+    records = read_records(settings, settings.kafka.dlq_topic)
+    letters = [parse_letter(r.partition, r.offset, r.timestamp, r.value) for r in records]
     return [
         x
         for x in letters

@@ -1,4 +1,5 @@
-"""``scopemeter import FILE`` and ``scopemeter dlq list|show|replay`` (registered by ``ingest.cli``)."""
+"""``scopemeter import FILE``, ``scopemeter dlq list|show|replay`` and ``scopemeter sparkplug host``
+(registered by ``ingest.cli``)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rep.add_argument("--id", action="append", default=None, help="only PARTITION:OFFSET (repeatable)")
     rep.add_argument("--dry-run", action="store_true", help="say what would pass, send nothing")
     rep.set_defaults(handler=_dlq_replay)
+
+    spb = sub.add_parser("sparkplug", help="Sparkplug B host application (third-party gateways)")
+    ssub = spb.add_subparsers(dest="sparkplug_command", required=True, metavar="PROCESS")
+    host = ssub.add_parser("host", help="subscribe spBv1.0/GROUP/#, map metrics to meters, feed Kafka")
+    host.add_argument("--group", action="append", required=True, help="Sparkplug group id (repeatable)")
+    host.add_argument("--host-id", default="scopemeter", help="sparkplug_host_id of the STATE topic")
+    host.add_argument("--mapping", type=Path, default=None, help="default: CONFIG_DIR/sparkplug.toml")
+    host.add_argument("--metrics-port", type=int, default=9104, help="0 disables /metrics")
+    host.set_defaults(handler=_sparkplug_host)
 
 
 def _import(args: Any) -> int:
@@ -153,3 +163,26 @@ def _dlq_replay(args: Any) -> int:
     result = asyncio.run(replay(settings, letters, dry_run=args.dry_run))
     print(result.summary(dry_run=args.dry_run))
     return 0 if not result.refused else 1
+
+
+def _sparkplug_host(args: Any) -> int:
+    import json
+
+    from ingest.sparkplug.host import load_map, run_host
+    from ops import metrics
+    from ops.runtime import run_service, setup_logging
+
+    setup_logging()
+    metrics.serve(args.metrics_port)
+    settings = Settings()
+    mapping = load_map(args.mapping or settings.config_dir / "sparkplug.toml")
+
+    def ready(_host: Any) -> None:
+        print(json.dumps({"event": "sparkplug.ready", "groups": args.group}), flush=True)
+
+    async def main(stop: asyncio.Event) -> None:
+        await run_host(
+            settings, stop, groups=args.group, host_id=args.host_id, mapping=mapping, on_ready=ready
+        )
+
+    return run_service(main)

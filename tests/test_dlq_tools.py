@@ -154,10 +154,13 @@ def test_every_dlq_reason_is_documented_with_what_governs_it() -> None:
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|$", readme, re.M))
+    from ingest.sparkplug.host import DECODE_REASON
+
     reasons = {r.value for r in Reason} | {
         admit_module.UNREGISTERED_GATEWAY,
         admit_module.UNREGISTERED_METER,
         admit_module.METER_SITE_MISMATCH,
+        DECODE_REASON,
     }
     for reason in reasons:
         assert rows.get(reason, "").strip(), f"README: no DLQ row for {reason}"
