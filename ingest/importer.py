@@ -79,6 +79,7 @@ class RejectReason(StrEnum):
     METER_SITE_MISMATCH = "meter_site_mismatch"  # registered to another site than --site
     CONFLICTING_DUPLICATE = "conflicting_duplicate"  # same meter and time twice, different values
     OVERLAPPING_INTERVAL = "overlapping_interval"  # starts before the previous interval ends
+    COUNTER_CONFLICT = "counter_conflict"  # the built counter would not meet the meter's later stored one
     SCHEMA = "schema"  # fails the wire contract (identifier, timestamp window, value)
 
 
@@ -442,10 +443,17 @@ def to_readings(
     *,
     opening: float,
     stored: Callable[[str, datetime], float | None],
+    stored_after: Callable[[str, datetime], tuple[datetime, float] | None] = lambda _m, _t: None,
     result: ImportResult,
 ) -> dict[str, list[tuple[datetime, float, int]]]:
     """Per meter, (ts, value, file line) in time order: register reads as they are, intervals as a
-    cumulative counter (see the module doc). Duplicates and overlaps are rejected here."""
+    cumulative counter (see the module doc). Duplicates and overlaps are rejected here.
+
+    ``stored(meter, t)``: the meter's stored counter at or before ``t``; ``stored_after(meter, t)``:
+    its first stored reading at or after ``t``. A counter built from intervals must meet that later
+    reading exactly (a re-import does; so does history imported before live data with the
+    ``--opening`` this rejection names), else compute would count the step as energy or a reset:
+    all rows of that meter are rejected as ``counter_conflict`` instead."""
     by_meter: dict[str, list[_Point]] = defaultdict(list)
     for p in points:
         by_meter[p.meter].append(p)
@@ -487,8 +495,45 @@ def to_readings(
             counter += p.value
             series.append((p.end, counter, p.line))
             previous_end = p.end
+        conflict = _counter_conflict(meter, series, counter - (opening if base is None else base),
+                                     stored_after(meter, series[-1][0]))  # fmt: skip
+        if conflict:
+            result.rejections.extend(Rejection(p.line, RejectReason.COUNTER_CONFLICT, conflict) for p in kept)
+            continue
         out[meter] = series
     return out
+
+
+def _counter_conflict(
+    meter: str, series: list[tuple[datetime, float, int]], total: float, later: tuple[datetime, float] | None
+) -> str:
+    """Why the counter ``series`` (its file total ``total``) cannot be stored before ``later``."""
+    if later is None:
+        return ""
+    end_ts, end_value, _line = series[-1]
+    at, value = later
+    if math.isclose(end_value, value, rel_tol=1e-12, abs_tol=1e-9):
+        return ""
+    start = value - total
+    hint = (
+        f"to end on it use --opening {start!r}" if start >= 0
+        else "import this meter's earlier files first (the counter would have to start below 0)"
+    )  # fmt: skip
+    return (
+        f"meter {meter!r}: this file's counter ends at {end_value!r} ({end_ts.isoformat()}) but"
+        f" {value!r} is stored at {at.isoformat()}; {hint}"
+    )
+
+
+def _stored_after(
+    conn: psycopg.Connection[Any], meter: str, quantity: str, at: datetime
+) -> tuple[datetime, float] | None:
+    row = conn.execute(
+        "SELECT ts, value FROM readings WHERE meter_id = %s AND quantity = %s AND ts >= %s"
+        " ORDER BY ts LIMIT 1",
+        (meter, quantity, at),
+    ).fetchone()
+    return None if row is None else (row[0], float(row[1]))
 
 
 def run_import(
@@ -519,8 +564,10 @@ def run_import(
         )  # fmt: skip
         q = m.quantity.value
         series = to_readings(
-            points, m, opening=opening, stored=lambda mt, at: _stored_counter(conn, mt, q, at), result=result
-        )
+            points, m, opening=opening, result=result,
+            stored=lambda mt, at: _stored_counter(conn, mt, q, at),
+            stored_after=lambda mt, at: _stored_after(conn, mt, q, at),
+        )  # fmt: skip
     rows: list[Row] = []
     for meter_id, readings in series.items():
         site_id = registry.meters[meter_id].site

@@ -284,3 +284,39 @@ def test_cli_prints_the_summary_and_notifies_compute(settings: Any, tmp_path: Pa
     assert "rows read 2" in out and "stored 2" in out and "unregistered_meter: 1 rows" in out
     assert f"{path}:3: meter 'ghost' is not in the fleet registry" in out
     assert "compute notified (1 dirty ranges" in out
+
+
+def test_history_before_live_data_must_meet_the_live_counter(pg_db: str, tmp_path: Path) -> None:
+    """Interval history imported before a meter's live (edge) counter would step from the file's
+    total to the live register value: refused with the --opening that makes them meet, which then
+    imports with no energy invented between the two."""
+    meter = f"m-{uuid.uuid4().hex[:8]}"
+    _register(pg_db, "Asia/Shanghai", [meter])
+    live = tmp_path / "live.csv"
+    live.write_text(
+        f"meter_id,timestamp,value\n{meter},2018-01-01 06:00,52000.5\n{meter},2018-01-01 06:15,52010.5\n"
+    )
+    assert run_import(live, pg_db, load_mapping("register", None)).readings_stored == 2
+    history = tmp_path / "history.csv"
+    history.write_text(
+        f"meter_id,timestamp,kwh\n{meter},2018-01-01 05:30,12.25\n{meter},2018-01-01 05:45,7.75\n"
+    )
+    refused = run_import(history, pg_db, load_mapping("interval-end", None))
+    assert {(r.line, r.reason) for r in refused.rejections} == {
+        (2, RejectReason.COUNTER_CONFLICT),
+        (3, RejectReason.COUNTER_CONFLICT),
+    }
+    assert refused.readings_stored == 0
+    assert "use --opening 51980.5" in refused.rejections[0].detail
+    ok = run_import(history, pg_db, load_mapping("interval-end", None), opening=51980.5)
+    assert ok.rejections == [] and ok.readings_stored == 3
+    assert _stored_values(pg_db, meter) == [51980.5, 51992.75, 52000.5, 52000.5, 52010.5]
+    again = run_import(history, pg_db, load_mapping("interval-end", None), opening=51980.5)
+    assert again.rejections == [] and again.readings_duplicate == 3
+
+
+def _stored_values(dsn: str, meter: str) -> list[float]:
+    with psycopg.connect(dsn) as conn:
+        return [
+            v for (v,) in conn.execute("SELECT value FROM readings WHERE meter_id = %s ORDER BY ts", (meter,))
+        ]
