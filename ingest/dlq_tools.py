@@ -28,6 +28,7 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaConnectionError
 
 from ingest.admit import Refused, admit, load_registry
 from ops.errors import UserError
@@ -89,7 +90,11 @@ async def _records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, byt
         group_id=None,
         auto_offset_reset="earliest",
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except KafkaConnectionError as exc:
+        await consumer.stop()
+        raise UserError(f"cannot reach Kafka at {bootstrap} (SCOPEMETER_KAFKA__BOOTSTRAP): {exc}") from None
     try:
         for _ in range(100):
             if consumer.assignment():

@@ -555,7 +555,11 @@ def run_import(
     digest = file_sha256(path)
     result = ImportResult(path=path, sha256=digest)
     gateway = f"import-{digest[:16]}"
-    with psycopg.connect(dsn) as conn:
+    try:
+        conn = psycopg.connect(dsn, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise UserError(f"cannot reach PostgreSQL (SCOPEMETER_DB__DSN): {str(exc).strip()}") from None
+    with conn:
         registry = load_registry(conn)
         total_lines = sum(1 for _ in path.open("rb"))
         points = read_points(

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Rows are checked against the fleet registry and the wire contract; the live"
         " time window does not apply (backfill of any age). Re-importing a file is a no-op.",
     )
-    imp.add_argument("file", type=Path)
+    imp.add_argument("file", type=Path, nargs="?", help="the CSV export")
     imp.add_argument(
         "--preset", default=None, help="layout in config/import/ (default interval-end; --list-presets)"
     )
@@ -86,6 +86,8 @@ def _import(args: Any) -> int:
         for name, text in presets().items():
             print(f"{name:<16} {text}")
         return 0
+    if args.file is None:
+        raise UserError("name the FILE to import (or --list-presets)")
     mapping = load_mapping(args.preset, args.mapping)
     update: dict[str, Any] = {}
     if args.stamp:
