@@ -319,3 +319,71 @@ def test_will_marks_the_host_offline(settings: Settings) -> None:
     assert payloads[0]["online"] is True
     assert payloads[1]["online"] is False and payloads[1]["timestamp"] == payloads[0]["timestamp"]
     assert watch.messages[1].qos == 1
+
+
+def test_no_payload_can_raise_out_of_the_host_state_machine() -> None:
+    """Fuzz: random bytes and hostile but well-formed payloads (NaN bdSeq, huge timestamps, seq past
+    255, aliases without births) on every Sparkplug topic kind give an Outcome, never an exception."""
+    import math
+
+    from hypothesis import example, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
+
+    from ingest.admit import Registry
+    from ingest.sparkplug.host import pb
+
+    state = HostState(SparkplugMap.model_validate({
+        "nodes": [{"group": "g", "node": "n", "gateway": "gw"}],
+        "metrics": [{"group": "g", "node": "n", "metric": "E", "meter": "m"}],
+    }), Registry(), Settings())  # fmt: skip
+    kinds = st.sampled_from(["NBIRTH", "NDATA", "NDEATH", "DBIRTH", "DDATA", "DDEATH", "NCMD", "STATE"])
+    numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(0, 2**64 - 1))
+
+    def payload(seq: int | None, ts: int, metrics: list[tuple[str | None, int | None, Any]]) -> bytes:
+        p = pb.Payload(timestamp=ts)
+        if seq is not None:
+            p.seq = seq
+        for name, alias, value in metrics:
+            m = p.metrics.add()
+            if name is not None:
+                m.name = name
+            if alias is not None:
+                m.alias = alias
+            if isinstance(value, float):
+                m.double_value = value
+            else:
+                m.long_value = value
+        return bytes(p.SerializeToString())
+
+    wellformed = st.builds(
+        payload,
+        st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+        st.integers(0, 2**64 - 1),
+        st.lists(
+            st.tuples(
+                st.sampled_from([None, "bdSeq", "E", "x"]),
+                st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+                numbers,
+            ),
+            max_size=4,
+        ),
+    )
+
+    birth = payload(0, 1_700_000_000_000, [("bdSeq", None, 3), ("E", 1, 5.0)])
+
+    @hsettings(max_examples=400, deadline=None)
+    @given(kinds, st.sampled_from(["pm1", None]), st.one_of(st.binary(max_size=64), wellformed))
+    @example("NBIRTH", None, payload(0, 1, [("bdSeq", None, math.nan)]))
+    @example("NBIRTH", None, payload(0, 1, [("bdSeq", None, math.inf)]))
+    @example("NDEATH", None, payload(None, 1, [("bdSeq", None, math.nan)]))
+    @example("NBIRTH", None, payload(0, 2**64 - 1, [("bdSeq", None, 1), ("E", 1, 5.0)]))
+    @example("DDEATH", "pm1", payload(1, 2**64 - 1, []))
+    def check(kind: str, device: str | None, raw: bytes) -> None:
+        topic = f"spBv1.0/g/{kind}/n" + (f"/{device}" if device else "")
+        state._handle("spBv1.0/g/NBIRTH/n", birth)  # often a node is alive, so data paths run too
+        state._handle("spBv1.0/g/DBIRTH/n/pm1", payload(1, 1_700_000_000_000, [("E", 2, 5.0)]))
+        out = state._handle(topic, raw)  # the rules themselves, not handle()'s catch-all, must hold
+        assert out is not None
+
+    check()

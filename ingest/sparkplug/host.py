@@ -155,6 +155,21 @@ def rebirth_request() -> bytes:
     return bytes(p.SerializeToString())
 
 
+def _bd_seq(metrics: Iterable[Any]) -> int | None:
+    """The bdSeq metric's value when it is an integer 0..255 (the spec's range), else None."""
+    m = next((m for m in metrics if m.name == BD_SEQ), None)
+    v = None if m is None else _number(m)
+    return int(v) if v is not None and v.is_integer() and 0 <= v <= 255 else None
+
+
+def _instant(ms: int) -> datetime | None:
+    """A Sparkplug timestamp (ms since the epoch, UTC), or None when no datetime can hold it."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
 def _number(m: Any) -> float | None:
     which = m.WhichOneof("value")
     if m.is_null or which not in ("int_value", "long_value", "float_value", "double_value"):
@@ -186,6 +201,15 @@ class HostState:
         self._asked: dict[tuple[str, str], float] = {}  # node → when a rebirth was last requested
 
     def handle(self, topic: str, payload: bytes) -> Outcome:
+        """Total: whatever a gateway sends, the result is an Outcome (at worst a dead letter)."""
+        try:
+            return self._handle(topic, payload)
+        except Exception as exc:  # a value no rule foresaw (a NaN bdSeq, a year-30000 timestamp)
+            out = Outcome()
+            out.letters.append((DECODE_REASON, f"{type(exc).__name__}: {exc}"[:2000], topic, payload))
+            return out
+
+    def _handle(self, topic: str, payload: bytes) -> Outcome:
         out = Outcome()
         t = parse_topic(topic)
         if t is None:
@@ -198,19 +222,18 @@ class HostState:
         key = (t.group, t.node)
         node = self.nodes.get(key)
         if t.kind == "NBIRTH":
-            bd = next((m for m in p.metrics if m.name == BD_SEQ), None)
-            if bd is None or not p.HasField("seq") or p.seq != 0:
-                self._rebirth(out, key, "NBIRTH without bdSeq or with seq != 0")
+            bd_seq = _bd_seq(p.metrics)
+            if bd_seq is None or not p.HasField("seq") or p.seq != 0:
+                self._rebirth(out, key, "NBIRTH without a bdSeq 0..255 or with seq != 0")
                 return out
-            node = Node(bd_seq=int(_number(bd) or 0), seq=0)
+            node = Node(bd_seq=bd_seq, seq=0)
             self.nodes[key] = node
             self._asked.pop(key, None)
             self._learn(node, None, p.metrics)
             self._readings(out, topic, t, None, p)
             return out
         if t.kind == "NDEATH":
-            bd = next((m for m in p.metrics if m.name == BD_SEQ), None)
-            if node is not None and bd is not None and int(_number(bd) or -1) == node.bd_seq:
+            if node is not None and _bd_seq(p.metrics) == node.bd_seq:
                 now = datetime.now(UTC)
                 node.online, node.stale_at = False, now
                 for dev in node.devices.values():
@@ -230,7 +253,7 @@ class HostState:
             self._readings(out, topic, t, t.device, p)
         elif t.kind == "DDEATH" and t.device is not None:
             dev = node.devices.setdefault(t.device, Device())
-            stamp = datetime.fromtimestamp(p.timestamp / 1000, UTC) if p.HasField("timestamp") else None
+            stamp = _instant(p.timestamp) if p.HasField("timestamp") else None
             dev.online, dev.stale_at = False, stamp or datetime.now(UTC)
         elif t.kind in ("NDATA", "DDATA"):
             if t.kind == "DDATA" and (t.device is None or t.device not in node.devices):
@@ -281,17 +304,16 @@ class HostState:
             value = _number(m)
             if target is None or value is None:
                 continue
-            stamp_ms = m.timestamp if m.HasField("timestamp") else p.timestamp
+            stamp = _instant(m.timestamp if m.HasField("timestamp") else p.timestamp)
             try:
+                if stamp is None:
+                    raise ValueError("timestamp beyond any date")
                 readings.append(
                     Reading(
-                        meter_id=target.meter,
-                        quantity=target.quantity,
-                        ts=datetime.fromtimestamp(stamp_ms / 1000, UTC),
-                        value=value * target.scale,
+                        meter_id=target.meter, quantity=target.quantity, ts=stamp, value=value * target.scale
                     )
                 )
-            except (ValidationError, ValueError, OverflowError, OSError) as exc:
+            except (ValidationError, ValueError) as exc:
                 out.letters.append(("schema", f"metric {name!r}: {exc}"[:2000], topic, p.SerializeToString()))
         if not readings:
             return
@@ -402,9 +424,12 @@ async def run_host(
                     client.publish(state_topic, state_payload(True, connect_ts[0]), qos=1, retain=True)
                 continue
             if time.monotonic() - refreshed > REGISTRY_REFRESH_S:
-                with psycopg.connect(settings.db.dsn) as conn:
-                    host.state.registry = load_registry(conn)
                 refreshed = time.monotonic()
+                try:
+                    with psycopg.connect(settings.db.dsn, connect_timeout=5) as conn:
+                        host.state.registry = load_registry(conn)
+                except psycopg.Error as exc:  # keep checking against the last registry
+                    log.warning("fleet registry not refreshed: %s", str(exc).strip()[:200])
             out = host.state.handle(topic, payload)
             if out.rebirth is not None:
                 group, edge_node = out.rebirth
