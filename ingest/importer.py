@@ -37,6 +37,7 @@ time from local midnight, so a clock-change day has 46 or 50 half hours (92 or 1
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import math
@@ -51,7 +52,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from compute.config import read_toml, validate
 from edge.wire import COUNTER_QUANTITIES, Quantity, Reading
@@ -83,6 +84,14 @@ class RejectReason(StrEnum):
     SCHEMA = "schema"  # fails the wire contract (identifier, timestamp window, value)
 
 
+def _codec(name: str) -> str:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {name!r}") from None
+    return name
+
+
 class Mapping(BaseModel):
     """How one CSV layout maps to readings (a preset in ``config/import/`` or ``--mapping FILE``)."""
 
@@ -96,7 +105,8 @@ class Mapping(BaseModel):
     interval_minutes: Annotated[int, Field(gt=0, le=1440)] | None = None
     quantity: Quantity = Quantity.ENERGY_IMPORT_KWH
     timezone: str | None = None  # default: --timezone, else the meter's site
-    delimiter: str = ","
+    delimiter: Annotated[str, Field(min_length=1, max_length=1)] = ","
+    encoding: Annotated[str, AfterValidator(_codec)] = "utf-8-sig"  # BOM skipped; Europe: often cp1252
     header_starts_with: str | None = None  # skip preamble lines until the header line starts so
     meter_column: str | None = None  # default: --meter
     datetime_column: str | None = None
@@ -358,29 +368,40 @@ def _value_column(m: Mapping, header: Sequence[str]) -> str:
 
 
 def _rows(path: Path, m: Mapping) -> Iterator[tuple[int, dict[str, str], list[str]]]:
-    """(file line, row, header) for every data row, after any preamble."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        lines = enumerate(f, 1)
-        header_line = 0
-        if m.header_starts_with is not None:
-            for n, text in lines:
-                if text.startswith(m.header_starts_with):
-                    header_line = n
-                    header = next(csv.reader([text], delimiter=m.delimiter))
-                    break
+    """(file line, row, header) for every data row, after any preamble. A file that is not text in
+    the mapping's encoding, or not CSV, stops the import with its file and line (nothing is stored:
+    rows are only written once the whole file has been read)."""
+    line = 0
+    try:
+        with path.open(newline="", encoding=m.encoding) as f:
+            lines = enumerate(f, 1)
+            header: list[str] = []
+            if m.header_starts_with is not None:
+                for n, text in lines:
+                    line = n  # for the error message of a decode failure in the preamble
+                    if text.startswith(m.header_starts_with):
+                        header = next(csv.reader([text], delimiter=m.delimiter), [])
+                        break
+                else:
+                    raise UserError(f"{path}: no header line starting with {m.header_starts_with!r}")
             else:
-                raise UserError(f"{path}: no header line starting with {m.header_starts_with!r}")
-        else:
-            header_line, text = next(lines, (0, ""))
-            header = next(csv.reader([text], delimiter=m.delimiter), [])
-        header = [h.strip() for h in header]
-        reader = csv.reader((text for _, text in lines), delimiter=m.delimiter)
-        line = header_line
-        for cells in reader:
-            line = header_line + reader.line_num
-            if not any(c.strip() for c in cells):
-                continue
-            yield line, dict(zip(header, cells, strict=False)), header
+                line, text = next(lines, (0, ""))
+                header = next(csv.reader([text], delimiter=m.delimiter), [])
+            header_line = line
+            header = [h.strip() for h in header]
+            reader = csv.reader((text for _, text in lines), delimiter=m.delimiter)
+            for cells in reader:
+                line = header_line + reader.line_num
+                if not any(c.strip() for c in cells):
+                    continue
+                yield line, dict(zip(header, cells, strict=False)), header
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}:{line + 1}: not {m.encoding} text ({exc.reason}); set the mapping's encoding"
+            ' (e.g. encoding = "cp1252")'
+        ) from None
+    except csv.Error as exc:
+        raise UserError(f"{path}:{line + 1}: not CSV: {exc}") from None
 
 
 def read_points(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -320,3 +321,66 @@ def _stored_values(dsn: str, meter: str) -> list[float]:
         return [
             v for (v,) in conn.execute("SELECT value FROM readings WHERE meter_id = %s ORDER BY ts", (meter,))
         ]
+
+
+def test_no_file_content_escapes_as_anything_but_a_named_rejection_or_error(tmp_path: Path) -> None:
+    """Fuzz (no DB): any bytes under every preset give rejections with a real line number, or a
+    UserError naming the file; nothing else escapes (the registry knows meter m1 only)."""
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
+
+    from ingest.admit import MeterHome, Registry
+    from ingest.importer import ImportResult, read_points, to_readings
+    from ops.errors import UserError
+
+    registry = Registry(
+        sites={"s": "sup"}, site_tz={"s": "Europe/London"}, meters={"m1": MeterHome("s", None)}
+    )
+    cell = st.one_of(
+        st.sampled_from(["m1", "m2", "2019-03-31 01:30", "2019-10-27 01:15", "24:00", "31/03/2019", "1.5",
+                         "-2", "nan", "1e400", "kWh", "Wh", "", "Electric usage", "2019-03-31", "0:14"]),
+        st.text(max_size=8),
+    )  # fmt: skip
+    row = st.lists(cell, min_size=1, max_size=8).map(",".join)
+    headers = st.sampled_from([
+        "meter_id,timestamp,kwh", "meter_id,timestamp,value", "MPAN,Date,HH01,HH02,HH47,HH49",
+        "TYPE,DATE,START TIME,END TIME,USAGE,UNITS,COST,NOTES",
+    ])  # fmt: skip
+    texts = st.builds(lambda h, rows: "\n".join([h, *rows]), headers, st.lists(row, max_size=12))
+    files = st.one_of(texts.map(str.encode), st.binary(max_size=200))
+    presets = ["interval-end", "interval-start", "register", "green-button", "uk-hh"]
+    path = tmp_path / "fuzz.csv"
+
+    @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from(presets), files)
+    def check(preset: str, data: bytes) -> None:
+        path.write_bytes(data)
+        lines = len(re.split(rb"\r\n|\r|\n", data))  # the line ends text files know (a lone CR too)
+        result = ImportResult(path=path, sha256="0" * 64)
+        try:
+            points = read_points(path, load_mapping(preset, None), registry, meter="m1", result=result)
+            to_readings(
+                points, load_mapping(preset, None), opening=0.0, stored=lambda _m, _t: None, result=result
+            )
+        except UserError as exc:
+            assert str(path) in str(exc) or "mapping" in str(exc) or "column" in str(exc)
+            return
+        assert all(1 <= r.line <= lines and r.detail for r in result.rejections)
+
+    check()
+
+
+def test_a_cp1252_export_is_named_then_read_with_its_encoding(pg_db: str, tmp_path: Path) -> None:
+    from ops.errors import UserError
+
+    meter = f"m-{uuid.uuid4().hex[:8]}"
+    _register(pg_db, "Europe/London", [meter])
+    path = tmp_path / "zähler.csv"
+    path.write_bytes(
+        f"meter_id,timestamp,kwh,Zähler\n{meter},2019-01-01 00:15,1.5,Halle 3 – Öfen\n".encode("cp1252")
+    )
+    with pytest.raises(UserError, match=r"zähler.csv:1: not utf-8-sig text"):
+        run_import(path, pg_db, load_mapping("interval-end", None))
+    r = run_import(path, pg_db, load_mapping("interval-end", None).model_copy(update={"encoding": "cp1252"}))
+    assert r.rejections == [] and r.readings_stored == 2
