@@ -387,3 +387,16 @@ def test_no_payload_can_raise_out_of_the_host_state_machine() -> None:
         assert out is not None
 
     check()
+
+
+def test_mapping_errors_name_the_file_and_entry(tmp_path: Path) -> None:
+    from compute.config import ConfigError
+
+    path = tmp_path / "sparkplug.toml"
+    path.write_text('[[nodes]]\ngroup = "g"\nnode = "n"\ngateway = "gw"\n\n'
+                    '[[metrics]]\ngroup = "g"\nnode = "other"\nmetric = "E"\nmeter = "m"\n')  # fmt: skip
+    with pytest.raises(ConfigError, match=r"sparkplug.toml.*edge node g/other is not in \[\[nodes\]\]"):
+        load_map(path)
+    path.write_text('[[nodes]]\ngroup = "g"\nnode = "n"\ngateway = "gw"\nport = 1\n')
+    with pytest.raises(ConfigError, match=r"sparkplug.toml.*port"):
+        load_map(path)

@@ -58,7 +58,7 @@ import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
 from google.protobuf.message import DecodeError
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compute.config import read_toml, validate
 from edge.mqtt_client import new_client
@@ -103,6 +103,21 @@ class SparkplugMap(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     nodes: list[NodeMap] = []
     metrics: list[MetricMap] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SparkplugMap:
+        nodes = [(n.group, n.node) for n in self.nodes]
+        if len(set(nodes)) != len(nodes):
+            raise ValueError("an edge node (group, node) is listed twice in [[nodes]]")
+        seen: set[tuple[str, str, str | None, str]] = set()
+        for m in self.metrics:
+            if (m.group, m.node) not in nodes:
+                raise ValueError(f"metric {m.metric!r}: edge node {m.group}/{m.node} is not in [[nodes]]")
+            key = (m.group, m.node, m.device, m.metric)
+            if key in seen:
+                raise ValueError(f"metric {m.metric!r} of {m.group}/{m.node}/{m.device} is mapped twice")
+            seen.add(key)
+        return self
 
 
 def load_map(path: Path) -> SparkplugMap:
@@ -358,11 +373,14 @@ async def run_host(
         raise UserError("name at least one Sparkplug group (--group)")
     with psycopg.connect(settings.db.dsn) as conn:
         registry = load_registry(conn)
-    for n in mapping.nodes:
+    for n in mapping.nodes:  # not fatal: their batches go to the DLQ, replayable once registered
         if n.gateway not in registry.gateways:
             log.warning(
                 "sparkplug node %s/%s: gateway %r is not in the fleet registry", n.group, n.node, n.gateway
             )
+    for m in mapping.metrics:
+        if m.meter not in registry.meters:
+            log.warning("sparkplug metric %r: meter %r is not in the fleet registry", m.metric, m.meter)
     host = Host(settings, mapping, groups, host_id, HostState(mapping, registry, settings))
     assert host.state is not None
     loop = asyncio.get_running_loop()
