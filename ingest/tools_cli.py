@@ -114,7 +114,7 @@ def _import(args: Any) -> int:
             args.file, settings.db.dsn, mapping, meter=args.meter, timezone=args.timezone, site=args.site,
             opening=args.opening, dry_run=args.dry_run, progress=progress,
         )  # fmt: skip
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)  # a FILE:LINE message stays on one line
     rejected = r.rejected_by_reason()
     out.print(f"[bold]{r.path}[/] sha256 {r.sha256[:16]}… ({'dry run' if args.dry_run else 'imported'})")
     out.print(f"  rows read      {r.rows_read:>10,}")
