@@ -76,6 +76,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     acl.set_defaults(handler=_mqtt_acl)
 
+    from ingest import tools_cli  # scopemeter import FILE, scopemeter dlq list|show|replay
+
+    tools_cli.register(sub)
+
 
 def _bridge(args: Any) -> int:
     from ingest.bridge import run_bridge
