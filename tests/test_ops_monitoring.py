@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from edge.metrics import EDGE_REGISTRY
 from ops import metrics
 from ops.cli import build_parser
