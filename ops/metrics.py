@@ -2,8 +2,8 @@
 that sets it: a process serves only its own registry, so a bridge never exports (and alerts never
 fire on) a writer's gauges. ``serve`` exposes a registry at /metrics beside /healthz.
 
-Registries: ``BRIDGE``, ``WRITER``, ``COMPUTE``; the edge agent's metrics are on prometheus_client's
-default ``REGISTRY``. Each registry also carries the process, platform and GC collectors. Any
+Registries: ``BRIDGE``, ``WRITER``, ``COMPUTE``; the edge agent's are its own
+(``edge.metrics.EDGE_REGISTRY``). Each registry also carries the process, platform and GC collectors. Any
 process (the edge agent too) serves its registry with ``serve(port, registry, bind=…, health=…)``.
 """
 
@@ -126,7 +126,7 @@ WRITER.register(DEPENDENCY_UP)
 COMPUTE.register(DEPENDENCY_UP)
 
 # Server process → its registry (tests and the monitoring checks walk them all). The edge agent's
-# metrics are the edge's own (prometheus_client's default registry here).
+# metrics are the edge's own (edge.metrics.EDGE_REGISTRY).
 REGISTRIES: dict[str, CollectorRegistry] = {"bridge": BRIDGE, "writer": WRITER, "compute": COMPUTE}
 
 
