@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from edge.wire import COUNTER_QUANTITIES, Batch, Quantity
+from edge.wire import COUNTER_QUANTITIES, MAX_ABS_VALUE, MAX_SEQ, Batch, Quantity
 from ingest.dlq import DeadLetter, Reason
 from ingest.events import DirtyBatch, DirtyRange
 from ops import metrics
@@ -78,6 +78,8 @@ class Prepared:
     dirty: list[DirtyRange]
     offsets: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
     span: tuple[datetime, datetime] | None = None  # oldest and newest timestamp of the rows
+    # The records themselves, for writing them one by one when PostgreSQL refuses the batch.
+    records: Sequence[ConsumerRecord[bytes, bytes]] = ()
 
 
 def batch_rows(batches: Iterable[Batch]) -> list[Row]:
@@ -99,7 +101,9 @@ class _TrustedReading(msgspec.Struct, frozen=True, gc=False):  # no cycles: not 
     meter_id: str
     quantity: _QuantityName  # type: ignore[valid-type]
     ts: Annotated[datetime, msgspec.Meta(tz=True)]
-    value: float
+    # The wire contract's bounds, so a record that did not come through the bridge can never carry
+    # a number the DB columns cannot hold (JSON has no NaN or Infinity for msgspec to accept).
+    value: Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
     quality: Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)] = 0
 
 
@@ -110,7 +114,7 @@ class _TrustedBatch(msgspec.Struct, frozen=True, gc=False):
     supplier: str
     site: str
     gateway: str
-    seq: int
+    seq: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
     sent_at: Annotated[datetime, msgspec.Meta(tz=True)]
     readings: list[_TrustedReading]
 
@@ -387,16 +391,56 @@ def prepare(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Prepared:
     offsets = last_offsets(list(records))
     cut = runs(rows)
     span = (min(r[3] for r in cut), max(r[4] for r in cut)) if cut else None
-    prepared = Prepared(rows, letters, _dirty(cut), offsets, span)
+    prepared = Prepared(rows, letters, _dirty(cut), offsets, span, records)
     metrics.WRITER_DECODE_SECONDS.observe(time.monotonic() - started)
     return prepared
 
 
+# What PostgreSQL says about the data itself (a NUL in a text, a value a column cannot hold, a
+# constraint): retrying cannot help, unlike an outage (ops.db_session retries those).
+REFUSALS: tuple[type[Exception], ...] = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+
+
 def _write(store: ReadingStore, *, prepared: Prepared) -> WriteResult:
     started = time.monotonic()
-    result = store.write(prepared.rows, ordered=True, span=prepared.span)
+    try:
+        result = store.write(prepared.rows, ordered=True, span=prepared.span)
+    except REFUSALS as exc:
+        log.warning("PostgreSQL refused a batch of %d records (%s); writing them one by one",
+                    len(prepared.records), _first_line(exc))
+        result = _write_each(store, prepared)
     metrics.WRITER_COMMIT_SECONDS.observe(time.monotonic() - started)
     return result
+
+
+def _write_each(store: ReadingStore, prepared: Prepared) -> WriteResult:
+    """Record by record, each in its own transaction: the ones PostgreSQL refuses become dead
+    letters (reason ``db_refused``) and the writer goes on; the rest are written as usual. Only
+    a producer other than the bridge can write such a record, so this path is rare and may be slow."""
+    total = WriteResult()
+    refused: set[Row] = set()
+    for rec in prepared.records:
+        rows, _letters = decode_records([rec])
+        try:
+            part = store.write(rows)
+        except REFUSALS as exc:
+            value = rec.value or b""
+            letter = DeadLetter.of(Reason.DB_REFUSED, _first_line(exc), f"kafka:{rec.topic}", value)
+            prepared.letters.append(letter)
+            refused.update(rows)
+            continue
+        total.offered += part.offered
+        total.inserted += part.inserted
+        if part.newest_ts is not None and (total.newest_ts is None or part.newest_ts > total.newest_ts):
+            total.newest_ts = part.newest_ts
+    if refused:  # no dirty range for what was not written
+        prepared.dirty = _dirty(runs([r for r in prepared.rows if r not in refused]))
+    return total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 async def _flush(

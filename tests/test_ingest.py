@@ -9,6 +9,7 @@ as asyncio tasks; every wait is a bounded poll on an observable condition.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -23,7 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.wire import READINGS_SUBSCRIPTION, Batch, Quantity, Reading, readings_topic
@@ -432,6 +433,40 @@ def test_invalid_messages_go_to_the_dlq_and_the_bridge_keeps_going(lane: Lane) -
 
 
 # --- 4. restarts ----------------------------------------------------------------------------------
+
+
+def test_rows_the_db_refuses_become_dead_letters_and_the_writer_goes_on(lane: Lane) -> None:
+    """A record written to readings.v1 by a producer other than the bridge, with a NUL character
+    in a meter id: the writer's fast decoder takes it (the type is right) but PostgreSQL refuses
+    the text. It becomes a ``db_refused`` letter with its original bytes; the batch beside it is
+    stored, the offsets move past both and the writer keeps running."""
+    good = lane.batch(0, meters=2, steps=3)
+    poison = good.encode().replace(f'"{lane.meters}0"'.encode(), f'"{lane.meters}\\u0000x"'.encode())
+    assert poison != good.encode() and b"\\u0000" in poison
+
+    async def scenario() -> tuple[list[DbRow], list[DeadLetter], int, bool]:
+        producer = AIOKafkaProducer(bootstrap_servers=lane.bootstrap, acks="all")
+        await producer.start()
+        try:  # one send, one Kafka batch: both records reach the writer in one poll
+            k = lane.settings.kafka
+            futures = [await producer.send(k.readings_topic, v, key=lane.site.encode()) for v in (poison,
+                       lane.batch(1, meters=2, steps=3).encode())]  # fmt: skip
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+        async with writer(lane) as w, tail(lane, lane.settings.kafka.dlq_topic) as dlq:
+            await rows_arrive(lane, expected_rows([lane.batch(1, meters=2, steps=3)]), w)
+            await until("the db_refused letter", dlq.poll, lambda r: len(r) >= 1, w)
+            await until("the writer's offsets", lambda: committed_offsets(lane), lambda n: n >= 2, w)
+            letters = [DeadLetter.model_validate_json(r.value or b"") for r in dlq.records]
+            alive = not w.done()
+        return await db_rows(lane), letters, await committed_offsets(lane), alive
+
+    rows, letters, committed, alive = asyncio.run(scenario())
+    assert rows == expected_rows([lane.batch(1, meters=2, steps=3)])
+    assert [letter.reason for letter in letters] == [Reason.DB_REFUSED]
+    assert base64.b64decode(letters[0].payload_b64) == poison
+    assert committed == 2 and alive
 
 
 def test_batches_published_while_the_bridge_is_down_all_arrive(lane: Lane) -> None:

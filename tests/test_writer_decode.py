@@ -130,6 +130,17 @@ def test_coercible_spellings_are_refused_by_bridge_and_writer(change: dict[str, 
     assert rows == [] and [letter.reason for letter in letters] == [Reason.SCHEMA]
 
 
+@pytest.mark.parametrize("change", [{"seq": 2**63}, {"seq": -1}, {"value": 1.7e308}, {"value": -1.7e308}])
+def test_numbers_the_db_cannot_hold_never_reach_a_row(change: dict[str, Any]) -> None:
+    """The fast decoder keeps the wire contract's bounds (seq fits bigint, |value| <= 1e15): such a
+    record, written to readings.v1 by anything but the bridge, becomes a letter, never a COPY that
+    would fail (or a counter that would reach a signed statement)."""
+    payload = _one_reading_with(change)
+    assert trusted_rows(payload) is None
+    rows, letters = decode_records([_record(payload)])
+    assert rows == [] and [letter.reason for letter in letters] == [Reason.SCHEMA]
+
+
 @pytest.mark.parametrize("change", [{"ts": 1_763_640_000}])  # epoch seconds
 def test_lax_spellings_fall_back_to_pydantic_with_the_same_result(change: dict[str, Any]) -> None:
     raw = json.loads(Batch(
