@@ -64,6 +64,7 @@ from compute.config import read_toml, validate
 from edge.mqtt_client import new_client
 from edge.wire import Batch, Quantity, Reading, readings_topic
 from ingest.admit import Refused, Registry, admit, dead_letter, load_registry
+from ingest.dlq import Reason
 from ingest.sparkplug import sparkplug_b_pb2
 from ops import metrics
 from ops.errors import UserError
@@ -75,7 +76,7 @@ pb: Any = sparkplug_b_pb2  # protoc's output builds its classes at import: untyp
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 BD_SEQ = "bdSeq"
-DECODE_REASON = "sparkplug_decode"
+DECODE_REASON = Reason.SPARKPLUG_DECODE.value
 BOOLEAN = 11  # Sparkplug DataType Boolean (sparkplug_b.proto)
 REGISTRY_REFRESH_S = 10.0
 REBIRTH_EVERY_S = 5.0
