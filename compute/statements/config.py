@@ -62,7 +62,11 @@ class Production(_Entry):
 
 
 class Recipients(_Entry):
+    """Who receives what: without ``customer`` the supplier's full statement, with it only that
+    customer's statement (its own allocation)."""
+
     supplier: Ident
+    customer: Ident | None = None
     to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(min_length=1)
 
 
@@ -82,6 +86,9 @@ class StatementsConfig(_Entry):
     allocations: list[Allocation] = []
     production: list[Production] = []
     recipients: list[Recipients] = []
+    # A registered meter that measured less of its month than this makes the month incomplete:
+    # no "Final" statement (``compute.statements.completeness``).
+    min_meter_coverage: Annotated[float, Field(ge=0, le=1)] = 0.99
 
     def path(self, p: Path) -> Path:
         """Relative paths are relative to the repository root (where the default config lives)."""
@@ -101,8 +108,13 @@ class StatementsConfig(_Entry):
     def production_for(self, supplier: str, month: str) -> Production | None:
         return next((p for p in self.production if p.supplier == supplier and p.month == month), None)
 
-    def recipients_for(self, supplier: str) -> list[str]:
-        return [addr for r in self.recipients if r.supplier == supplier for addr in r.to]
+    def recipients_for(self, supplier: str, customer: str | None = None) -> list[str]:
+        return [
+            addr
+            for r in self.recipients
+            if r.supplier == supplier and r.customer == customer
+            for addr in r.to
+        ]
 
 
 _SECTIONS: dict[str, type[_Entry]] = {
@@ -128,6 +140,11 @@ def load_statements_config(path: Path) -> StatementsConfig:
     for supplier, total in totals.items():
         if total > 1 + 1e-9:
             raise ConfigError(f"{path}: allocation shares of {supplier!r} add up to {total:.4f} > 1")
+    for r in cfg.recipients:
+        if r.customer is not None and (r.supplier, r.customer) not in seen:
+            raise ConfigError(
+                f"{path}: recipients for customer {r.customer!r} of {r.supplier!r}, who has no allocation"
+            )
     months = [(p.supplier, p.month) for p in cfg.production]
     if len(set(months)) != len(months):
         raise ConfigError(f"{path}: production is given twice for the same supplier and month")
