@@ -100,7 +100,7 @@ def check(
             )
         if drops:
             reasons.append(
-                f"meter {meter} (site {site}): {drops} intervals with quarantined (dropped) readings"
+                f"meter {meter} (site {site}): quarantined (dropped) readings in {drops} 15-minute intervals"
             )
     for site, carrier, method, n in conn.execute(_NO_FACTOR, p).fetchall():
         unit = "hours" if method == "market" else "15-minute intervals"
