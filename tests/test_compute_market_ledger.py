@@ -23,6 +23,7 @@ from compute.fleet import apply_fleet
 from compute.market import apply_instruments, load_instruments
 from compute.recompute import recompute, recompute_all
 from ingest.writer import dirty_ranges
+from ops.cli import main
 from tests.test_compute_support import Row, compute_dsn, insert_rows, reset
 
 __all__ = ["compute_dsn"]
@@ -337,7 +338,13 @@ def test_boundary_and_vintage_rules(conn: Any, tmp_path: Path) -> None:
         apply(conn, tmp_path, gec("y", "cn2", 5, date(2026, 4, 1), date(2027, 4, 1)))
 
 
-def test_removed_instrument_is_retracted_and_claims_recomputed(conn: Any, tmp_path: Path) -> None:
+def test_removed_instrument_is_retracted_and_claims_recomputed(
+    conn: Any,
+    compute_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     copy_rows(conn, constant("e1", "cn1", 100.0, t0, t0 + timedelta(days=2)))  # 2.4 MWh a day
     recompute_all(conn)
@@ -346,8 +353,13 @@ def test_removed_instrument_is_retracted_and_claims_recomputed(conn: Any, tmp_pa
     )
     apply(conn, tmp_path, both)
     assert claims(conn) == pytest.approx({"a": 2000.0, "b": 2000.0})
-    r = apply(conn, tmp_path, gec("b", "cn1", 2, date(2026, 3, 1), date(2026, 3, 3), first=3))
-    assert r.retracted == ["a"]
+    (tmp_path / "instruments.toml").write_text(
+        gec("b", "cn1", 2, date(2026, 3, 1), date(2026, 3, 3), first=3)
+    )
+    monkeypatch.setenv("SCOPEMETER_DB__DSN", compute_dsn)
+    capsys.readouterr()
+    assert main(["instruments", "apply", str(tmp_path / "instruments.toml")]) == 0
+    assert "1 applied, 1 retracted (retracted with their claims: a)" in capsys.readouterr().out
     # b now takes the first 20 hours, which a had.
     assert claims(conn) == pytest.approx({"b": 2000.0})
     first = conn.execute("SELECT min(bucket) FROM instrument_claims WHERE instrument_id = 'b'").fetchone()

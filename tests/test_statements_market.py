@@ -27,6 +27,7 @@ from compute.market import apply_instruments
 from compute.recompute import Params, recompute_all
 from compute.statements.config import load_statements_config
 from compute.statements.document import keygen, load_public_key, public_key_path
+from compute.statements.figures import month_figures
 from compute.statements.issue import issue_month
 from compute.statements.verify import Verification, verify_statement
 from ingest.db import drop_database, ensure_database, migrate
@@ -231,3 +232,29 @@ def test_gec_lowers_market_scope2_and_sets_renewable_share(setup: tuple[str, Pat
         claimed = "figures.instruments.d1|electricity|gec-2026-11-d1.claimed_mwh"
         assert change[claimed]["new"] == pytest.approx(2 * GEC_CERTIFICATES, rel=1e-12)
         assert "figures.totals.scope2_location" not in change
+
+
+def test_uncovered_load_uses_the_excl_nonfossil_factor_and_says_so(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """GHG Protocol Scope 2 Guidance Table 7.1 criterion 8: no residual mix is published for China,
+    so the uncovered rest uses MEE/NBS's average excluding market-traded non-fossil power (2022:
+    0.5856 kgCO2/kWh, announcement of 2024-12-20), and the statement discloses it per site."""
+    dsn, _ = setup
+    excl = 0.5856
+    (tmp_path / "excl.toml").write_text(
+        FACTORS.replace('id = "cn-grid-v1"', 'id = "cn-excl-2022"')
+        .replace(
+            'series = "national-power-average"', 'series = "national-power-average-excl-market-nonfossil"'
+        )
+        .replace(f"kg_co2e_per_unit = {FACTOR}", f"kg_co2e_per_unit = {excl}")
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_factors(conn, tmp_path / "excl.toml")
+        recompute_all(conn)
+        f = month_figures(conn, "delta", MONTH)
+    rest = KW * HOURS - GEC_CERTIFICATES * 1000.0
+    assert f["totals"]["scope2_market"] == pytest.approx(rest * excl, rel=1e-12)
+    assert f["totals"]["scope2_location"] == pytest.approx(KW * HOURS * FACTOR, rel=1e-12)
+    assert f["market_residual_basis"] == {"d1": {"excl-market-nonfossil": pytest.approx(rest)}}
+    assert f["market_fallback_sites"] == []
