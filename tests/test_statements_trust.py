@@ -8,6 +8,7 @@ Expected figures are derived here from the constant power drawn (kW × hours × 
 
 from __future__ import annotations
 
+import email
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from aiosmtpd.controller import Controller
 from psycopg.conninfo import make_conninfo
 
 from compute.factors import apply_factors
@@ -30,6 +32,7 @@ from compute.statements.issue import issue_month
 from compute.statements.verify import verify_offline, verify_statement
 from ingest.db import drop_database, ensure_database, migrate
 from ops.cli import main
+from ops.procs import free_port
 
 FACTOR = 0.5
 MONTH = "2026-11"
@@ -333,3 +336,54 @@ def test_reissue_compares_figures_and_verify_recomputes_every_figure(
         # v1 in the outbox: superseded (the outbox index), and its figures do not reproduce.
         [old] = verify_statement(conn, [v2.directory.parent / "v1" / "statement.json"], trusted, cfg)
         assert old.status == "invalid" and old.superseded_by == 2
+        # Each customer's statement verifies against the database too (its own allocation only).
+        [cust] = verify_statement(conn, [v2.directory / "customers" / "zte" / "statement.json"], trusted, cfg)
+        assert (cust.status, cust.differences) == ("valid", [])
+
+
+class _Inbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], bytes]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append((list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+
+def test_each_customer_is_mailed_only_its_own_statement(env: Path) -> None:
+    inbox = _Inbox()
+    smtp = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        env.write_text(
+            env.read_text()
+            + f"""
+[email]
+host = "127.0.0.1"
+port = {smtp.port}
+[[recipients]]
+supplier = "good"
+to = ["ghg@good.example"]
+[[recipients]]
+supplier = "good"
+customer = "lenovo"
+to = ["suppliers@lenovo.example"]
+"""
+        )
+        assert issue(env, "--supplier", "good", "--email") == 0
+    finally:
+        smtp.stop()
+    by_rcpt = {tuple(r): email.message_from_bytes(raw) for r, raw in inbox.messages}
+    assert set(by_rcpt) == {("ghg@good.example",), ("suppliers@lenovo.example",)}
+    lenovo = by_rcpt[("suppliers@lenovo.example",)]
+    names = sorted(str(p.get_filename()) for p in lenovo.walk() if p.get_filename())
+    assert names == [f"good-{MONTH}-v1-lenovo.{ext}" for ext in ("csv", "json", "pdf")]
+    for part in lenovo.walk():
+        if part.get_filename():
+            assert b"ZTE" not in bytes(part.get_payload(decode=True))
+    full = by_rcpt[("ghg@good.example",)]
+    doc = next(p for p in full.walk() if p.get_filename() == f"good-{MONTH}-v1.json")
+    assert {a["customer"] for a in json.loads(bytes(doc.get_payload(decode=True)))["allocation"]} == {
+        "lenovo",
+        "zte",
+    }

@@ -34,7 +34,9 @@ from compute.statements.config import StatementsConfig
 from compute.statements.figures import month_bounds
 from ops.errors import UserError
 
-SCHEMA: Final = "scopemeter.statement/1"
+# 2: audience (one statement per customer), signing_key with the fingerprint inside the signed
+# content, provisional with incomplete_reasons, instruments with claimed_mwh, market_residual_basis.
+SCHEMA: Final = "scopemeter.statement/2"
 # Figures compared between versions and on verify (dotted paths into the document).
 KEY_FIGURES: Final = (
     "totals.scope1",
@@ -423,13 +425,13 @@ def check_signature(doc: dict[str, Any], trusted: Ed25519PublicKey) -> str | Non
     sig = doc.get("signature")
     if not isinstance(sig, dict) or sig.get("alg") != "Ed25519":
         return "no Ed25519 signature"
-    signer = (
-        (doc.get("signing_key") or {}).get("fingerprint")
-        if isinstance(doc.get("signing_key"), dict)
-        else None
-    )
-    if signer != fingerprint(trusted):
-        return f"signed by key {signer}, not by the trusted key {fingerprint(trusted)}"
+    block = doc.get("signing_key")
+    if isinstance(block, dict):
+        signer = block.get("fingerprint")
+        if signer != fingerprint(trusted):
+            return f"signed by key {signer}, not by the trusted key {fingerprint(trusted)}"
+    elif sig.get("key_id") != key_id(trusted):  # schema 1 statements: a short key id only
+        return f"signed by key {sig.get('key_id')}, not by the trusted key {key_id(trusted)}"
     try:
         trusted.verify(base64.b64decode(sig["value"]), _payload(doc))
     except (InvalidSignature, ValueError, KeyError, TypeError):

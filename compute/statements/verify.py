@@ -166,6 +166,8 @@ def verify_offline(paths: list[Path], trusted: Ed25519PublicKey) -> list[Verific
         if v.problems:
             v.status = "invalid"
         found = _found_index(path)
+        if not indexes and found is None:
+            v.notes.append("no index given: whether a newer version exists was not checked (add index.json)")
         for ipath, index in indexes or ([(found, json.loads(found.read_text()))] if found else []):
             if not indexes and (why := check_signature(index, trusted)) is not None:
                 v.notes.append(f"{ipath}: not signed by the trusted key ({why}); not used")
