@@ -35,6 +35,7 @@ the measured activity.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -57,6 +58,8 @@ from compute.config import (
     validate,
 )
 from edge.wire import Ident
+
+log = logging.getLogger("scopemeter.compute")
 
 RESIDUAL_SERIES: Final = "residual-mix"
 EXCL_NONFOSSIL_SERIES: Final = "national-power-average-excl-market-nonfossil"
@@ -412,15 +415,25 @@ def recompute_market(cur: psycopg.Cursor[Any], site: str, b0: datetime, b1: date
     if row is None:
         return 0
     tz, region = ZoneInfo(row[0]), row[1]
-    insts = [
-        _Inst(r[0], r[1], r[2] * 1000.0, r[5], r[6], _local_midnight(r[3], tz), _local_midnight(r[4], tz))
-        for r in cur.execute(
-            "SELECT instrument_id, carrier, mwh, period_start, period_end, kg_co2e_per_kwh, hourly"
-            " FROM contractual_instruments WHERE site_id = %s"
-            " ORDER BY hourly DESC, period_start, instrument_id",
-            (site,),
-        ).fetchall()
-    ]
+    insts = []
+    for r in cur.execute(
+        "SELECT instrument_id, carrier, mwh, period_start, period_end, kg_co2e_per_kwh, hourly,"
+        " market_boundary FROM contractual_instruments WHERE site_id = %s"
+        " ORDER BY hourly DESC, period_start, instrument_id",
+        (site,),
+    ).fetchall():
+        if r[7] and not within(region, r[7]):  # the site moved grid region since the ledger was applied
+            log.warning(
+                "instrument %s: site %s is on %s, outside market boundary %s: no claims",
+                r[0],
+                site,
+                region,
+                r[7],
+            )
+            continue
+        insts.append(
+            _Inst(r[0], r[1], r[2] * 1000.0, r[5], r[6], _local_midnight(r[3], tz), _local_midnight(r[4], tz))
+        )
     h0, h1 = connected_hull(insts, _floor_hour(b0), _ceil_hour(b1))
     hours: dict[tuple[str, datetime], _Hour] = {}
     for carrier, bucket, kwh, location_kg, factor in cur.execute(

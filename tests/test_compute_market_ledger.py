@@ -405,3 +405,22 @@ def test_residual_fallback_excl_market_nonfossil_then_location(conn: Any, tmp_pa
         and got[1][1] == pytest.approx(300 * EXCL)
         and got[1][2] == ["excl-market-nonfossil"]
     )
+
+
+def test_no_claims_once_the_site_leaves_the_market_boundary(conn: Any, tmp_path: Path) -> None:
+    """A fleet change that moves a site out of an instrument's market stops its claims at the next
+    recompute (criterion 5 is checked at claim time too, not only at load)."""
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    copy_rows(conn, constant("e1", "cn1", 100.0, t0, t0 + timedelta(hours=5)))
+    recompute_all(conn)
+    apply(conn, tmp_path, gec("a", "cn1", 1, date(2026, 3, 1), date(2026, 3, 3)))
+    assert claims(conn) == pytest.approx({"a": 500.0})
+    moved = FLEET.replace(
+        'id = "cn1"\nsupplier = "acme"\nname = "Shenzhen"\ngrid_region = "CN"',
+        'id = "cn1"\nsupplier = "acme"\nname = "Shenzhen"\ngrid_region = "HK"',
+    )
+    assert moved != FLEET
+    (tmp_path / "fleet.toml").write_text(moved)
+    apply_fleet(conn, tmp_path / "fleet.toml")
+    recompute_all(conn)
+    assert claims(conn) == {}
