@@ -53,8 +53,9 @@ def _page(title: str, doc: dict[str, Any], page: int) -> Figure:
     )
     fig.add_artist(Line2D([0.06, 0.94], [0.937, 0.937], color="#cbd2d9", lw=0.8))
     key = (doc.get("signing_key") or {}).get("fingerprint", "unsigned")
-    foot = f"{doc['statement_id']}  ·  inputs {doc['inputs_digest'][:16]}…  ·  key {key}  ·  page {page}/3"
-    fig.text(0.06, 0.02, foot, fontsize=6, color=MUTED)
+    foot = f"{doc['statement_id']}  ·  inputs sha256 {doc['inputs_digest'][:32]}…  ·  page {page}/3"
+    fig.text(0.06, 0.02, foot, fontsize=7, color=MUTED)
+    fig.text(0.06, 0.034, f"Signed with Ed25519 key {key}", fontsize=6, color=MUTED, family="monospace")
     if doc["provisional"]:
         fig.text(
             0.5,
@@ -70,7 +71,7 @@ def _page(title: str, doc: dict[str, Any], page: int) -> Figure:
         )
         fig.text(
             0.94,
-            0.965,
+            0.945,
             "PROVISIONAL — not final",
             fontsize=10,
             color="#c53030",
