@@ -121,7 +121,8 @@ def check(
     reasons: list[str] = []
     ends = {r[1]: r[5] for r in meters}
     if any(now < t1 for t1 in ends.values()):
-        reasons.append(f"the period has not ended at every site (last ends {max(ends.values()).isoformat()})")
+        last = max(ends.values()).isoformat()
+        reasons.append(f"the {period} has not ended at every site (last ends {last})")
     for meter, site, carrier, unit, t0, t1, measured_ms, drops, quantities in meters:
         if carrier not in CARRIERS:
             reasons.append(f"meter {meter} (site {site}): carrier {carrier} cannot be computed")
