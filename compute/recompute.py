@@ -51,7 +51,7 @@ import psycopg
 from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
 from compute.kernels import BUCKET_MS, bucket_energy, ceil_bucket, event_counts, floor_bucket
-from compute.market import recompute_market
+from compute.market import rebuild_market, recompute_market
 from edge.wire import Quantity
 from ingest.events import DirtyRange
 from ops.settings import ComputeSettings
@@ -220,7 +220,7 @@ def _one(cur: psycopg.Cursor[Any], sql: str, params: tuple[Any, ...]) -> Any:
     return row[0] if row else None
 
 
-def _lock_site(cur: psycopg.Cursor[Any], site_id: str) -> None:
+def lock_site(cur: psycopg.Cursor[Any], site_id: str) -> None:
     cur.execute("SELECT pg_advisory_xact_lock(hashtext('scopemeter.compute'), hashtext(%s))", (site_id,))
 
 
@@ -320,7 +320,7 @@ def recompute(
             )
         if not meter.registered:
             log.warning("meter %s (site %s) is not in the fleet registry: no rollup", meter_id, meter.site_id)
-        _lock_site(cur, meter.site_id)
+        lock_site(cur, meter.site_id)
         prev = _one(cur, _LAST_BEFORE.format(op="<"), (meter_id, q, dirty.t_min))
         nxt = _one(cur, _FIRST_AFTER.format(op=">"), (meter_id, q, dirty.t_max))
         b0 = from_ms(floor_bucket(to_ms(prev or dirty.t_min)))
@@ -401,11 +401,5 @@ def recompute_all(
                 events[k] = events.get(k, 0) + v
         _rollup(cur, None, None, None, params)
         rollups = cur.rowcount
-        cur.execute("DELETE FROM site_market_1h")
-        spans = cur.execute(
-            "SELECT site_id, min(bucket), max(bucket) FROM site_rollups_15m WHERE scope = 2"
-            " GROUP BY 1 ORDER BY 1"
-        ).fetchall()
-        for site, first, last in spans:
-            recompute_market(cur, site, first, last + timedelta(minutes=15))
+        rebuild_market(cur)
     return RebuildResult(meters, buckets, rollups, events)

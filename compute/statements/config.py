@@ -94,7 +94,11 @@ class Reporting(_Entry):
 
 
 class Recipients(_Entry):
+    """Who receives what: without ``customer`` the supplier's full statement, with it only that
+    customer's statement (its own allocation)."""
+
     supplier: Ident
+    customer: Ident | None = None
     to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(min_length=1)
 
 
@@ -115,6 +119,9 @@ class StatementsConfig(_Entry):
     production: list[Production] = []
     recipients: list[Recipients] = []
     reporting: list[Reporting] = []
+    # A registered meter that measured less of its month than this makes the month incomplete:
+    # no "Final" statement (``compute.statements.completeness``).
+    min_meter_coverage: Annotated[float, Field(ge=0, le=1)] = 0.99
 
     def path(self, p: Path) -> Path:
         """Relative paths are relative to the repository root (where the default config lives)."""
@@ -151,8 +158,13 @@ class StatementsConfig(_Entry):
     def reporting_for(self, supplier: str) -> Reporting | None:
         return next((r for r in self.reporting if r.supplier == supplier), None)
 
-    def recipients_for(self, supplier: str) -> list[str]:
-        return [addr for r in self.recipients if r.supplier == supplier for addr in r.to]
+    def recipients_for(self, supplier: str, customer: str | None = None) -> list[str]:
+        return [
+            addr
+            for r in self.recipients
+            if r.supplier == supplier and r.customer == customer
+            for addr in r.to
+        ]
 
 
 _SECTIONS: dict[str, type[_Entry]] = {
@@ -182,6 +194,11 @@ def load_statements_config(path: Path) -> StatementsConfig:
     reporting = [r.supplier for r in cfg.reporting]
     if len(set(reporting)) != len(reporting):
         raise ConfigError(f"{path}: [[reporting]] is given twice for the same supplier")
+    for r in cfg.recipients:
+        if r.customer is not None and (r.supplier, r.customer) not in seen:
+            raise ConfigError(
+                f"{path}: recipients for customer {r.customer!r} of {r.supplier!r}, who has no allocation"
+            )
     months = [(p.supplier, p.month) for p in cfg.production]
     if len(set(months)) != len(months):
         raise ConfigError(f"{path}: production is given twice for the same supplier and month")
