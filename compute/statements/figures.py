@@ -37,6 +37,7 @@ from typing import Any
 import psycopg
 
 from compute.market import RESIDUAL_SERIES
+from compute.quarantine import quarantined
 from ops.errors import UserError
 
 BUCKET = timedelta(minutes=15)
@@ -334,6 +335,8 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         "factors": factors,
         "instruments": instruments,
         "refusals": refusals,
+        # Readings held back as implausible (compute.quarantine): the data-quality section.
+        "quarantined": [q.as_dict() for q in quarantined(conn, supplier, month)],
     }
 
 
