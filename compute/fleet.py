@@ -137,7 +137,8 @@ class Meter(FuelBasis):
     accuracy_class: Annotated[float, AfterValidator(_ratio)] | None = None
     # The most the metered circuit can draw, in the counter's unit per hour (kW for kWh counters,
     # m3/h, l/h, kg/h): a counter step above max_kw × the interval is implausible and quarantined
-    # (compute.quarantine). E.g. a 250 A CT on 400 V three-phase: sqrt(3) × 400 V × 250 A ≈ 173 kW.
+    # (compute.quarantine). E.g. a 400 A three-phase feeder at 400 V + 10 % (IEC 60038 supply range):
+    # sqrt(3) × 440 V × 400 A ≈ 305 kW.
     # Unset: only the bridge's physical bounds per quantity apply.
     max_kw: Annotated[float, AfterValidator(_ratio)] | None = None
     # Tolerated simulation keys (see module doc); not stored.

@@ -20,7 +20,8 @@ bits of reading ``i + 1`` classify interval ``i`` (``ts[i]`` → ``ts[i+1]``).
    ``quarantine_intervals`` then marks an interval IMPLAUSIBLE (``F_IMPLAUSIBLE``: 0 and
    unmeasured, its later reading is quarantined by ``compute.quarantine``) when either reading is
    NaN or ±Infinity, or when it counts more than the meter's maximum power allows: energy >
-   ``max_kw`` × duration (the counter's unit per hour, kW for kWh). So no NaN or Infinity reaches
+   ``max_kw`` × duration (the counter's unit per hour, kW for kWh) + one float32 step of the
+   reading (``COUNTER_RESOLUTION``). So no NaN or Infinity reaches
    a bucket, and a jump (a spike, a corrupted register) is held back instead of being counted.
 2. ``apportion`` — each interval's energy is spread linearly over time (uniform power) across the
    bucket boundaries it straddles. Every bucket but the last one an interval touches gets
@@ -59,6 +60,9 @@ F_DROP: Final = 8
 F_GAP: Final = 16
 F_ESTIMATED: Final = 32
 F_IMPLAUSIBLE: Final = 64  # non-finite reading or a jump beyond max_kw × duration (quarantined)
+# A counter step may exceed max_kw × duration by one float32 step of the reading (most meters
+# hold their counters in IEEE 754 float32, e.g. the SDM630): at 1e7 kWh one tick is 1 kWh.
+COUNTER_RESOLUTION: Final = 2.0**-23
 F_UNMEASURED: Final = F_REPLACED | F_DROP | F_IMPLAUSIBLE  # contributes no energy at all
 F_TO_ESTIMATED: Final = F_GAP | F_ESTIMATED  # energy counted as estimated
 
@@ -136,7 +140,8 @@ def quarantine_intervals(ts: I64, value: F64, delta: F64, flags: I32, max_kw: fl
     for i in range(delta.shape[0]):
         bad = not (np.isfinite(value[i]) and np.isfinite(value[i + 1]) and np.isfinite(delta[i]))
         if not bad and max_kw > 0.0 and (flags[i] & F_UNMEASURED) == 0:
-            bad = delta[i] * 3_600_000.0 > max_kw * float(ts[i + 1] - ts[i])
+            excess = delta[i] - abs(value[i + 1]) * COUNTER_RESOLUTION
+            bad = excess * 3_600_000.0 > max_kw * float(ts[i + 1] - ts[i])
         if bad:
             delta[i] = 0.0
             flags[i] = F_IMPLAUSIBLE

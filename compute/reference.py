@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from compute.kernels import (
     BUCKET_MS,
+    COUNTER_RESOLUTION,
     F_DROP,
     F_ESTIMATED,
     F_GAP,
@@ -49,7 +50,8 @@ def interval_ref(
     energy, flag = _interval(a, b, qa, qb, duration_ms, counter_max, max_gap_ms)
     if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(energy)):
         return 0.0, F_IMPLAUSIBLE
-    if max_kw > 0 and not flag & (F_REPLACED | F_DROP) and energy * 3_600_000.0 > max_kw * duration_ms:
+    excess = energy - abs(b) * COUNTER_RESOLUTION
+    if max_kw > 0 and not flag & (F_REPLACED | F_DROP) and excess * 3_600_000.0 > max_kw * duration_ms:
         return 0.0, F_IMPLAUSIBLE
     return energy, flag
 

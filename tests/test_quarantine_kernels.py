@@ -47,6 +47,19 @@ def test_bound_is_max_kw_times_the_interval() -> None:
     assert over.interval_flags.tolist() == [0, F_IMPLAUSIBLE] and over.kwh.sum() == 12.5
 
 
+def test_a_float32_counter_tick_is_not_a_jump() -> None:
+    # A float32 register at 1e7 kWh moves in steps of 1 kWh (IEEE 754 binary32: 24-bit significand),
+    # far more than 100 kW can add in a second; the tick is plausible, two ticks are not.
+    at = float(np.float32(1e7))
+    tick = float(np.spacing(np.float32(at)))
+    assert tick == 1.0
+    ts = np.array([T0, T0 + 1000, T0 + 2000], dtype=np.int64)
+    one = bucket_energy(ts, np.array([at, at + tick, at + tick]), max_kw=100.0)
+    assert one.interval_flags.tolist() == [0, 0]
+    two = bucket_energy(ts, np.array([at, at + 2 * tick, at + 2 * tick]), max_kw=100.0)
+    assert two.interval_flags.tolist() == [F_IMPLAUSIBLE, 0]
+
+
 def test_wrap_and_reset_are_bounded_too() -> None:
     ts = np.array([T0, T0 + MIN, T0 + 2 * MIN], dtype=np.int64)
     q = np.array([0, int(Quality.COUNTER_RESET), 0], dtype=np.int64)
