@@ -135,6 +135,12 @@ class Meter(FuelBasis):
     # Accuracy class in percent (IEC 62053-21 class 1 = 1.0, class 0.5S = 0.5; MID class B ~ 1):
     # statements state their measurement uncertainty from it. Unset: uncertainty not assessed.
     accuracy_class: Annotated[float, AfterValidator(_ratio)] | None = None
+    # The most the metered circuit can draw, in the counter's unit per hour (kW for kWh counters,
+    # m3/h, l/h, kg/h): a counter step above max_kw × the interval is implausible and quarantined
+    # (compute.quarantine). E.g. a 400 A three-phase feeder at 400 V + 10 % (IEC 60038 supply range):
+    # sqrt(3) × 440 V × 400 A ≈ 305 kW.
+    # Unset: only the bridge's physical bounds per quantity apply.
+    max_kw: Annotated[float, AfterValidator(_ratio)] | None = None
     # Tolerated simulation keys (see module doc); not stored.
     profile: Any = Field(default=None, exclude=True)
     base_kw: Any = Field(default=None, exclude=True)
@@ -261,6 +267,7 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                 "reference_conditions",
                 "fuel_type",
                 "accuracy_class",
+                "max_kw",
             ),
             [
                 (
@@ -279,6 +286,7 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                     m.reference_conditions or "",
                     m.fuel_type,
                     m.accuracy_class,
+                    m.max_kw,
                 )
                 for m in fleet.meters
             ],

@@ -52,6 +52,7 @@ from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
 from compute.kernels import BUCKET_MS, bucket_energy, ceil_bucket, event_counts, floor_bucket
 from compute.market import rebuild_market, recompute_market
+from compute.quarantine import record as record_quarantine
 from edge.wire import Quantity
 from ingest.events import DirtyRange
 from ops.settings import ComputeSettings
@@ -258,6 +259,7 @@ class _Meter:
     max_gap_ms: int
     registered: bool
     unit: str  # what the counter measures (compute.fleet.METER_UNITS)
+    max_kw: float = 0.0  # per-meter plausibility bound (compute.quarantine); 0 = none
 
     @property
     def quantity(self) -> str:
@@ -266,14 +268,15 @@ class _Meter:
 
 def _meter(cur: psycopg.Cursor[Any], meter_id: str, site_hint: str, params: Params) -> _Meter:
     row = cur.execute(
-        "SELECT site_id, carrier, counter_max, max_gap_s, activity_unit FROM meters WHERE meter_id = %s",
+        "SELECT site_id, carrier, counter_max, max_gap_s, activity_unit, max_kw FROM meters"
+        " WHERE meter_id = %s",
         (meter_id,),
     ).fetchone()
     if row is None:
         return _Meter(site_hint, Carrier.ELECTRICITY.value, 0.0, round(params.max_gap_s * 1000), False, "kWh")
     gap = row[3] if row[3] is not None else params.max_gap_s
     unit = row[4] or METER_UNITS[Carrier(row[1])][0]
-    return _Meter(row[0], row[1], float(row[2] or 0.0), round(gap * 1000), True, unit)
+    return _Meter(row[0], row[1], float(row[2] or 0.0), round(gap * 1000), True, unit, float(row[5] or 0.0))
 
 
 def _write_energy(cur: psycopg.Cursor[Any], meter_id: str, e: Any) -> None:
@@ -332,7 +335,15 @@ def recompute(
         lo = _one(cur, _LAST_BEFORE.format(op="<="), (meter_id, q, b0)) or b0
         hi = _one(cur, _FIRST_AFTER.format(op=">="), (meter_id, q, b1)) or b1
         ts, value, quality = _load(cur, _LOAD, (meter_id, q, lo, hi))
-        energy = bucket_energy(ts, value, quality, counter_max=meter.counter_max, max_gap_ms=meter.max_gap_ms)
+        energy = bucket_energy(
+            ts,
+            value,
+            quality,
+            counter_max=meter.counter_max,
+            max_gap_ms=meter.max_gap_ms,
+            max_kw=meter.max_kw,
+        )
+        record_quarantine(cur, meter_id, q, ts, value, energy.interval_flags, meter.max_kw)
         keep = (energy.starts >= to_ms(b0)) & (energy.starts < to_ms(b1))
         kept = energy._replace(
             starts=energy.starts[keep],
@@ -385,6 +396,7 @@ def recompute_all(
             (sorted(set(QUANTITY_OF_UNIT.values())),),
         ).fetchall()
         cur.execute("DELETE FROM meter_energy_15m")
+        cur.execute("DELETE FROM quarantined_readings")
         meters = 0
         for meter_id, q in pairs:
             meter = _meter(cur, meter_id, "", params)
@@ -392,8 +404,14 @@ def recompute_all(
                 continue
             ts, value, quality = _load(cur, _LOAD_ALL, (meter_id, q))
             energy = bucket_energy(
-                ts, value, quality, counter_max=meter.counter_max, max_gap_ms=meter.max_gap_ms
+                ts,
+                value,
+                quality,
+                counter_max=meter.counter_max,
+                max_gap_ms=meter.max_gap_ms,
+                max_kw=meter.max_kw,
             )
+            record_quarantine(cur, meter_id, q, ts, value, energy.interval_flags, meter.max_kw, whole=True)
             _write_energy(cur, meter_id, energy)
             meters += 1
             buckets += len(energy.starts)

@@ -16,9 +16,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, help="default: CONFIG_DIR/statements.toml")
 
-    keygen = ssub.add_parser("keygen", help="create the Ed25519 signing key named in the config")
+    keygen = ssub.add_parser(
+        "keygen",
+        help="create the Ed25519 signing key at the setting statements.signing_key, encrypted with"
+        " the configured passphrase (never taken from the command line)",
+    )
     common(keygen)
-    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    keygen.add_argument(
+        "--force", action="store_true", help="rotate: keep the old public key as KEY.<id>.pub, then replace"
+    )
     keygen.set_defaults(handler=_keygen)
 
     issue = ssub.add_parser("issue", help="issue (or supersede) the statements of one month")

@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from compute import quarantine
 from compute.config import Carrier
 from compute.fleet import METER_UNITS
 from compute.kernels import F_DROP
@@ -144,6 +145,8 @@ def check(
             reasons.append(
                 f"meter {meter} (site {site}): quarantined (dropped) readings in {drops} 15-minute intervals"
             )
+    # Readings held back as implausible (a spike beyond the meter's max_kw, NaN, Infinity).
+    reasons += quarantine.reasons(quarantine.quarantined(conn, supplier, month))
     for site, carrier, method, n in conn.execute(_NO_FACTOR, p).fetchall():
         unit = "hours" if method == "market" else "15-minute intervals"
         reasons.append(f"site {site}: {n} {unit} of {carrier} ({method}) have no emission factor")

@@ -112,7 +112,9 @@ class EmailConfig(_Entry):
 
 
 class StatementsConfig(_Entry):
-    signing_key: Path = Path(".scopemeter/keys/statements_ed25519.pem")
+    # Overrides the setting statements.signing_key (default /etc/scopemeter/statement-signing.key),
+    # e.g. for a second configuration on one machine; unset in the shipped config.
+    signing_key: Path | None = None
     outbox_dir: Path = Path(".scopemeter/statements")
     email: EmailConfig = EmailConfig()
     allocations: list[Allocation] = []
@@ -129,7 +131,11 @@ class StatementsConfig(_Entry):
 
     @property
     def key_path(self) -> Path:
-        return self.path(self.signing_key)
+        if self.signing_key is not None:
+            return self.path(self.signing_key)
+        from ops.settings import Settings
+
+        return Settings().statements.signing_key
 
     @property
     def outbox(self) -> Path:

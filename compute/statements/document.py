@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -109,7 +108,7 @@ def readings_digest(conn: psycopg.Connection[Any], supplier: str, month: str) ->
 def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT m.meter_id, m.site_id, m.carrier, m.model, m.ct_ratio, m.pt_ratio, m.activity_unit,"
-        " m.cv_basis, m.reference_conditions, m.fuel_type, m.accuracy_class FROM meters m"
+        " m.cv_basis, m.reference_conditions, m.fuel_type, m.accuracy_class, m.max_kw FROM meters m"
         " JOIN sites s USING (site_id) WHERE s.supplier_id = %s ORDER BY m.meter_id",
         (supplier,),
     ).fetchall()
@@ -127,6 +126,8 @@ def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, An
             "reference_conditions": r[8],
             "fuel_type": r[9],
             "accuracy_class": r[10],
+            # Its plausibility bound: readings beyond it are quarantined (compute.quarantine).
+            "max_kw": r[11],
         }
         for r in rows
     ]
@@ -486,40 +487,24 @@ def for_customer(doc: dict[str, Any], customer: str) -> dict[str, Any]:
 
 
 def keygen(path: Path, *, overwrite: bool = False) -> Path:
-    """Write a new Ed25519 private key (PEM, mode 0600) and its public key beside it (``.pub``)."""
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; refusing to replace a signing key (--force to do so)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub = public_key_path(path)
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return pub
+    """A new Ed25519 key at ``path`` (mode 0600, encrypted with the configured passphrase) and its
+    public key beside it (``.pub``); ``overwrite`` rotates (``compute.statements.keys``)."""
+    from compute.statements import keys
+
+    return keys.keygen(path, overwrite=overwrite, secret=keys.passphrase())
 
 
 def public_key_path(private: Path) -> Path:
-    return private.with_name(private.name + ".pub")
+    from compute.statements import keys
+
+    return keys.public_key_path(private)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise UserError(f"no signing key at {path}; create one with `scopemeter statements keygen`") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: not a PEM private key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise UserError(f"{path}: not an Ed25519 key")
-    return key
+    """The signing key, unlocked with the configured passphrase (``compute.statements.keys``)."""
+    from compute.statements import keys
+
+    return keys.load_private_key(path, keys.passphrase())
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

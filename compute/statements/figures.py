@@ -39,6 +39,7 @@ from typing import Any
 import psycopg
 
 from compute.market import FALLBACKS
+from compute.quarantine import quarantined
 from ops.errors import UserError
 
 BUCKET = timedelta(minutes=15)
@@ -354,6 +355,8 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         "instruments": instruments,
         "refusals": refusals,
         "market_residual_basis": {site: dict(v) for site, v in sorted(market_basis.items())},
+        # Readings held back as implausible (compute.quarantine): the data-quality section.
+        "quarantined": [q.as_dict() for q in quarantined(conn, supplier, month)],
     }
 
 

@@ -20,6 +20,8 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from compute.statements import data_quality
+
 A4 = (8.27, 11.69)
 INK = "#1f2933"
 MUTED = "#616e7c"
@@ -384,6 +386,7 @@ def _detail_page(doc: dict[str, Any]) -> Figure:
         "`scopemeter statements verify --offline --public-key KEY.pub FILES… [index.json]`.",
         f"Statement id: {doc['statement_id']}",
     ]
+    lines += data_quality.pdf_lines(doc)
     for n, line in enumerate(lines):
         fig.text(
             0.06,
@@ -539,6 +542,8 @@ def csv_text(doc: dict[str, Any]) -> str:
         i = doc["intensity"]
         row("intensity", "kg_co2e_per_unit_location", i["kg_co2e_per_unit_location"], f"kg CO2e/{i['unit']}")
         row("intensity", "kg_co2e_per_unit_market", i["kg_co2e_per_unit_market"], f"kg CO2e/{i['unit']}")
+    for section, metric, value, unit, site in data_quality.csv_rows(doc):
+        row(section, metric, value, unit, site=site)
     for c in (doc["supersedes"] or {}).get("changes", []):
         row("changes", c["figure"], c["delta"], "difference vs superseded version")
     return out.getvalue()
