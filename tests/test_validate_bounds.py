@@ -79,6 +79,14 @@ def test_a_bad_topic_letter_says_why() -> None:
     decided = letter("scopemeter/v1/a/b/status", make_batch(0).encode())
     assert decided.reason is Reason.BAD_TOPIC
     assert decided.detail == "not a readings topic: 'scopemeter/v1/a/b/status'"
+    # Six parts under the right root, but not a readings topic.
+    other = "scopemeter/v1/acme-electronics/sz-plant-1/gw-sz1-01/status"
+    assert letter(other, make_batch(0).encode()).reason is Reason.BAD_TOPIC
+
+
+def test_a_letter_is_stamped_with_an_aware_time() -> None:
+    decided = letter(TOPIC, b"{")
+    assert decided.received_at.utcoffset() == timedelta(0)
 
 
 def test_a_schema_letter_names_the_field_without_echoing_the_input_or_a_url() -> None:
