@@ -51,9 +51,9 @@ MODULES: dict[str, list[str]] = {
     "ingest/registry.py": ["tests/test_trust_registry.py", "tests/test_validate.py"],
     "ingest/dlq.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
     "ingest/bridge.py": ["tests/test_bridge_acks.py", "tests/test_trust_bridge_kafka_refusal.py"],
-    "compute/factors.py": ["tests/test_factors.py"],
+    "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
     "compute/recompute.py": ["tests/test_compute_recompute.py"],
-    "compute/reference.py": ["tests/test_compute_kernels.py"],
+    "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
 }
 
 
