@@ -128,7 +128,7 @@ def main() -> int:
                 batch = [i for i in items if i is not None]
                 if not batch:
                     continue
-                recompute_many(conn, coalesce(r for _, ranges in batch for r in ranges), params)
+                recompute_many(conn, ranges=coalesce(r for _, ranges in batch for r in ranges), params=params)
                 now = time.perf_counter()
                 latencies += [now - committed for committed, _ in batch]
                 polls += 1

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     compute = sub.add_parser("compute", help="readings → 15-minute energy and emissions rollups")
     csub = compute.add_subparsers(dest="compute_command", required=True, metavar="ACTION")
     run = csub.add_parser("run", help="consume dirty ranges from Kafka and recompute them")
-    run.add_argument("--metrics-port", type=int, default=9103, help="0 disables /metrics")
+    run.add_argument("--metrics-port", type=int, default=9103, help="/metrics and /healthz port (0: off)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(handler=_run)
     rebuild = csub.add_parser(
@@ -160,9 +160,10 @@ def _run(args: Any) -> int:
     from ops import metrics
 
     setup_logging(args.verbose)
-    metrics.serve(args.metrics_port)
     settings = Settings()
-    return run_service(lambda stop: run_worker(settings, stop))
+    health = metrics.Health("kafka", "db")
+    metrics.serve(args.metrics_port, metrics.COMPUTE, bind=settings.metrics.bind, health=health)
+    return run_service(lambda stop: run_worker(settings, stop, health=health))
 
 
 def _rebuild(_args: Any) -> int:

@@ -5,8 +5,8 @@ covers every part), recomputed in their own DB transactions, and only then are t
 committed. A crash replays ranges, and recompute is idempotent, so nothing is lost or doubled.
 Messages that do not decode are logged and skipped (the writer is the only producer).
 
-Metrics: ``scopemeter_kafka_consumer_lag`` for the compute group after every poll (partition end
-minus the position, which is the committed offset once a poll's recompute is committed) and
+Metrics: ``scopemeter_kafka_consumer_lag`` for the compute group after every poll (as for the
+writer: partition end minus the group's committed offset, ``ops.kafka_client``) and
 ``scopemeter_compute_latency_seconds`` per record, from its Kafka timestamp (the writer publishes
 right after its DB commit) to after the recompute commit.
 """
@@ -14,20 +14,22 @@ right after its DB commit) to after the recompute commit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
 from compute.recompute import Params, RecomputeResult, recompute
 from ingest.events import DirtyRange, decode_dirty
 from ops import metrics
+from ops.db_session import Reconnecting
+from ops.kafka_client import GroupConsumer, last_offsets
+from ops.runtime import Stopped
 from ops.settings import Settings
 
 log = logging.getLogger("scopemeter.compute.worker")
@@ -65,23 +67,13 @@ def decode(records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[DirtyRange]:
 
 
 def recompute_many(
-    conn: psycopg.Connection[Any], ranges: list[DirtyRange], params: Params
+    conn: psycopg.Connection[Any], *, ranges: list[DirtyRange], params: Params
 ) -> list[RecomputeResult]:
     results = []
     for r in ranges:
         results.append(recompute(conn, r, params))
         metrics.COMPUTE_RANGES.inc()
     return results
-
-
-async def record_lag(consumer: AIOKafkaConsumer, group: str) -> None:
-    """Set the lag gauge of every assigned partition whose end offset the consumer has seen."""
-    for tp in consumer.assignment():
-        end = consumer.highwater(tp)
-        if end is None:
-            continue
-        lag = end - await consumer.position(tp)
-        metrics.KAFKA_CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(max(0, lag))
 
 
 def record_latency(records: Iterable[ConsumerRecord[bytes, bytes]], done_s: float) -> None:
@@ -95,19 +87,24 @@ async def run_worker(
     *,
     poll_timeout_ms: int = 200,
     max_records: int = 2_000,
+    health: metrics.Health | None = None,
 ) -> None:
-    """Consume and recompute until ``stop`` is set; returns after finishing the current poll."""
+    """Consume and recompute until ``stop`` is set; returns after finishing the current poll.
+
+    When PostgreSQL goes away the poll's ranges are recomputed again on a new connection (capped
+    backoff) until they commit; only then are the offsets committed. ``health`` follows Kafka and
+    the DB."""
     k = settings.kafka
     params = Params.from_settings(settings.compute)
-    consumer = AIOKafkaConsumer(
-        k.committed_topic,
-        bootstrap_servers=k.bootstrap,
-        group_id=k.compute_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=k.fetch_max_wait_ms,
+    consumer = GroupConsumer(k, k.committed_topic, k.compute_group, health=health)
+    db: Reconnecting[psycopg.Connection[Any]] = Reconnecting(
+        lambda: psycopg.connect(settings.db.dsn, connect_timeout=10),
+        psycopg.Connection.close,
+        _ping,
+        stop=stop,
+        health=health,
+        max_delay=settings.db.reconnect_max_s,
     )
-    conn: psycopg.Connection[Any] = await asyncio.to_thread(psycopg.connect, settings.db.dsn)
     await consumer.start()
     log.info(
         "compute worker consuming %s as group %s (factor series %s)",
@@ -115,30 +112,38 @@ async def run_worker(
         k.compute_group,
         params.factor_series,
     )
+    checked_at = 0.0
     try:
+        await db.ping()
         while not stop.is_set():
             data = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=max_records)
             records = [rec for recs in data.values() for rec in recs]
             if not records:
-                await record_lag(consumer, k.compute_group)
+                await consumer.report_lag()
+                if time.monotonic() - checked_at >= 1.0:
+                    checked_at = time.monotonic()
+                    await db.ping()
                 continue
             ranges = coalesce(decode(records))
-            results = await asyncio.to_thread(recompute_many, conn, ranges, params)
+            results = await db.run(
+                functools.partial(recompute_many, ranges=ranges, params=params),
+                while_waiting=consumer.keepalive,
+            )
             record_latency(records, time.time())
-            offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-            for rec in records:
-                tp = TopicPartition(rec.topic, rec.partition)
-                if tp not in offsets or offsets[tp].offset <= rec.offset:
-                    offsets[tp] = OffsetAndMetadata(rec.offset + 1, "")
-            try:
-                await consumer.commit(offsets)
-            except CommitFailedError as exc:  # rebalanced: the new owner replays; recompute is idempotent
-                log.warning("offset commit failed after recompute (replay is harmless): %s", exc)
-            await record_lag(consumer, k.compute_group)
+            # Rebalanced meanwhile: the new owner replays what is not committed; recompute is idempotent.
+            await consumer.commit(last_offsets(records))
+            await consumer.report_lag()
             events = sum(sum(r.events.values()) for r in results)
             log.debug(
                 "recomputed %d ranges from %d records (%d counter events)", len(ranges), len(records), events
             )
+    except Stopped:
+        log.warning("stopped while PostgreSQL was unavailable: the ranges not recomputed stay in Kafka")
     finally:
         await consumer.stop()
-        await asyncio.to_thread(conn.close)
+        await db.close()
+
+
+def _ping(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SELECT 1")
+    conn.commit()

@@ -302,7 +302,7 @@ async def run_agent(
         RateLimit(config.backfill_batches_per_s, burst=max(1.0, config.backfill_batches_per_s)),
     )
     status = status_topic(config.supplier, config.site, config.gateway)
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port, settings.metrics.bind)
     for meter in config.meters:
         metrics.EDGE_METER_STATUS.labels(config.gateway, meter.id).state("unknown")
         metrics.EDGE_METER_FAILURES.labels(config.gateway, meter.id).set(0)
@@ -312,10 +312,12 @@ async def run_agent(
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         if rc.is_failure:
             log.error("MQTT connect refused: %s", rc)
+            metrics.HEALTH.down("mqtt", f"connect refused: {rc}")
             backoff.apply(c)
             return
         backoff.reset()
         metrics.EDGE_MQTT_CONNECTED.set(1)
+        metrics.HEALTH.up("mqtt")
         log.info("MQTT connected to %s:%d", settings.mqtt.host, settings.mqtt.port)
         c.publish(status, json.dumps({"gateway": config.gateway, "state": "online"}), qos=1, retain=True)
 
@@ -324,6 +326,7 @@ async def run_agent(
 
     def on_disconnect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         metrics.EDGE_MQTT_CONNECTED.set(0)
+        metrics.HEALTH.down("mqtt", f"disconnected: {rc}")
         if rc.is_failure:
             backoff.apply(c)
             log.warning("MQTT disconnected: %s (reconnecting with backoff)", rc)

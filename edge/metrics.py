@@ -6,7 +6,10 @@ Per-meter series carry ``gateway`` and ``meter`` labels, so a plant engineer see
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge
+
+from ops.metrics import DEPENDENCY_UP, Health
+from ops.metrics import serve as serve_registry
 
 EDGE_REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -82,7 +85,11 @@ EDGE_MQTT_CONNECTED = Gauge(
 )
 
 
-def serve(port: int) -> None:
-    """Expose the edge registry's /metrics on 127.0.0.1:``port`` (0 disables)."""
-    if port:
-        start_http_server(port, addr="127.0.0.1", registry=EDGE_REGISTRY)
+# /healthz follows the agent's MQTT session (set by the agent's connect and disconnect callbacks).
+EDGE_REGISTRY.register(DEPENDENCY_UP)
+HEALTH = Health("mqtt")
+
+
+def serve(port: int, bind: str = "127.0.0.1") -> None:
+    """Expose the edge registry's /metrics and the agent's /healthz on ``bind:port`` (0 disables)."""
+    serve_registry(port, EDGE_REGISTRY, bind=bind, health=HEALTH)

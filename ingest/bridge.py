@@ -41,6 +41,7 @@ from ingest.dlq import DeadLetter, Reason
 from ingest.registry import RegistryCache
 from ingest.validate import Accepted, classify
 from ops import metrics
+from ops.kafka_client import client_kwargs, watch_broker
 from ops.ratelog import RateLimitedLog
 from ops.settings import Settings
 
@@ -106,13 +107,15 @@ async def run_bridge(
     stop: asyncio.Event,
     client_id: str | None = None,
     on_ready: Callable[[], None] | None = None,
+    health: metrics.Health | None = None,
     *,
     producer: AIOKafkaProducer | None = None,
 ) -> None:
     """Run until ``stop`` is set; raises if Kafka refuses a record (un-acked messages stay in MQTT).
 
     ``on_ready`` is called once the shared subscription is in place: from then on no batch is missed.
-    ``producer`` (tests) replaces the Kafka producer built from ``settings``.
+    ``health`` follows the MQTT session and the Kafka brokers. ``producer`` (tests) replaces the
+    Kafka producer built from ``settings``.
     """
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
@@ -123,19 +126,23 @@ async def run_bridge(
     registry = RegistryCache(settings.db.dsn, settings.ingest.registry_refresh_s)
     registry.refresh(soon=True)
     while not registry.loaded():  # no batch is checked without it; the DB may be starting
-        await asyncio.sleep(1.0)
-        registry.refresh(soon=True)
         if stop.is_set():
             await producer.stop()
             return
         await asyncio.sleep(1.0)
+        registry.refresh(soon=True)
+    watch = asyncio.create_task(watch_broker(producer.client.fetch_all_metadata, health)) if health else None
     subscribed = asyncio.Event()
     gate = AckGate()
 
     def on_connect(client: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         if rc.is_failure:
             log.error("MQTT connect refused: %s", rc)
+            if health is not None:
+                health.down("mqtt", f"connect refused: {rc}")
             return
+        if health is not None:
+            health.up("mqtt")
         if gate.connected() > 1:
             log.warning("MQTT reconnected: un-acked messages will be redelivered")
         client.subscribe(subscription(settings), qos=1)
@@ -150,8 +157,13 @@ async def run_bridge(
         item = Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, gate.connection)
         loop.call_soon_threadsafe(inbox.put_nowait, item)
 
+    def on_disconnect(_c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        if health is not None:
+            health.down("mqtt", f"disconnected: {rc}")
+
     client = make_mqtt_client(settings, client_id, manual_ack=True)
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_message = on_message
     client.on_subscribe = on_subscribe
     client.connect_async(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive)
@@ -188,6 +200,8 @@ async def run_bridge(
         await producer.flush()
         await asyncio.sleep(0)  # let the done callbacks queue their PUBACKs before DISCONNECT
     finally:
+        if watch is not None:
+            watch.cancel()
         client.disconnect()
         client.loop_stop()
         await producer.stop()
@@ -196,7 +210,7 @@ async def run_bridge(
 
 def _new_producer(settings: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap,
+        **client_kwargs(settings.kafka),
         acks="all",
         # Idempotent: a retry after a lost ack is written once per partition, in order (Kafka dedups by
         # producer id and sequence); the DB key still dedups a redelivery from MQTT.

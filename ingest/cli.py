@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ingest = sub.add_parser("ingest", help="MQTT → Kafka bridge and Kafka → PostgreSQL writer")
     isub = ingest.add_subparsers(dest="ingest_command", required=True, metavar="PROCESS")
     bridge = isub.add_parser("bridge", help="validate MQTT batches and produce them to Kafka")
-    bridge.add_argument("--metrics-port", type=int, default=9101, help="0 disables /metrics")
+    bridge.add_argument("--metrics-port", type=int, default=9101, help="/metrics and /healthz port (0: off)")
     bridge.add_argument(
         "--client-id",
         default=None,
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     bridge.set_defaults(handler=_bridge)
     writer = isub.add_parser("writer", help="write readings from Kafka to PostgreSQL")
-    writer.add_argument("--metrics-port", type=int, default=9102, help="0 disables /metrics")
+    writer.add_argument("--metrics-port", type=int, default=9102, help="/metrics and /healthz port (0: off)")
     writer.add_argument("--batch-rows", type=int, default=20_000, help="rows per DB transaction")
     writer.set_defaults(handler=_writer)
 
@@ -76,19 +76,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     acl.set_defaults(handler=_mqtt_acl)
 
+    from ingest import tools_cli  # scopemeter import FILE, scopemeter dlq list|show|replay
+
+    tools_cli.register(sub)
+
 
 def _bridge(args: Any) -> int:
     from ingest.bridge import run_bridge
     from ops import metrics
 
     setup_logging()
-    metrics.serve(args.metrics_port)
     settings = Settings()
+    health = metrics.Health("mqtt", "kafka")
+    metrics.serve(args.metrics_port, metrics.BRIDGE, bind=settings.metrics.bind, health=health)
 
     def ready() -> None:  # one JSON line on stdout: supervisors and the demo wait for it
         print(json.dumps({"event": "bridge.ready"}), flush=True)
 
-    return run_service(lambda stop: run_bridge(settings, stop, client_id=args.client_id, on_ready=ready))
+    return run_service(
+        lambda stop: run_bridge(settings, stop, client_id=args.client_id, on_ready=ready, health=health)
+    )
 
 
 def _writer(args: Any) -> int:
@@ -96,9 +103,12 @@ def _writer(args: Any) -> int:
     from ops import metrics
 
     setup_logging()
-    metrics.serve(args.metrics_port)
     settings = Settings()
-    return run_service(lambda stop: run_writer(settings, stop, batch_rows_target=args.batch_rows))
+    health = metrics.Health("kafka", "db")
+    metrics.serve(args.metrics_port, metrics.WRITER, bind=settings.metrics.bind, health=health)
+    return run_service(
+        lambda stop: run_writer(settings, stop, batch_rows_target=args.batch_rows, health=health)
+    )
 
 
 def _bench(args: Any) -> int:

@@ -4,6 +4,8 @@ Records are gathered into large transactions: binary COPY into a temporary stagi
 ``INSERT … ON CONFLICT DO NOTHING`` into ``readings`` (the key is the reading identity, so replays
 and MQTT redeliveries vanish here). Only after the DB commit are the dirty ranges published for
 compute and the Kafka offsets committed: a crash anywhere replays records, never loses them.
+When PostgreSQL goes away the transaction at hand is retried on a new connection until it commits
+(``ops.db_session``); consumer setup, offset commits and lag are ``ops.kafka_client``'s.
 
 Speed (measured by ``scopemeter bench ingest``): records come from the bridge, which validated them
 and wrote the canonical encoding, so they are decoded by a trusted path (``json`` + a few type
@@ -17,6 +19,7 @@ keeps fetching the next records.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -29,8 +32,7 @@ from typing import Annotated, Literal
 
 import msgspec
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
@@ -38,6 +40,9 @@ from edge.wire import COUNTER_QUANTITIES, Batch, Quantity
 from ingest.dlq import DeadLetter, Reason
 from ingest.events import DirtyBatch, DirtyRange
 from ops import metrics
+from ops.db_session import Reconnecting
+from ops.kafka_client import GroupConsumer, client_kwargs, last_offsets
+from ops.runtime import Stopped
 from ops.settings import Settings
 
 log = logging.getLogger("scopemeter.writer")
@@ -161,13 +166,17 @@ class ReadingStore:
     """One DB connection that writes row batches; remembers which monthly partitions exist."""
 
     def __init__(self, dsn: str) -> None:
-        self.conn = psycopg.connect(dsn)
+        self.conn = psycopg.connect(dsn, connect_timeout=10)
         self.conn.execute(_STAGE_DDL)
         self.conn.commit()
         self._months: set[date] = set()
 
     def close(self) -> None:
         self.conn.close()
+
+    def ping(self) -> None:
+        self.conn.execute("SELECT 1")
+        self.conn.commit()
 
     def write(
         self,
@@ -246,72 +255,91 @@ async def run_writer(
     *,
     batch_rows_target: int = 20_000,
     linger_s: float = 0.25,
+    health: metrics.Health | None = None,
 ) -> None:
     """Consume until ``stop`` is set, then flush what was consumed and return.
 
     Two batches are in hand at a time: one is decoded and sorted in a worker thread while the one
     before it is written (its COPY mostly waits for PostgreSQL), and the next records are fetched
-    meanwhile. DB transactions and offset commits still happen strictly in order; a failed
-    transaction ends the writer with its error and the records are replayed."""
+    meanwhile. DB transactions and offset commits still happen strictly in order. When PostgreSQL
+    goes away the batch at hand is retried on a new connection (capped backoff) until it commits:
+    nothing further is fetched meanwhile and no offset is committed past it; the consumer keeps
+    polling so its group does not rebalance. ``health`` follows Kafka and the DB."""
     k = settings.kafka
-    consumer = AIOKafkaConsumer(
+    consumer = GroupConsumer(
+        k,
         k.readings_topic,
-        bootstrap_servers=k.bootstrap,
-        group_id=k.writer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        k.writer_group,
+        health=health,
         max_partition_fetch_bytes=16 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
-        fetch_max_wait_ms=k.fetch_max_wait_ms,
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, **client_kwargs(k))
+    db: Reconnecting[ReadingStore] = Reconnecting(
+        lambda: ReadingStore(settings.db.dsn),
+        ReadingStore.close,
+        ReadingStore.ping,
+        stop=stop,
+        health=health,
+        max_delay=settings.db.reconnect_max_s,
     )
-    store = await asyncio.to_thread(ReadingStore, settings.db.dsn)
     await producer.start()
     await consumer.start()
     pending: list[ConsumerRecord[bytes, bytes]] = []
     pending_rows = 0
     first_at = 0.0
-    committed: dict[TopicPartition, int] = {}
-    lag_at = 0.0
+    checked_at = 0.0
     flushes: deque[_Flush] = deque()  # oldest first; each waits for the one before it
+
+    def batch_due() -> bool:
+        full_enough = pending_rows >= batch_rows_target
+        return bool(pending) and (full_enough or time.monotonic() - first_at >= linger_s)
+
     try:
+        await db.ping()  # health says at once whether the DB is there
         while True:
             stopping = stop.is_set()
-            if not stopping:
-                data = await consumer.getmany(timeout_ms=100, max_records=5_000)
+            while flushes and flushes[0].task.done():
+                flushes.popleft().task.result()  # re-raises a failed transaction
+            full = len(flushes) >= _PIPELINE_DEPTH
+            if full or (stopping and flushes and not pending):
+                # A batch is late (a slow or absent DB): wait for it, polling without taking records.
+                done, _ = await asyncio.wait({flushes[0].task}, timeout=1.0)
+                if not done and not stopping:
+                    await consumer.keepalive()
+            elif not stopping:
+                # A batch already due goes out at once: only take what the fetcher already holds.
+                data = await consumer.getmany(timeout_ms=0 if batch_due() else 100, max_records=5_000)
                 for records in data.values():
                     if not pending and records:
                         first_at = time.monotonic()
                     pending.extend(records)
                     pending_rows += sum(_estimate_rows(r) for r in records)
-            while flushes and flushes[0].task.done():
-                flushes.popleft().task.result()  # re-raises a failed transaction
-            due = pending and (
-                stopping or pending_rows >= batch_rows_target or time.monotonic() - first_at >= linger_s
-            )
-            if due:
-                while len(flushes) >= _PIPELINE_DEPTH:
-                    await flushes.popleft().task
+            if not full and pending and (stopping or batch_due()):
                 previous = flushes[-1] if flushes else None
                 written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                flush = _flush(pending, previous, written, store, producer, consumer, settings, committed)
+                flush = _flush(pending, previous, written, db, producer, consumer, settings)
                 flushes.append(_Flush(written, asyncio.create_task(flush)))
                 pending, pending_rows = [], 0
-            if time.monotonic() - lag_at >= 1.0:
-                lag_at = time.monotonic()
-                await _report_lag(consumer, k.writer_group, committed)
-            if stopping:
-                while flushes:
-                    await flushes.popleft().task
+            if time.monotonic() - checked_at >= 1.0:
+                checked_at = time.monotonic()
+                metrics.WRITER_ASSIGNED_PARTITIONS.set(len(consumer.assignment()))
+                await consumer.report_lag()
+                if not flushes:
+                    await db.ping()
+            if stopping and not pending and not flushes:
                 break
+    except Stopped:
+        log.warning("stopped while PostgreSQL was unavailable: the unwritten records stay in Kafka")
     finally:
         if flushes:
             await asyncio.wait([f.task for f in flushes])  # never close the connection under a COPY
+            for f in flushes:  # they failed after the one that ended the loop: that one says why
+                if not f.task.cancelled():
+                    f.task.exception()
         await consumer.stop()
         await producer.stop()
-        await asyncio.to_thread(store.close)
+        await db.close()
 
 
 # Batches in hand at once: one being prepared while the one before it is written.
@@ -331,21 +359,6 @@ class _Flush:
 def _estimate_rows(record: ConsumerRecord[bytes, bytes]) -> int:
     # Cheap: about 110 bytes of JSON per reading; exact counts are taken after decoding.
     return max(1, len(record.value or b"") // 110)
-
-
-async def _report_lag(consumer: AIOKafkaConsumer, group: str, committed: dict[TopicPartition, int]) -> None:
-    """Consumer lag per partition: the partition end last seen by the fetcher minus the offset this
-    group committed (asked of the broker once per partition, then tracked from our own commits)."""
-    assignment = consumer.assignment()
-    metrics.WRITER_ASSIGNED_PARTITIONS.set(len(assignment))
-    for tp in assignment:
-        end = consumer.highwater(tp)
-        if end is None:
-            continue
-        if tp not in committed:
-            committed[tp] = await consumer.committed(tp) or 0
-        lag = max(0, end - committed[tp])
-        metrics.KAFKA_CONSUMER_LAG.labels(group=group, topic=tp.topic, partition=str(tp.partition)).set(lag)
 
 
 def decode_records(records: Sequence[ConsumerRecord[bytes, bytes]]) -> tuple[list[Row], list[DeadLetter]]:
@@ -371,11 +384,7 @@ def prepare(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Prepared:
     started = time.monotonic()
     rows, letters = decode_records(records)
     rows.sort()  # a row tuple starts with the reading identity
-    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-    for rec in records:
-        tp = TopicPartition(rec.topic, rec.partition)
-        if tp not in offsets or offsets[tp].offset <= rec.offset:
-            offsets[tp] = OffsetAndMetadata(rec.offset + 1, "")
+    offsets = last_offsets(list(records))
     cut = runs(rows)
     span = (min(r[3] for r in cut), max(r[4] for r in cut)) if cut else None
     prepared = Prepared(rows, letters, _dirty(cut), offsets, span)
@@ -383,7 +392,7 @@ def prepare(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Prepared:
     return prepared
 
 
-def _write(store: ReadingStore, prepared: Prepared) -> WriteResult:
+def _write(store: ReadingStore, *, prepared: Prepared) -> WriteResult:
     started = time.monotonic()
     result = store.write(prepared.rows, ordered=True, span=prepared.span)
     metrics.WRITER_COMMIT_SECONDS.observe(time.monotonic() - started)
@@ -394,11 +403,10 @@ async def _flush(
     records: list[ConsumerRecord[bytes, bytes]],
     previous: _Flush | None,
     written: asyncio.Future[None],
-    store: ReadingStore,
+    db: Reconnecting[ReadingStore],
     producer: AIOKafkaProducer,
-    consumer: AIOKafkaConsumer,
+    consumer: GroupConsumer,
     settings: Settings,
-    committed: dict[TopicPartition, int],
 ) -> None:
     """Prepare ``records`` while ``previous`` is written, write them once it is committed, then
     publish their dirty ranges and commit their offsets once ``previous`` has done so: the next
@@ -407,7 +415,7 @@ async def _flush(
         prepared = await asyncio.to_thread(prepare, records)
         if previous is not None:
             await previous.written  # in order; if it failed, so does this (the writer exits, Kafka replays)
-        result = await asyncio.to_thread(_write, store, prepared)
+        result = await db.run(functools.partial(_write, prepared=prepared))  # until it commits
     except BaseException as exc:
         if isinstance(exc, asyncio.CancelledError):
             written.cancel()
@@ -438,29 +446,5 @@ async def _flush(
     ]
     if sends:
         await asyncio.gather(*sends)
-    done = await commit_offsets(consumer, prepared.offsets)
-    committed.update({tp: meta.offset for tp, meta in done.items()})
+    await consumer.commit(prepared.offsets)
     log.debug("wrote %d rows (%d new) from %d records", result.offered, result.inserted, len(records))
-
-
-async def commit_offsets(
-    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
-) -> dict[TopicPartition, OffsetAndMetadata]:
-    """Commit what this consumer still holds, after the DB commit of those records; returns what
-    was committed. A partition taken away by a rebalance in the meantime is skipped (aiokafka
-    raises IllegalStateError for it, CommitFailedError when the group moved on): its next owner
-    replays from the last committed offset and the DB key drops the duplicates. The writer must
-    not die for that."""
-    held = consumer.assignment()
-    mine = {tp: meta for tp, meta in offsets.items() if tp in held}
-    if len(mine) < len(offsets):
-        log.warning("partitions %s moved before their offsets were committed (replay will be deduplicated)",
-                    sorted(str(tp) for tp in offsets.keys() - mine.keys()))  # fmt: skip
-    if not mine:
-        return {}
-    try:
-        await consumer.commit(mine)
-    except (CommitFailedError, IllegalStateError) as exc:
-        log.warning("offset commit failed after DB commit (replay will be deduplicated): %s", exc)
-        return {}
-    return mine

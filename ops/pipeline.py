@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from edge.config import load_edge_config
 from ops.errors import UserError
+from ops.kafka_client import client_kwargs
 from ops.mqtt_auth import BRIDGE_USER
 from ops.settings import Settings
 from ops.stack import client_settings
@@ -170,8 +171,7 @@ def _processes() -> Iterator[list[_Proc]]:
 
 
 async def _group_lag(settings: Settings, group: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=group,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(group_id=group, enable_auto_commit=False, **client_kwargs(settings.kafka))
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()
@@ -318,7 +318,7 @@ def run_pipeline(
 
 
 async def _topic_size(settings: Settings, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_kwargs(settings.kafka))
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()

@@ -3,21 +3,38 @@
 Values come from (highest first) environment variables ``SCOPEMETER_<SECTION>__<FIELD>``
 (e.g. ``SCOPEMETER_DB__DSN``), then defaults. The defaults are the embedded stack that
 ``scopemeter stack up`` starts on this machine, so nothing needs configuring for the demo.
+
+Strict on purpose: a section rejects keys it does not have, and a ``SCOPEMETER_*`` variable that
+sets nothing stops the process at start, naming the closest real variable. A typo would otherwise
+leave the default in place without a word (a misspelt DSN variable: the local default database).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ops.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "SCOPEMETER_"
 
 
-class MqttSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: an unknown key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(Section):
     host: str = "127.0.0.1"
     # The project's own Mosquitto listens here, beside any broker the machine already runs on 1883.
     port: int = 18883
@@ -32,7 +49,7 @@ class MqttSettings(BaseModel):
     share_group: str = "ingest"
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(Section):
     bootstrap: str = "127.0.0.1:19092"
     readings_topic: str = "readings.v1"
     dlq_topic: str = "readings.dlq.v1"
@@ -49,18 +66,49 @@ class KafkaSettings(BaseModel):
     # ~50 ms (now and then 300 ms) in the broker before the consumer had it; with 50 ms, 2-10 ms
     # (measured). An idle consumer then asks 20 times a second, which costs nothing noticeable.
     fetch_max_wait_ms: int = 50
+    # Client security, as the brokers' listener wants it (ops.kafka_client.client_kwargs applies it
+    # to every producer, consumer and admin client).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    # CA bundle that signed the brokers' certificates (unset: the system's trust store).
+    ssl_cafile: Path | None = None
+    # Client certificate and key, for brokers that require mutual TLS.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _consistent_security(self) -> KafkaSettings:
+        protocol = self.security_protocol
+        sasl = protocol.startswith("SASL_")
+        if sasl and (self.sasl_username is None or self.sasl_password is None):
+            raise ValueError(f"security_protocol {protocol} needs sasl_username and sasl_password")
+        if not sasl and (self.sasl_username is not None or self.sasl_password is not None):
+            raise ValueError(f"sasl_username/sasl_password are set but security_protocol is {protocol}")
+        tls_files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile}
+        tls_files["ssl_keyfile"] = self.ssl_keyfile
+        given = [name for name, path in tls_files.items() if path is not None]
+        if given and not protocol.endswith("SSL"):
+            raise ValueError(f"{', '.join(given)} set but security_protocol is {protocol} (no TLS)")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile")
+        return self
 
 
-class DbSettings(BaseModel):
+class DbSettings(Section):
     """The embedded default is the machine's Debian PostgreSQL with the ``scopemeter`` role that
     ``make services`` (ops/ensure-services.sh) creates: password auth on loopback, as Debian ships it."""
 
     dsn: str = "postgresql://scopemeter:scopemeter@127.0.0.1:5432/scopemeter"
     # Used only to create (and, in tests, drop) databases; the role needs CREATEDB.
     admin_dsn: str = "postgresql://scopemeter:scopemeter@127.0.0.1:5432/postgres"
+    # The writer and the compute worker outlive PostgreSQL: after a failure they reconnect after
+    # 0.5 s, 1 s, 2 s … at most this long between attempts.
+    reconnect_max_s: float = Field(default=30.0, gt=0)
 
 
-class ClockSettings(BaseModel):
+class ClockSettings(Section):
     """Accelerated time for simulations: every process given the same values agrees on 'now'.
 
     sim_now = sim_start + (wall_now - wall_start) * speed.  Real UTC when ``speed`` is 1 and
@@ -90,7 +138,7 @@ class ClockSettings(BaseModel):
 _SECOND = datetime(2000, 1, 1, 0, 0, 1) - datetime(2000, 1, 1)
 
 
-class ComputeSettings(BaseModel):
+class ComputeSettings(Section):
     # Which published series of grid factors location-based Scope 2 uses (see config/factors.toml).
     factor_series: str = "national-power-average"
     # Scope 1 fuel factors: this series, the site's region first, else region GLOBAL.
@@ -99,7 +147,7 @@ class ComputeSettings(BaseModel):
     max_gap_s: float = Field(default=900.0, gt=0)
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(Section):
     """What the bridge accepts. A reading outside [now - max_age_s, now + max_future_s] is a broken
     gateway clock: it goes to the DLQ instead of making the writer create partitions for it."""
 
@@ -114,7 +162,7 @@ class IngestSettings(BaseModel):
     registry_refresh_s: float = Field(default=5.0, gt=0)
 
 
-class StackSettings(BaseModel):
+class StackSettings(Section):
     """What ``scopemeter stack up`` runs: pid files, logs and broker data live in ``state_dir``."""
 
     state_dir: Path = REPO_ROOT / ".scopemeter"
@@ -131,8 +179,15 @@ class StackSettings(BaseModel):
     start_timeout: float = Field(default=30.0, gt=0)
 
 
+class MetricsSettings(Section):
+    """Where each process serves /metrics and /healthz (the port is each command's --metrics-port)."""
+
+    # 0.0.0.0 (or a specific interface) lets a Prometheus on another machine scrape.
+    bind: str = "127.0.0.1"
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SCOPEMETER_", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     mqtt: MqttSettings = MqttSettings()
     kafka: KafkaSettings = KafkaSettings()
@@ -141,4 +196,40 @@ class Settings(BaseSettings):
     stack: StackSettings = StackSettings()
     compute: ComputeSettings = ComputeSettings()
     ingest: IngestSettings = IngestSettings()
+    metrics: MetricsSettings = MetricsSettings()
     config_dir: Path = REPO_ROOT / "config"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_environment(cls, data: Any) -> Any:
+        check_environment(os.environ)
+        return data
+
+
+def env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> set[str]:
+    """Every environment variable that sets something: a section as JSON, or one of its fields."""
+    names = set()
+    for name, field in model.model_fields.items():
+        env = f"{prefix}{name.upper()}"
+        names.add(env)
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names |= env_names(kind, f"{env}__")
+    return names
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse a ``SCOPEMETER_*`` variable that sets nothing (a typo would otherwise leave the
+    default in place without a word), naming the closest real one."""
+    known = env_names()
+    unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+        problems.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise UserError(
+        f"environment variable{'s' if len(unknown) > 1 else ''} {'; '.join(problems)} set no setting;"
+        " settings are SCOPEMETER_<SECTION>__<FIELD> (see README, Settings)"
+    )

@@ -268,8 +268,10 @@ async def ensure_topics_async(kafka: KafkaSettings, timeout: float = 30.0) -> li
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+    from ops.kafka_client import client_kwargs
+
     names = [kafka.readings_topic, kafka.dlq_topic, kafka.committed_topic]
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **client_kwargs(kafka))
     try:
         await admin.start()
         existing = set(await admin.list_topics())

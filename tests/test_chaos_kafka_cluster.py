@@ -92,6 +92,7 @@ def test_kill_9_of_the_partition_leader_loses_and_duplicates_nothing(
     env = settings_env(s)
     bridge_id = f"{tag}-bridge"
     fleet = Fleet(tag.replace("-", ""), sites=4, meters=25)
+    fleet.register(s.db.dsn)  # the bridge admits only registered gateways and meters
     gen = LoadGenerator(s, fleet, steps=4, spacing=timedelta(seconds=1))
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
     bridge = Supervised("bridge", ["ingest", "bridge", "--metrics-port", "0", "--client-id", bridge_id],

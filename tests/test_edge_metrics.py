@@ -4,6 +4,8 @@ catch wiring mistakes a plant engineer can make."""
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -42,6 +44,12 @@ def test_metrics_endpoint_counts_polls_and_reports_an_empty_outbox(tmp_path: Pat
     assert scraped["scopemeter_edge_polls_total"] == polls_before + polls
     assert scraped["scopemeter_edge_published_batches_total"] == published_before + report.batches_published
     assert scraped["scopemeter_edge_outbox_batches"] == 0
+    # /healthz follows the MQTT session: the run connected, then disconnected at its end.
+    with pytest.raises(urllib.error.HTTPError) as down:
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5)
+    assert down.value.code == 503
+    state = json.loads(down.value.read())
+    assert state["status"] == "down" and state["dependencies"]["mqtt"].startswith("disconnected")
 
 
 def _scrape_all(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -79,7 +87,8 @@ def test_per_meter_metrics_show_which_meter_fails_and_only_edge_metrics_are_serv
     assert (
         sample("scopemeter_edge_poll_errors_total", "sz1-ghost", kind="exception_11") == errors_before + polls
     )
-    assert {name.split("_")[1] for name, _ in scraped if name.startswith("scopemeter_")} == {"edge"}
+    # The edge's own families, plus the dependency gauge every process serves beside /healthz.
+    assert {name.split("_")[1] for name, _ in scraped if name.startswith("scopemeter_")} == {"edge", "dependency"}
 
 
 def test_mixed_transports_on_one_endpoint_are_refused(tmp_path: Path) -> None:

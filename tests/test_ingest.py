@@ -25,7 +25,6 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client import REGISTRY
 
 from edge.wire import READINGS_SUBSCRIPTION, Batch, Quantity, Reading, readings_topic
 from ingest.bridge import run_bridge
@@ -33,6 +32,7 @@ from ingest.dlq import DeadLetter, Reason
 from ingest.events import DirtyRange, decode_dirty
 from ingest.registry import register_gateway
 from ingest.writer import run_writer
+from ops import metrics
 from ops.bench_ingest import lane_settings
 from ops.settings import Settings
 from ops.stack import ensure_topics_async
@@ -187,7 +187,12 @@ async def until(
 
 
 def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    """A sample of the bridge's or the writer's metrics (both run in this process)."""
+    for registry in (metrics.BRIDGE, metrics.WRITER):
+        value = registry.get_sample_value(name, labels)
+        if value is not None:
+            return value
+    return 0.0
 
 
 def writer_rows() -> dict[str, float]:
