@@ -48,7 +48,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_validate.py", "tests/test_validate_bounds.py", "tests/test_edge_counters.py"
     ],
     "ingest/validate.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
-    "ingest/registry.py": ["tests/test_trust_registry.py", "tests/test_validate.py"],
+    "ingest/registry.py": ["tests/test_registry_cache.py", "tests/test_validate.py"],
     "ingest/dlq.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
     "ingest/bridge.py": ["tests/test_bridge_acks.py", "tests/test_trust_bridge_kafka_refusal.py"],
     "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
