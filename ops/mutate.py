@@ -7,7 +7,8 @@ cannot change behaviour (or, for import-time code, why mutmut cannot run it), in
 
 Each module runs in its own work directory (``.mutate/<module>/``): a ``pyproject.toml`` whose
 ``[tool.mutmut]`` names that module and its tests, and links to the project's folders. mutmut keeps
-its results there, so a second run only re-tests mutants whose function changed.
+its results there, so a second run only re-tests mutants whose function changed (or every mutant,
+when the module's test list changed).
 
 It is slow (minutes per module, the tests run once per mutant), so CI does not run it; its latest
 result is in the README. numba kernels are mutated through their Python reference
@@ -52,8 +53,19 @@ MODULES: dict[str, list[str]] = {
     "ingest/dlq.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
     "ingest/bridge.py": ["tests/test_bridge_acks.py", "tests/test_trust_bridge_kafka_refusal.py"],
     "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
-    "compute/recompute.py": ["tests/test_compute_recompute.py"],
+    "compute/recompute.py": [
+        "tests/test_compute_recompute.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py"
+    ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
+    "ingest/writer.py": ["tests/test_writer_order.py", "tests/test_writer_decode.py"],
+    "compute/market.py": ["tests/test_compute_market.py", "tests/test_statements_market.py"],
+    "compute/statements/document.py": [
+        "tests/test_statements.py", "tests/test_statements_content.py", "tests/test_statements_market.py"
+    ],
+    "compute/statements/verify.py": ["tests/test_statements.py", "tests/test_statements_market.py"],
+    "compute/statements/figures.py": [
+        "tests/test_statements.py", "tests/test_statements_content.py", "tests/test_statements_market.py"
+    ],
 }
 
 
@@ -114,6 +126,12 @@ def _work_dir(module: str, tests: list[str]) -> Path:
 
 def run_module(module: str, tests: list[str], children: int, equivalent: dict[str, str]) -> Outcome:
     work = _work_dir(module, tests)
+    # mutmut keeps a mutant's result until its function changes; new tests would not be tried on
+    # the survivors. So a changed test list starts the module afresh.
+    stamp = work / "tests.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != tests:
+        shutil.rmtree(work / "mutants", ignore_errors=True)
+    stamp.write_text(json.dumps(tests))
     env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1")
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
     log = work / "mutmut.log"
