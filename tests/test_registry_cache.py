@@ -102,3 +102,71 @@ def test_an_unreachable_database_keeps_the_last_registry_and_says_why(
     (record,) = caplog.records
     assert record.getMessage().startswith("fleet registry not refreshed (keeping v-1): connection")
     cache.close()
+
+
+def test_the_cache_connection_is_bounded_and_never_left_in_a_transaction(pg_db: str, clock: Clock) -> None:
+    """The bridge calls ``refresh`` between messages: a hanging DB may delay it 5 s at most, and an
+    idle cache must not hold a transaction open (it would pin old row versions)."""
+    cache = RegistryCache(pg_db, refresh_s=1.0)
+    try:
+        cache.refresh()
+        conn = cache._connection()
+        assert conn.autocommit is True
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.info.get_parameters()["connect_timeout"] == "5"
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("5s",)
+    finally:
+        cache.close()
+
+
+def test_a_loaded_registry_of_version_zero_counts_as_loaded() -> None:
+    cache = RegistryCache("postgresql://unused", refresh_s=1.0)  # never connects here
+    cache.registry = Registry(0)
+    assert cache.loaded()
+    cache.registry = Registry(-1)
+    assert not cache.loaded()
+
+
+def test_a_reload_is_logged_with_its_size(pg_db: str, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    cache = RegistryCache(pg_db, refresh_s=1.0)
+    try:
+        with caplog.at_level(logging.INFO, logger="scopemeter.registry"):
+            r = cache.refresh()
+        assert [rec.getMessage() for rec in caplog.records] == [
+            f"fleet registry v{r.version}: {len(r.sites)} sites, {len(r.gateways)} gateways,"
+            f" {len(r.meters)} meters"
+        ]
+    finally:
+        cache.close()
+
+
+def test_a_database_error_without_text_is_named_by_its_type(
+    pg_db: str, clock: Clock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fake: PostgreSQL always says something, but psycopg may raise an error with no message
+    (a dropped connection); the warning then names the error's type rather than failing itself."""
+
+    def silent(_conn: object) -> int:
+        raise psycopg.OperationalError()
+
+    monkeypatch.setattr(ingest.registry, "current_version", silent)
+    cache = RegistryCache(pg_db, refresh_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="scopemeter.registry"):
+        cache.refresh()
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "fleet registry not refreshed (keeping v-1): OperationalError"
+    ]
+    cache.close()
+
+
+def test_register_gateway_defaults(pg_db: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    with psycopg.connect(pg_db, autocommit=True) as conn:
+        register_gateway(conn, f"s-{tag}", f"site-{tag}", f"gw-{tag}", [f"m-{tag}"])
+        register_gateway(conn, f"s-{tag}", f"site-{tag}", f"gw-{tag}", [f"m-{tag}"])  # again: no error
+        assert conn.execute(
+            "SELECT carrier, model, site_id, gateway_id FROM meters WHERE meter_id = %s", (f"m-{tag}",)
+        ).fetchall() == [("electricity", "synthetic", f"site-{tag}", f"gw-{tag}")]
+        assert conn.execute(
+            "SELECT supplier_id, name, grid_region FROM sites WHERE site_id = %s", (f"site-{tag}",)
+        ).fetchall() == [(f"s-{tag}", f"site-{tag}", "CN")]
