@@ -8,7 +8,7 @@ cannot change behaviour (or, for import-time code, why mutmut cannot run it), in
 Each module runs in its own work directory (``.mutate/<module>/``): a ``pyproject.toml`` whose
 ``[tool.mutmut]`` names that module and its tests, and links to the project's folders. mutmut keeps
 its results there, so a second run only re-tests mutants whose function changed (or every mutant,
-when the module's test list changed).
+when the module's tests changed).
 
 It is slow (minutes per module, the tests run once per mutant), so CI does not run it; its latest
 result is in the README. numba kernels are mutated through their Python reference
@@ -22,6 +22,7 @@ result is in the README. numba kernels are mutated through their Python referenc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -124,14 +125,20 @@ def _work_dir(module: str, tests: list[str]) -> Path:
     return work
 
 
+def _tests_digest(tests: list[str]) -> dict[str, str]:
+    """Each test file of the module (and the shared fixtures) with the SHA-256 of its text."""
+    files = sorted({t.split("::")[0] for t in tests} | {"tests/conftest.py", "tests/helpers.py"})
+    return {f: hashlib.sha256((ROOT / f).read_bytes()).hexdigest() for f in files}
+
+
 def run_module(module: str, tests: list[str], children: int, equivalent: dict[str, str]) -> Outcome:
     work = _work_dir(module, tests)
     # mutmut keeps a mutant's result until its function changes; new tests would not be tried on
-    # the survivors. So a changed test list starts the module afresh.
-    stamp = work / "tests.json"
-    if not stamp.exists() or json.loads(stamp.read_text()) != tests:
+    # the survivors. So a changed test list, or a changed test file, starts the module afresh.
+    stamp, tests_now = work / "tests.json", _tests_digest(tests)
+    if not stamp.exists() or json.loads(stamp.read_text()) != tests_now:
         shutil.rmtree(work / "mutants", ignore_errors=True)
-    stamp.write_text(json.dumps(tests))
+    stamp.write_text(json.dumps(tests_now))
     env = dict(os.environ, NUMBA_DISABLE_JIT="1", PYTHONDONTWRITEBYTECODE="1")
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
     log = work / "mutmut.log"
