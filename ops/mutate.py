@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutate"
 EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.toml"
+# Wall-clock limit of one test under a mutant; the module's tests each take a few seconds clean.
+TEST_TIMEOUT_S = 30
 # The folders a test run needs (the packages, their data, the tests).
 LINKED = ("edge", "ingest", "compute", "ops", "simulators", "config", "tests", "bench")
 
@@ -115,6 +117,9 @@ def _work_dir(module: str, tests: list[str]) -> Path:
         "[tool.pytest.ini_options]",
         f"testpaths = {json.dumps(pytest_cfg['testpaths'])}",
         f"markers = {json.dumps(pytest_cfg.get('markers', []))}",
+        # A mutant that makes a test wait (a refused connection, an ack that never comes) uses no
+        # CPU, so mutmut's CPU limit never ends it: pytest-timeout does, and the test fails (killed).
+        f"timeout = {TEST_TIMEOUT_S}",
         "",
         "[tool.mutmut]",
         f"source_paths = {json.dumps([module])}",
