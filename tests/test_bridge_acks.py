@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import uuid
@@ -46,6 +47,7 @@ class HeldKafka:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, asyncio.Future[object]]] = []
+        self.keys: list[bytes | None] = []
 
     async def start(self) -> None: ...
 
@@ -57,6 +59,7 @@ class HeldKafka:
                    headers: object = None) -> asyncio.Future[object]:  # fmt: skip
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.sent.append((topic, value, fut))
+        self.keys.append(key)
         return fut
 
     def of(self, payload: bytes) -> list[asyncio.Future[object]]:
@@ -233,3 +236,50 @@ def test_ack_gate_acks_only_a_clean_kafka_ack_of_this_connections_qos1_message()
     assert gate.settled(old, None) is False  # the old connection's packet id means nothing now
     assert gate.in_flight == {(2, 7)}
     assert gate.settled(_item(2), None) is True
+
+
+def test_a_dead_letter_goes_to_the_dlq_topic_keyed_by_topic_counted_and_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ingest import bridge
+    from ingest.dlq import DeadLetter, Reason
+    from ops import metrics
+    from ops.ratelog import RateLimitedLog
+
+    log = RateLimitedLog(bridge.log)
+    monkeypatch.setattr(bridge, "dlq_log", log)
+    settings = Settings()
+    topic = "scopemeter/v1/" + "t" * 300
+    letter = DeadLetter.of(Reason.SCHEMA, "d" * 300, topic, b"{}")
+    dlq = metrics.BRIDGE_MESSAGES.labels(outcome="dlq")
+    schema = metrics.BRIDGE_DLQ.labels(reason="schema")
+    before = dlq._value.get(), schema._value.get()
+
+    async def scenario() -> None:
+        kafka = HeldKafka()
+        with caplog.at_level(logging.WARNING, logger=bridge.log.name):
+            fut = await bridge._dead_letter(kafka, settings, letter)  # type: ignore[arg-type]
+        assert kafka.sent == [(settings.kafka.dlq_topic, letter.encode(), fut)]
+        assert kafka.keys == [letter.key()]
+
+    asyncio.run(scenario())
+    assert (dlq._value.get(), schema._value.get()) == (before[0] + 1, before[1] + 1)
+    assert [r.getMessage() for r in caplog.records] == [f"DLQ schema: {'d' * 200} ({topic[:200]})"]
+    assert list(log._windows) == ["schema"]  # rate-limited per reason
+
+
+def test_the_kafka_producer_waits_for_all_replicas_and_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the bridge asks of its real producer (``acks=all``: the ack the PUBACK waits for means
+    every in-sync replica has the record). Checked on the arguments, with the class replaced: the
+    producer keeps them in private fields only."""
+    from ingest import bridge
+
+    made: list[dict[str, object]] = []
+    monkeypatch.setattr(bridge, "AIOKafkaProducer", lambda **kw: made.append(kw))
+    settings = Settings()
+    bridge._new_producer(settings)
+    (kw,) = made
+    assert kw["acks"] == "all" and kw["enable_idempotence"] is True
+    assert kw["bootstrap_servers"] == settings.kafka.bootstrap
+    assert kw["max_request_size"] == settings.kafka.max_message_bytes
+    assert kw["max_batch_size"] == 1024 * 1024 and kw["linger_ms"] == 5
