@@ -47,7 +47,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_edge_devices.py", "tests/test_edge_profiles.py", "tests/test_edge_drivers.py"
     ],
     "edge/devices.py": ["tests/test_edge_devices.py", "tests/test_edge_profiles.py"],
-    "edge/rtu.py": ["tests/test_edge_rtu.py"],
+    "edge/rtu.py": ["tests/test_edge_rtu.py", "tests/test_edge_rtu_bounds.py"],
     "edge/wire.py": [
         "tests/test_validate.py", "tests/test_validate_bounds.py", "tests/test_edge_counters.py"
     ],
