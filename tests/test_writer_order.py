@@ -9,6 +9,7 @@ real broker cannot report the order of a client's calls against another system's
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import timedelta
 
@@ -107,3 +108,48 @@ def test_no_offset_is_committed_when_the_write_fails(pg_db: str) -> None:
 
     asyncio.run(scenario())
     assert witness.calls == []
+
+
+def test_a_deadlock_victim_is_retried_with_backoff_then_given_up(
+    pg_db: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ReadingStore.write`` retries a transaction PostgreSQL rolled back as a deadlock victim (or a
+    serialization failure), sorted into identity order, with a doubling pause, at most ``attempts``
+    times. A fake raises the rollback: two real writers cannot be made to deadlock on demand."""
+    import ingest.writer
+    from ingest.writer import batch_rows
+
+    pauses: list[float] = []
+    monkeypatch.setattr(ingest.writer.time, "sleep", pauses.append)
+    store = ReadingStore(pg_db)
+    real = store._write
+    seen: list[tuple[object, object]] = []
+    failures = [psycopg.errors.DeadlockDetected("deadlock detected"),
+                psycopg.errors.SerializationFailure("could not serialize")]  # fmt: skip
+
+    def flaky(rows: list[tuple[object, ...]], span: tuple[object, object]) -> object:
+        seen.append((list(rows), span))
+        if failures:
+            raise failures.pop(0)
+        return real(rows, span)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_write", flaky)
+    rows = batch_rows([make_batch(0, meter_prefix=f"d{uuid.uuid4().hex[:8]}-")])
+    try:
+        with caplog.at_level(logging.WARNING, logger="scopemeter.writer"):
+            result = store.write(list(reversed(rows)))
+        assert result.inserted == len(rows) == 6
+        assert seen == [(sorted(rows), (rows[0][2], rows[-1][2]))] * 3
+        assert pauses == [0.1, 0.2]
+        assert [r.getMessage() for r in caplog.records] == [
+            "write attempt 1 of 5 rolled back (deadlock detected); retrying",
+            "write attempt 2 of 5 rolled back (could not serialize); retrying",
+        ]
+        # Always a victim: given up after the last attempt, the error raised.
+        failures[:] = [psycopg.errors.DeadlockDetected("again")] * 3
+        pauses.clear()
+        with pytest.raises(psycopg.errors.DeadlockDetected):
+            store.write(rows, attempts=3)
+        assert pauses == [0.1, 0.2]
+    finally:
+        store.close()
