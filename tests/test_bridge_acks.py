@@ -283,3 +283,16 @@ def test_the_kafka_producer_waits_for_all_replicas_and_is_idempotent(monkeypatch
     assert kw["bootstrap_servers"] == settings.kafka.bootstrap
     assert kw["max_request_size"] == settings.kafka.max_message_bytes
     assert kw["max_batch_size"] == 1024 * 1024 and kw["linger_ms"] == 5
+
+
+def test_the_bridges_mqtt_client_keeps_the_pipe_full_and_reconnects_fast() -> None:
+    """Acks are manual only where asked (the bridge); up to 1000 messages in flight while Kafka acks
+    arrive; nothing queued in paho (Mosquitto keeps what is not delivered); reconnects within 1–5 s
+    instead of paho's 120 s backoff. Private fields for the delays: paho has no getter for them."""
+    from ingest.bridge import make_mqtt_client
+
+    client = make_mqtt_client(Settings(), "bridge-config-check")
+    assert client._manual_ack is False
+    assert make_mqtt_client(Settings(), "bridge-config-check", manual_ack=True)._manual_ack is True
+    assert (client.max_inflight_messages, client.max_queued_messages) == (1000, 0)
+    assert (client._reconnect_min_delay, client._reconnect_max_delay) == (1, 5)
