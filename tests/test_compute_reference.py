@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from compute.kernels import F_DROP, F_ESTIMATED, F_GAP, F_RESET, F_WRAP
+from compute.kernels import BUCKET_MS, F_DROP, F_ESTIMATED, F_GAP, F_RESET, F_WRAP
 from compute.reference import bucket_energy_ref, interval_ref
 from edge.wire import Quality
 
@@ -53,3 +53,22 @@ def test_bad_input_is_refused_with_its_reason() -> None:
         bucket_energy_ref([0, 1], [1.0])
     with pytest.raises(ValueError, match=r"^ts must be sorted$"):
         bucket_energy_ref([1, 0], [1.0, 2.0])
+
+
+def test_a_fall_to_exactly_the_bottom_band_is_not_a_wrap() -> None:
+    # b must be below 0.1 × counter_max: 100 of 1000 is not.
+    assert interval_ref(950.0, 100.0, 0, 0, 1000, 1000.0, 0) == (0.0, F_DROP)
+    assert interval_ref(950.0, 99.0, 0, 0, 1000, 1000.0, 0) == (149.0, F_WRAP)
+
+
+def test_an_interval_ending_on_a_bucket_edge_stays_in_its_buckets() -> None:
+    r = bucket_energy_ref([0, BUCKET_MS], [0.0, 2.0])
+    assert r.starts == [0] and r.kwh == [2.0] and r.measured_ms == [BUCKET_MS]
+
+
+def test_an_interval_split_over_buckets_conserves_its_energy_exactly() -> None:
+    # The last bucket takes the remainder, so the parts add up to the interval's energy bit for bit
+    # (proportional parts alone would not, for these values).
+    d = 7.243246320173747
+    r = bucket_energy_ref([467_022, 2_079_268], [0.0, d])
+    assert len(r.kwh) == 3 and sum(r.kwh) == d

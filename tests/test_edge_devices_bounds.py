@@ -77,3 +77,45 @@ def test_a_ct_scaled_counter_wraps_at_the_scaled_limit() -> None:
         assert low == Quality.OUT_OF_RANGE
     finally:
         poller.close()
+
+
+def test_an_unknown_model_names_every_map_there_is(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from edge.devices import PACKAGED_MAPS, DeviceMapError, load_model
+
+    config_dir = Path(str(tmp_path))
+    (config_dir / "devices").mkdir()
+    own = (PACKAGED_MAPS / "eastron_sdm120.toml").read_text().replace(
+        'model = "eastron_sdm120"', 'model = "site_meter"'
+    )
+    (config_dir / "devices" / "site_meter.toml").write_text(own)
+    models = sorted({p.stem for p in PACKAGED_MAPS.glob("*.toml")} | {"site_meter"})
+    with pytest.raises(DeviceMapError) as err:
+        load_model(config_dir, "nope")
+    assert str(err.value) == f"no device map for model 'nope'; available models: {', '.join(models)}"
+    assert load_model(config_dir, "site_meter").model == "site_meter"  # the override directory is read
+    # An override of a packaged model wins over the package.
+    (config_dir / "devices" / "eastron_sdm120.toml").write_text(
+        own.replace('model = "site_meter"', 'model = "eastron_sdm120"')
+    )
+    from edge.devices import model_path
+
+    assert model_path(config_dir, "eastron_sdm120") == config_dir / "devices" / "eastron_sdm120.toml"
+    assert model_path(config_dir, "eastron_sdm630") == PACKAGED_MAPS / "eastron_sdm630.toml"
+
+
+def test_a_one_based_map_shifts_its_identification_register_too() -> None:
+    from edge.devices import PACKAGED_MAPS, load_device_map
+
+    em24 = load_device_map(PACKAGED_MAPS / "carlo_gavazzi_em24.toml")
+    assert em24.identification is not None and em24.address_base == 0
+    one_based = em24.model_copy(update={
+        "address_base": 1,
+        "registers": tuple(r.model_copy(update={"address": r.address + 1}) for r in em24.registers),
+        "identification": em24.identification.model_copy(update={"address": em24.identification.address + 1}),
+    })  # fmt: skip
+    wire = one_based.on_wire()
+    assert wire.address_base == 0
+    assert wire.identification == em24.identification
+    assert [r.address for r in wire.registers] == [r.address for r in em24.registers]
