@@ -119,3 +119,22 @@ def test_a_one_based_map_shifts_its_identification_register_too() -> None:
     assert wire.address_base == 0
     assert wire.identification == em24.identification
     assert [r.address for r in wire.registers] == [r.address for r in em24.registers]
+
+
+def test_device_map_refusals_say_what_is_wrong(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from edge.devices import DeviceMapError, RegisterType, load_device_map
+
+    missing = Path(str(tmp_path)) / "gone.toml"
+    with pytest.raises(DeviceMapError, match="no such device map"):
+        load_device_map(missing)
+    with pytest.raises(ValueError, match=r"^e: expected 2 registers, got 1$"):
+        reg(DataType.UINT32).decode([1])
+    # The identification register is read with its own function code.
+    from edge.devices import PACKAGED_MAPS
+
+    ident = load_device_map(PACKAGED_MAPS / "carlo_gavazzi_em24.toml").identification
+    assert ident is not None
+    for kind in RegisterType:
+        assert ident.model_copy(update={"type": kind}).register().type == kind

@@ -138,3 +138,20 @@ def test_changing_an_applied_factor_is_refused_with_the_reason(compute_dsn: str,
             f"{p}: factor 'cn-2022-v1' was already applied with different values; applied factors are "
             "immutable (rollups cite them) — add a new version under a new id"
         )
+
+
+def test_two_applied_factors_of_one_version_are_named_without_lines(compute_dsn: str, tmp_path: Path) -> None:
+    """Each file alone is a clean series; together in the database they are two version-1 factors of
+    one vintage. The refusal names both ids (no file lines: they come from different files)."""
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        apply_factors(conn, write(tmp_path, entry()))
+        p = write(tmp_path, entry(id='"cn-2022-other"'))
+        with pytest.raises(ConfigError) as err:
+            apply_factors(conn, p)
+        assert str(err.value) == (
+            f"{p} together with the factors already in the database: factors 'cn-2022-v1' and "
+            "'cn-2022-other' are both version 1 of vintage 2022 of ('China MEE / NBS', "
+            "'national-power-average', 'CN', 'electricity', 'kWh', '', '', ''): a revision needs a "
+            "higher version"
+        )
