@@ -201,7 +201,7 @@ def table(rows: list[Outcome]) -> str:
     head = "| module | mutants | killed | timeout | survived | no tests | excluded | not run | kill rate |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        rate = f"{r.rate:.0f} %" if r.ran else "not run"
+        rate = (f"{r.rate:.0f} %" + (" (partial)" if r.pending else "")) if r.ran else "not run"
         lines.append(f"| {r.module} | {r.total} | {r.killed} | {r.timeout} | {r.survived} | {r.no_tests} "
                      f"| {r.equivalent} | {r.pending} | {rate} |")  # fmt: skip
     return "\n".join(lines)
