@@ -14,7 +14,8 @@ from compute.statements.document import KEY_FIGURES, REL_TOL, close, differences
 
 
 def figures() -> dict[str, Any]:
-    return {
+    """A statement's stated content: its figures (the rest of the document is compared the same way)."""
+    return {"figures": {
         "totals": {
             "scope1": 10.0, "scope2_location": 20.0, "scope2_market": 15.0,
             "total_location": 30.0, "total_market": 25.0, "energy_kwh": 1000.0,
@@ -25,7 +26,7 @@ def figures() -> dict[str, Any]:
             "site-a": {"scope1": 4.0, "scope2_location": 8.0, "scope2_market": 6.0},
             "site-b": {"scope1": 6.0, "scope2_location": 12.0, "scope2_market": 9.0},
         },
-    }
+    }}
 
 
 def changed(doc: dict[str, Any], path: str, value: float) -> dict[str, Any]:
@@ -38,8 +39,11 @@ def changed(doc: dict[str, Any], path: str, value: float) -> dict[str, Any]:
     return out
 
 
-PATHS = [*KEY_FIGURES] + [f"per_site.{s}.{k}" for s in ("site-a", "site-b")
-                          for k in ("scope1", "scope2_location", "scope2_market")]  # fmt: skip
+PATHS = [f"figures.{k}" for k in KEY_FIGURES] + [
+    f"figures.per_site.{s}.{k}"
+    for s in ("site-a", "site-b")
+    for k in ("scope1", "scope2_location", "scope2_market")
+]
 
 
 def test_same_figures_have_no_differences() -> None:
@@ -56,11 +60,12 @@ def test_every_figure_that_does_not_reproduce_is_reported(path: str) -> None:
 
 def test_a_site_missing_on_one_side_counts_as_zero() -> None:
     old, new = figures(), figures()
-    del new["per_site"]["site-b"]
+    del new["figures"]["per_site"]["site-b"]
     assert [d["figure"] for d in differences(old, new)] == [
-        "per_site.site-b.scope1", "per_site.site-b.scope2_location", "per_site.site-b.scope2_market"
+        "figures.per_site.site-b.scope1", "figures.per_site.site-b.scope2_location",
+        "figures.per_site.site-b.scope2_market",
     ]
-    first = {"figure": "per_site.site-b.scope1", "old": 6.0, "new": 0.0, "delta": -6.0}
+    first = {"figure": "figures.per_site.site-b.scope1", "old": 6.0, "new": 0.0, "delta": -6.0}
     assert differences(old, new)[0] == first
     assert [d["old"] for d in differences(new, old)] == [0.0, 0.0, 0.0]
 
@@ -70,4 +75,4 @@ def test_the_tolerance_is_relative_and_tiny() -> None:
     assert not close(1000.0, 1000.0 * (1 + REL_TOL * 4))
     assert close(0.0, 1e-10) and not close(0.0, 1e-8)  # near zero: an absolute floor of 1e-9
     old = figures()
-    assert differences(old, changed(old, "totals.scope1", 10.0 * (1 + REL_TOL / 2))) == []
+    assert differences(old, changed(old, "figures.totals.scope1", 10.0 * (1 + REL_TOL / 2))) == []
