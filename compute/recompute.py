@@ -41,6 +41,7 @@ missing from the registry get ``meter_energy_15m`` rows (as electricity) but no 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -164,11 +165,13 @@ WHERE b1 > b0
 """
 # Every reading of every window, in window then time order, as fixed-width binary rows.
 _LOAD_WINDOWS = """
-COPY (SELECT w.i, floor(extract(epoch FROM x.ts) * 1000)::bigint, x.value, x.quality::bigint
+COPY (SELECT w.i, x.ts, x.value, x.quality
       FROM compute_windows w JOIN readings x
         ON x.meter_id = w.meter_id AND x.quantity = w.quantity AND x.ts >= w.lo AND x.ts <= w.hi
       ORDER BY w.i, x.ts) TO STDOUT (FORMAT BINARY)
 """
+# JIT compiling these plans costs more than running them (hundreds of ms per poll).
+_NO_JIT: Final = "SET LOCAL jit = off"
 _DELETE_WINDOWS = (
     "DELETE FROM meter_energy_15m me USING compute_windows w"
     " WHERE me.meter_id = w.meter_id AND me.bucket >= w.b0 AND me.bucket < w.b1"
@@ -209,34 +212,46 @@ FACTOR_LOOKUP: Final = """
     LIMIT 1
 """
 
-# Set-based: meter rows are summed per site, bucket and activity class; the factor is looked up
-# once per (site, class, site-local day), not per bucket; registered meters per class once.
-_INSERT_ROLLUPS = """
-WITH e AS (
-    SELECT m.site_id, me.bucket, m.carrier, coalesce(m.activity_unit, r.unit) AS unit,
-           m.cv_basis, m.reference_conditions AS refc, m.fuel_type, r.scope, r.method,
-           sum(me.kwh ORDER BY me.meter_id) AS kwh, sum(me.kwh_estimated ORDER BY me.meter_id) AS est,
-           sum(me.measured_ms) AS measured_ms
-    FROM {source}
-    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
-         AS r(carrier, unit, scope, method) ON r.carrier = m.carrier
-    GROUP BY m.site_id, me.bucket, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,
-             m.reference_conditions, m.fuel_type, r.scope, r.method
-), d AS (
-    SELECT DISTINCT e.site_id, e.carrier, e.unit, e.cv_basis, e.refc, e.fuel_type, e.scope,
-           (e.bucket AT TIME ZONE s.timezone)::date AS day
-    FROM e JOIN sites s ON s.site_id = e.site_id
-), fd AS (
-    SELECT d.*, f.* FROM d JOIN sites s ON s.site_id = d.site_id
-    CROSS JOIN LATERAL (SELECT d.carrier, d.unit, d.cv_basis, d.refc, d.fuel_type, d.scope) e
-    LEFT JOIN LATERAL ({lookup}) f ON true
-), n AS (
-    SELECT mm.site_id, mm.carrier, coalesce(mm.activity_unit, r.unit) AS unit, mm.cv_basis,
-           mm.reference_conditions AS refc, mm.fuel_type, count(*) AS meters
-    FROM meters mm
-    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[]) AS r(carrier, unit) ON r.carrier = mm.carrier
-    GROUP BY 1, 2, 3, 4, 5, 6
+# Site rollups, set-based in three statements over staging tables (ANALYZEd, so the planner joins
+# them by hash): (1) meter rows summed per site, bucket and activity class; (2) the factor looked
+# up once per (site, class, site-local day), not per bucket; (3) one INSERT joining them with the
+# registered meters per class (coverage) into ``site_rollups_15m``.
+_ROLLUP_TEMP_DDL: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS compute_rollup_stage (k text, site_id text, bucket timestamptz,"
+    " day date, carrier text, unit text, cv_basis text, refc text, fuel_type text, scope int, method text,"
+    " kwh float8, est float8, measured_ms bigint) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS compute_factor_days (k text, site_id text, day date, carrier text,"
+    " unit text, cv_basis text, refc text, fuel_type text, scope int, factor_id text,"
+    " kg_co2e_per_unit float8, kg_co2_per_unit float8, kg_ch4_per_unit float8,"
+    " kg_n2o_per_unit float8) ON COMMIT DELETE ROWS",
 )
+# (site, activity class) as ONE join key: the planner misjudges a join on seven columns whose
+# values repeat ('' for most) as matching one row, and would nest loops over the staged rows.
+_CLASS_KEY: Final = (
+    "concat_ws(chr(31), m.site_id, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,"
+    " m.reference_conditions, m.fuel_type, r.scope::text)"
+)
+_STAGE_ROLLUPS = """
+INSERT INTO compute_rollup_stage
+SELECT {key}, m.site_id, me.bucket, (me.bucket AT TIME ZONE s.timezone)::date, m.carrier,
+       coalesce(m.activity_unit, r.unit), m.cv_basis, m.reference_conditions, m.fuel_type, r.scope, r.method,
+       sum(me.kwh ORDER BY me.meter_id), sum(me.kwh_estimated ORDER BY me.meter_id), sum(me.measured_ms)
+FROM {source}
+JOIN sites s ON s.site_id = m.site_id
+JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
+     AS r(carrier, unit, scope, method) ON r.carrier = m.carrier
+GROUP BY m.site_id, me.bucket, s.timezone, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,
+         m.reference_conditions, m.fuel_type, r.scope, r.method
+"""
+_STAGE_FACTORS = """
+INSERT INTO compute_factor_days
+SELECT e.k, e.site_id, e.day, e.carrier, e.unit, e.cv_basis, e.refc, e.fuel_type, e.scope, f.*
+FROM (SELECT DISTINCT k, site_id, day, carrier, unit, cv_basis, refc, fuel_type, scope
+      FROM compute_rollup_stage) e
+JOIN sites s ON s.site_id = e.site_id
+LEFT JOIN LATERAL ({lookup}) f ON true
+""".format(lookup=FACTOR_LOOKUP.format(day="e.day"))
+_MERGE_ROLLUPS = f"""
 INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, activity_unit, cv_basis,
                               reference_conditions, fuel_type, kwh, kwh_estimated, coverage, kg_co2e,
                               kg_co2, kg_ch4, kg_n2o, factor_id, refusal)
@@ -251,22 +266,36 @@ SELECT e.site_id, e.bucket, e.carrier, e.scope, e.method, e.unit, e.cv_basis, e.
                   CASE WHEN e.scope = 2 THEN coalesce(s.factor_series, %(series)s)
                        ELSE coalesce(s.fuel_series, %(fuel_series)s) END, s.grid_region)
        END
-FROM e
+FROM compute_rollup_stage e
 JOIN sites s ON s.site_id = e.site_id
-JOIN n ON n.site_id = e.site_id AND n.carrier = e.carrier AND n.unit = e.unit AND n.cv_basis = e.cv_basis
-      AND n.refc = e.refc AND n.fuel_type = e.fuel_type
-JOIN fd f ON f.site_id = e.site_id AND f.carrier = e.carrier AND f.unit = e.unit AND f.cv_basis = e.cv_basis
-      AND f.refc = e.refc AND f.fuel_type = e.fuel_type AND f.scope = e.scope
-      AND f.day = (e.bucket AT TIME ZONE s.timezone)::date
+JOIN (
+    SELECT {_CLASS_KEY} AS k, count(*) AS meters
+    FROM meters m
+    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[]) AS r(carrier, unit, scope)
+      ON r.carrier = m.carrier
+    GROUP BY 1
+) n ON n.k = e.k
+JOIN compute_factor_days f ON f.k = e.k AND f.day = e.day
 """
 _ROLLUP_SOURCE_ALL = "meter_energy_15m me JOIN meters m USING (meter_id)"
 _ROLLUP_SOURCE = (
     _SITE_RANGES + " JOIN meters m ON m.site_id = sr.site_id"
     " JOIN meter_energy_15m me ON me.meter_id = m.meter_id AND me.bucket >= sr.b0 AND me.bucket < sr.b1"
 )
-_LOOKUP = FACTOR_LOOKUP.format(day="d.day")
-_INSERT_ROLLUPS_ALL = _INSERT_ROLLUPS.format(source=_ROLLUP_SOURCE_ALL, lookup=_LOOKUP)
-_INSERT_ROLLUPS_SET = _INSERT_ROLLUPS.format(source=_ROLLUP_SOURCE, lookup=_LOOKUP)
+_STAGE_ROLLUPS_ALL = _STAGE_ROLLUPS.format(source=_ROLLUP_SOURCE_ALL, key=_CLASS_KEY)
+_STAGE_ROLLUPS_SET = _STAGE_ROLLUPS.format(source=_ROLLUP_SOURCE, key=_CLASS_KEY)
+
+
+def _write_rollups(cur: psycopg.Cursor[Any], stage_sql: str, args: dict[str, Any]) -> int:
+    """Stage, look factors up, merge (the caller deleted the rollups being replaced)."""
+    for ddl in _ROLLUP_TEMP_DDL:
+        cur.execute(ddl)
+    cur.execute(stage_sql, args)
+    cur.execute("ANALYZE compute_rollup_stage")
+    cur.execute(_STAGE_FACTORS, args)
+    cur.execute("ANALYZE compute_factor_days")
+    cur.execute(_MERGE_ROLLUPS, args)
+    return cur.rowcount
 
 
 def _lock_sites(cur: psycopg.Cursor[Any], sites: list[str]) -> None:
@@ -342,6 +371,7 @@ def _unregistered(site_hint: str, params: Params) -> _Meter:
 # tuple an int16 field count then (int32 length, bytes) per field, an int16 -1 trailer.
 _COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 _COPY_TRAILER: Final = b"\xff\xff"
+# (window bigint, ts timestamptz = int64 µs since 2000-01-01, value float8, quality int4)
 _LOADED = np.dtype(
     [
         ("n", ">i2"),
@@ -352,14 +382,14 @@ _LOADED = np.dtype(
         ("l2", ">i4"),
         ("v", ">f8"),
         ("l3", ">i4"),
-        ("q", ">i8"),
+        ("q", ">i4"),
     ]
 )
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds: binary timestamptz origin
 
 
 def _copy_out(cur: psycopg.Cursor[Any], sql: str) -> np.ndarray:
-    """Run a binary ``COPY (…) TO STDOUT`` of (bigint, bigint, float8, bigint) rows into numpy."""
+    """Run a binary ``COPY (…) TO STDOUT`` of (bigint, timestamptz, float8, int4) rows into numpy."""
     with cur.copy(sql) as copy:
         data = b"".join(bytes(chunk) for chunk in copy)
     if not data.startswith(_COPY_HEADER) or not data.endswith(_COPY_TRAILER):
@@ -367,7 +397,7 @@ def _copy_out(cur: psycopg.Cursor[Any], sql: str) -> np.ndarray:
     body = data[len(_COPY_HEADER) : -len(_COPY_TRAILER)]
     rows = np.frombuffer(body, dtype=_LOADED, count=len(body) // _LOADED.itemsize)
     if len(body) % _LOADED.itemsize or (len(rows) and not (rows["n"] == 4).all()):
-        raise RuntimeError("COPY BINARY rows are not the expected four non-NULL 8-byte columns")
+        raise RuntimeError("COPY BINARY rows are not the expected four non-NULL columns")
     return rows
 
 
@@ -422,18 +452,31 @@ class _Computed:
     events: np.ndarray  # [window, EVENT_BITS]
 
 
+def _lap(phases: dict[str, float] | None, name: str, since: float) -> None:
+    if phases is not None:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - since
+
+
 def _compute_windows(
-    cur: psycopg.Cursor[Any], meter_ids: list[str], meters: list[_Meter], keep: tuple[np.ndarray, np.ndarray]
+    cur: psycopg.Cursor[Any],
+    meter_ids: list[str],
+    meters: list[_Meter],
+    keep: tuple[np.ndarray, np.ndarray],
+    phases: dict[str, float] | None = None,
+    copy_sql: str = _COPY_ENERGY,
 ) -> _Computed:
     """Load every reading of the staged windows (one COPY), run ONE kernel call over all of them,
     and COPY the meter rows into ``meter_energy_15m`` (their windows are deleted already)."""
+    t = time.perf_counter()
     rows = _copy_out(cur, _LOAD_WINDOWS)
+    _lap(phases, "load (COPY out)", t)
+    t = time.perf_counter()
     g_n = len(meter_ids)
     win = rows["i"].astype(np.int64)
     bounds = np.searchsorted(win, np.arange(g_n + 1)).astype(np.int64)
     seg, starts, kwh, est, mms, flags, events = bucket_energy_many(
         bounds,
-        rows["ts"].astype(np.int64),
+        (rows["ts"].astype(np.int64) + _PG_EPOCH_US) // 1000,  # epoch ms, floored as ``to_ms``
         rows["v"].astype(np.float64),
         rows["q"].astype(np.int64),
         np.array([m.counter_max for m in meters], dtype=np.float64),
@@ -442,8 +485,11 @@ def _compute_windows(
         keep[1],
         BUCKET_MS,
     )
-    with cur.copy(_COPY_ENERGY) as copy:
+    _lap(phases, "kernel", t)
+    t = time.perf_counter()
+    with cur.copy(copy_sql) as copy:
         copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
+    _lap(phases, "meter rows (COPY in)", t)
     return _Computed(np.diff(bounds), np.bincount(seg, minlength=g_n), events)
 
 
@@ -511,6 +557,7 @@ def recompute_set(
         return []
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_TEMP_DDL)
+        cur.execute(_NO_JIT)
         known = _meters(cur, sorted({d.meter_id for d in spans}), params)
         results: dict[int, RecomputeResult] = {}
         todo: list[tuple[int, DirtyRange, _Meter]] = []
@@ -569,7 +616,7 @@ def recompute_set(
                     "sr_b1": [r[2] for r in site_ranges],
                 }
                 cur.execute(_DELETE_ROLLUPS, args)
-                cur.execute(_INSERT_ROLLUPS_SET, args)
+                _write_rollups(cur, _STAGE_ROLLUPS_SET, args)
             scope2 = {
                 m.site_id
                 for g, (_, _, m) in enumerate(todo)
@@ -604,6 +651,7 @@ class RebuildResult:
     rollups: int
     events: dict[str, int]
     readings: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per step, for the benchmark
 
 
 _NO_LIMIT: Final = np.iinfo(np.int64)
@@ -617,8 +665,11 @@ def recompute_all(
     ``recompute_set``: every reading in one binary COPY, one kernel call, one COPY of meter rows,
     one rollup INSERT. ``meter_energy_15m`` is TRUNCATEd (rolled back with the transaction)."""
     params = _params(params, factor_series)
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_TEMP_DDL)
+        cur.execute(_NO_JIT)
         cur.execute("LOCK TABLE meter_energy_15m, site_rollups_15m IN EXCLUSIVE MODE")
         pairs = cur.execute(
             "SELECT DISTINCT meter_id, quantity FROM readings WHERE quantity = ANY(%s) ORDER BY 1, 2",
@@ -633,18 +684,30 @@ def recompute_all(
             " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u(m, q, i)",
             ([c[0] for c in chosen], [c[1] for c in chosen]),
         )
+        # A bulk load into an empty table (PostgreSQL manual, "Populating a Database"): rows are
+        # COPYed with FREEZE into the table truncated in this transaction, and the primary key is
+        # built once afterwards instead of row by row. All of it rolls back with the transaction.
         cur.execute("TRUNCATE meter_energy_15m")
+        cur.execute("ALTER TABLE meter_energy_15m DROP CONSTRAINT meter_energy_15m_pkey")
+        _lap(phases, "windows", t)
         g_n = len(chosen)
         done = _compute_windows(
             cur,
             [c[0] for c in chosen],
             [c[2] for c in chosen],
             (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
+            phases,
+            _COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)"),
         )
+        t = time.perf_counter()
+        cur.execute("ALTER TABLE meter_energy_15m ADD PRIMARY KEY (meter_id, bucket)")
+        _lap(phases, "meter rows (primary key)", t)
+        t = time.perf_counter()
         args = _rollup_args(params)
         cur.execute(_DELETE_ROLLUPS_ALL)
-        cur.execute(_INSERT_ROLLUPS_ALL, args)
-        rollups = cur.rowcount
+        rollups = _write_rollups(cur, _STAGE_ROLLUPS_ALL, args)
+        _lap(phases, "site rollups", t)
+        t = time.perf_counter()
         cur.execute("DELETE FROM site_market_1h")
         spans = cur.execute(
             "SELECT site_id, min(bucket), max(bucket) FROM site_rollups_15m WHERE scope = 2"
@@ -652,9 +715,12 @@ def recompute_all(
         ).fetchall()
         for site, first, last in spans:
             recompute_market(cur, site, first, last + timedelta(minutes=15))
+        _lap(phases, "market-based hours", t)
+        t = time.perf_counter()
+    _lap(phases, "commit", t)
     events = (
         dict(zip(EVENT_NAMES, (int(v) for v in done.events.sum(axis=0)), strict=True))
         if g_n
         else {n: 0 for n in EVENT_NAMES}
     )
-    return RebuildResult(g_n, int(done.written.sum()), rollups, events, int(done.loaded.sum()))
+    return RebuildResult(g_n, int(done.written.sum()), rollups, events, int(done.loaded.sum()), phases)
