@@ -239,6 +239,7 @@ class RebuildBench:
     copy_out_s: list[float]
     buckets: int
     rollups: int
+    phases: dict[str, float]  # of the last rebuild: where its time went
 
     @property
     def rebuild_rate(self) -> float:
@@ -285,6 +286,6 @@ def run_rebuild(
                 result = recompute_all(conn, params)
                 rebuild_s.append(time.perf_counter() - started)
             assert result is not None and result.readings == n
-            return RebuildBench(n, rebuild_s, copy_s, result.buckets, result.rollups)
+            return RebuildBench(n, rebuild_s, copy_s, result.buckets, result.rollups, result.phases)
     finally:
         drop_database(name, settings.db.admin_dsn)

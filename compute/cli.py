@@ -195,6 +195,7 @@ def _bench_rebuild(args: Any) -> int:
         f"compute rebuild      {r.readings / r.rebuild_rate:7.2f} s  {r.rebuild_rate / 1e6:6.2f} M readings/s"
     )
     print(f"rebuild is {r.rebuild_rate / r.copy_out_rate:.2f}x raw COPY-out (goal: >= 1 M readings/s)")
+    print("last rebuild, seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in r.phases.items()))
     return 0
 
 
