@@ -163,12 +163,13 @@ FROM (
 ) w
 WHERE b1 > b0
 """
-# Every reading of every window, in window then time order, as fixed-width binary rows.
+# Every reading of every window as fixed-width binary rows, unordered: numpy sorts them by window
+# and time faster than PostgreSQL does (and the rebuild's plan becomes a plain scan).
 _LOAD_WINDOWS = """
 COPY (SELECT w.i, x.ts, x.value, x.quality
       FROM compute_windows w JOIN readings x
-        ON x.meter_id = w.meter_id AND x.quantity = w.quantity AND x.ts >= w.lo AND x.ts <= w.hi
-      ORDER BY w.i, x.ts) TO STDOUT (FORMAT BINARY)
+        ON x.meter_id = w.meter_id AND x.quantity = w.quantity AND x.ts >= w.lo AND x.ts <= w.hi)
+TO STDOUT (FORMAT BINARY)
 """
 # JIT compiling these plans costs more than running them (hundreds of ms per poll).
 _NO_JIT: Final = "SET LOCAL jit = off"
@@ -469,6 +470,7 @@ def _compute_windows(
     and COPY the meter rows into ``meter_energy_15m`` (their windows are deleted already)."""
     t = time.perf_counter()
     rows = _copy_out(cur, _LOAD_WINDOWS)
+    rows = rows[np.lexsort((rows["ts"], rows["i"]))]  # by window, then time (keys are unique)
     _lap(phases, "load (COPY out)", t)
     t = time.perf_counter()
     g_n = len(meter_ids)
