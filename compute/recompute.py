@@ -291,6 +291,7 @@ def _write_rollups(cur: psycopg.Cursor[Any], stage_sql: str, args: dict[str, Any
     """Stage, look factors up, merge (the caller deleted the rollups being replaced)."""
     for ddl in _ROLLUP_TEMP_DDL:
         cur.execute(ddl)
+    cur.execute("TRUNCATE compute_rollup_stage, compute_factor_days")
     cur.execute(stage_sql, args)
     cur.execute("ANALYZE compute_rollup_stage")
     cur.execute(_STAGE_FACTORS, args)
@@ -559,6 +560,9 @@ def recompute_set(
         return []
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_TEMP_DDL)
+        cur.execute(
+            "TRUNCATE compute_windows"
+        )  # a caller's outer transaction may hold rows of an earlier call
         cur.execute(_NO_JIT)
         known = _meters(cur, sorted({d.meter_id for d in spans}), params)
         results: dict[int, RecomputeResult] = {}
@@ -671,6 +675,9 @@ def recompute_all(
     t = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_TEMP_DDL)
+        cur.execute(
+            "TRUNCATE compute_windows"
+        )  # a caller's outer transaction may hold rows of an earlier call
         cur.execute(_NO_JIT)
         cur.execute("LOCK TABLE meter_energy_15m, site_rollups_15m IN EXCLUSIVE MODE")
         pairs = cur.execute(

@@ -388,3 +388,19 @@ def test_one_poll_is_one_kernel_call_and_rebuilds_each_site_bucket_once(
         (stored,) = conn.execute("SELECT count(*) FROM site_rollups_15m").fetchone()
     assert calls == [sum(1 for r in results if r.skipped is None)]
     assert stored > 0 and inserted == stored
+
+
+def test_recomputes_nested_in_one_outer_transaction(conn: Any) -> None:
+    """Statements verify by recomputing inside a transaction they roll back: several recomputes
+    and a rebuild in one outer transaction must not meet each other's staged rows."""
+    rows = generate(7)
+    insert_rows(conn, rows)
+    recompute_all(conn)
+    clean = snapshot(conn)
+    half = len(rows) // 2
+    with conn.transaction():
+        recompute_set(conn, dirty_ranges(rows[:half]))
+        recompute_set(conn, dirty_ranges(rows[half:]))
+        recompute_all(conn)
+        recompute_all(conn)
+    assert snapshot(conn) == clean
