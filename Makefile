@@ -6,7 +6,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: install services demo test lint bench clean lock
+.PHONY: install services demo test lint bench clean lock mutate
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: install
 
 test: install services lint
 	$(BIN)/pytest
+
+# Mutation testing of the safety-critical modules, one at a time with their own fast tests (slow: not in
+# CI). Prints the kill rate per module; MODULES="edge/counters.py ..." runs only those.
+mutate: install services
+	$(BIN)/python -m ops.mutate $(MODULES)
 
 # After changing dependencies in pyproject.toml: re-pin every package with its hashes.
 lock: install

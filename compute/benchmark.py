@@ -80,6 +80,7 @@ def rollup_numba(f: Fleet, max_gap_ms: int) -> Grid:
         BUCKET_MS,
         first,
         nb,
+        np.zeros(meters),  # max_kw: no per-meter bound
     )
     return Grid(first, kwh, est)
 

@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     instruments = sub.add_parser("instruments", help="contractual instruments for market-based Scope 2")
     isub = instruments.add_subparsers(dest="instruments_command", required=True, metavar="ACTION")
-    iapply = isub.add_parser("apply", help="validate the instruments file and upsert it into the database")
+    iapply = isub.add_parser(
+        "apply", help="validate the instrument ledger, make the DB equal it and re-allocate claims"
+    )
     iapply.add_argument("path", nargs="?", type=Path, help="default: CONFIG_DIR/instruments.toml")
     iapply.set_defaults(handler=_instruments_apply)
 
@@ -158,8 +160,12 @@ def _instruments_apply(args: Any) -> int:
     path = args.path or settings.config_dir / "instruments.toml"
     load_instruments(path)  # a bad file is reported before touching the database
     with _connect(settings) as conn:
-        n = apply_instruments(conn, path)
-    print(f"contractual_instruments: {n} upserted; run `scopemeter compute rebuild` to re-allocate")
+        r = apply_instruments(conn, path)
+    retracted = f" (retracted with their claims: {', '.join(r.retracted)})" if r.retracted else ""
+    print(
+        f"contractual_instruments: {r.upserted} applied, {len(r.retracted)} retracted{retracted};"
+        f" claims re-allocated for {len(r.sites)} sites"
+    )
     return 0
 
 

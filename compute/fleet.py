@@ -20,9 +20,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from compute.config import SCOPE2_CARRIERS, Carrier, ConfigError, check_keys, read_toml, section_entries
+from compute.config import (
+    SCOPE2_CARRIERS,
+    Carrier,
+    ConfigError,
+    check_keys,
+    read_toml,
+    section_entries,
+    validate,
+)
 from compute.factors import REFERENCE_CONDITIONS, Region
-from edge.wire import Ident
+from edge.wire import Ident, Quantity
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 SIMULATION_KEYS = frozenset({"profile", "base_kw", "peak_kw"})
@@ -135,10 +143,59 @@ class Meter(FuelBasis):
     # Accuracy class in percent (IEC 62053-21 class 1 = 1.0, class 0.5S = 0.5; MID class B ~ 1):
     # statements state their measurement uncertainty from it. Unset: uncertainty not assessed.
     accuracy_class: Annotated[float, AfterValidator(_ratio)] | None = None
+    # The most the metered circuit can draw, in the counter's unit per hour (kW for kWh counters,
+    # m3/h, l/h, kg/h): a counter step above max_kw × the interval is implausible and quarantined
+    # (compute.quarantine). E.g. a 400 A three-phase feeder at 400 V + 10 % (IEC 60038 supply range):
+    # sqrt(3) × 440 V × 400 A ≈ 305 kW.
+    # Unset: only the bridge's physical bounds per quantity apply.
+    max_kw: Annotated[float, AfterValidator(_ratio)] | None = None
     # Tolerated simulation keys (see module doc); not stored.
     profile: Any = Field(default=None, exclude=True)
     base_kw: Any = Field(default=None, exclude=True)
     peak_kw: Any = Field(default=None, exclude=True)
+
+
+class NodeMap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    group: str
+    node: str
+    gateway: str  # fleet-registry gateway id
+
+
+class MetricMap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    group: str
+    node: str
+    device: str | None = None  # None: a metric of the node itself
+    metric: str
+    meter: str
+    quantity: Quantity = Quantity.ENERGY_IMPORT_KWH
+    scale: Annotated[float, Field(gt=0)] = 1.0
+
+
+class SparkplugMap(BaseModel):
+    """Sparkplug B edge nodes as fleet gateways, and their metrics as meter quantities
+    (``scopemeter sparkplug host``)."""
+
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    nodes: list[NodeMap] = []
+    metrics: list[MetricMap] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SparkplugMap:
+        nodes = [(n.group, n.node) for n in self.nodes]
+        if len(set(nodes)) != len(nodes):
+            raise ValueError("an edge node (group, node) is listed twice in [[nodes]]")
+        seen: set[tuple[str, str, str | None, str]] = set()
+        for m in self.metrics:
+            if (m.group, m.node) not in nodes:
+                raise ValueError(f"metric {m.metric!r}: edge node {m.group}/{m.node} is not in [[nodes]]")
+            key = (m.group, m.node, m.device, m.metric)
+            if key in seen:
+                raise ValueError(f"metric {m.metric!r} of {m.group}/{m.node}/{m.device} is mapped twice")
+            seen.add(key)
+        return self
 
 
 class Fleet(BaseModel):
@@ -148,6 +205,7 @@ class Fleet(BaseModel):
     sites: list[Site]
     gateways: list[Gateway]
     meters: list[Meter]
+    sparkplug: SparkplugMap = SparkplugMap()
 
 
 _SECTIONS: dict[str, type[_Entry]] = {
@@ -161,7 +219,7 @@ _SECTIONS: dict[str, type[_Entry]] = {
 def load_fleet(path: Path) -> Fleet:
     """Parse and validate the registry, including references between entries."""
     data = read_toml(path)
-    check_keys(data, path, list(_SECTIONS))
+    check_keys(data, path, [*_SECTIONS, "sparkplug"])
     parsed: dict[str, list[Any]] = {}
     for section, model in _SECTIONS.items():
         parsed[section] = section_entries(data, path, section, model)
@@ -170,7 +228,8 @@ def load_fleet(path: Path) -> Fleet:
             if entry.id in ids:
                 raise ConfigError(f"{path}: duplicate id {entry.id!r} in [[{section}]]")
             ids.add(entry.id)
-    fleet = Fleet(**parsed)
+    sparkplug = validate(SparkplugMap, data.get("sparkplug", {}), path, "[sparkplug]")
+    fleet = Fleet(**parsed, sparkplug=sparkplug)
     suppliers = {s.id for s in fleet.suppliers}
     sites = {s.id for s in fleet.sites}
     gateway_site = {g.id: g.site for g in fleet.gateways}
@@ -191,6 +250,13 @@ def load_fleet(path: Path) -> Fleet:
                     f"{path}: meter {m.id!r} is at site {m.site!r} but its gateway {m.gateway!r} "
                     f"is at site {gateway_site[m.gateway]!r}"
                 )
+    meters = {m.id for m in fleet.meters}
+    for n in fleet.sparkplug.nodes:
+        if n.gateway not in gateway_site:
+            raise ConfigError(f"{path}: [sparkplug] node {n.group}/{n.node}: unknown gateway {n.gateway!r}")
+    for sm in fleet.sparkplug.metrics:
+        if sm.meter not in meters:
+            raise ConfigError(f"{path}: [sparkplug] metric {sm.metric!r}: unknown meter {sm.meter!r}")
     return fleet
 
 
@@ -261,6 +327,7 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                 "reference_conditions",
                 "fuel_type",
                 "accuracy_class",
+                "max_kw",
             ),
             [
                 (
@@ -279,6 +346,7 @@ def apply_fleet(conn: psycopg.Connection[Any], path: Path) -> FleetApplyResult:
                     m.reference_conditions or "",
                     m.fuel_type,
                     m.accuracy_class,
+                    m.max_kw,
                 )
                 for m in fleet.meters
             ],

@@ -17,6 +17,12 @@ bits of reading ``i + 1`` classify interval ``i`` (``ts[i]`` → ``ts[i+1]``).
    An interval longer than ``max_gap_ms`` (> 0) is a gap (``F_GAP``): its energy is real (the
    counter advanced) but when it flowed is not known, so it is apportioned as ESTIMATED energy. An
    interval touching a reading marked ``ESTIMATED`` is estimated too (``F_ESTIMATED``).
+   ``quarantine_intervals`` then marks an interval IMPLAUSIBLE (``F_IMPLAUSIBLE``: 0 and
+   unmeasured, its later reading is quarantined by ``compute.quarantine``) when either reading is
+   NaN or ±Infinity, or when it counts more than the meter's maximum power allows: energy >
+   ``max_kw`` × duration (the counter's unit per hour, kW for kWh) + one float32 step of the
+   reading (``COUNTER_RESOLUTION``). So no NaN or Infinity reaches
+   a bucket, and a jump (a spike, a corrupted register) is held back instead of being counted.
 2. ``apportion`` — each interval's energy is spread linearly over time (uniform power) across the
    bucket boundaries it straddles. Every bucket but the last one an interval touches gets
    ``delta * overlap_ms / duration_ms``; the last gets the remainder, so an interval's pieces sum
@@ -53,7 +59,11 @@ F_REPLACED: Final = 4
 F_DROP: Final = 8
 F_GAP: Final = 16
 F_ESTIMATED: Final = 32
-F_UNMEASURED: Final = F_REPLACED | F_DROP  # contributes no energy at all
+F_IMPLAUSIBLE: Final = 64  # non-finite reading or a jump beyond max_kw × duration (quarantined)
+# A counter step may exceed max_kw × duration by one float32 step of the reading (most meters
+# hold their counters in IEEE 754 float32, e.g. the SDM630): at 1e7 kWh one tick is 1 kWh.
+COUNTER_RESOLUTION: Final = 2.0**-23
+F_UNMEASURED: Final = F_REPLACED | F_DROP | F_IMPLAUSIBLE  # contributes no energy at all
 F_TO_ESTIMATED: Final = F_GAP | F_ESTIMATED  # energy counted as estimated
 
 _Q_ESTIMATED: Final = int(Quality.ESTIMATED)
@@ -121,6 +131,20 @@ def interval_energy(
         delta[i] = d
         flags[i] = f
     return delta, flags
+
+
+@njit(cache=True)
+def quarantine_intervals(ts: I64, value: F64, delta: F64, flags: I32, max_kw: float) -> None:
+    """In place: intervals touching a non-finite reading, or (``max_kw`` > 0) counting more than
+    ``max_kw`` × their duration, become ``F_IMPLAUSIBLE`` with no energy."""
+    for i in range(delta.shape[0]):
+        bad = not (np.isfinite(value[i]) and np.isfinite(value[i + 1]) and np.isfinite(delta[i]))
+        if not bad and max_kw > 0.0 and (flags[i] & F_UNMEASURED) == 0:
+            excess = delta[i] - abs(value[i + 1]) * COUNTER_RESOLUTION
+            bad = excess * 3_600_000.0 > max_kw * float(ts[i + 1] - ts[i])
+        if bad:
+            delta[i] = 0.0
+            flags[i] = F_IMPLAUSIBLE
 
 
 @njit(cache=True)
@@ -193,6 +217,7 @@ def rollup_sites(
     bucket_ms: int,
     first: int,
     nb: int,
+    max_kw: F64,
 ) -> tuple[F64, F64]:
     """Many meters at once → per-site grids ``[site, bucket]`` of (kwh, kwh_estimated).
 
@@ -208,6 +233,7 @@ def rollup_sites(
             continue
         t = ts[a:b]
         d, f = interval_energy(t, value[a:b], quality[a:b], counter_max[m], max_gap_ms[m])
+        quarantine_intervals(t, value[a:b], d, f, max_kw[m])
         starts, e, x, _, _ = apportion(t, d, f, bucket_ms)
         off = (starts[0] - first) // bucket_ms
         s = site_of_meter[m]
@@ -218,8 +244,8 @@ def rollup_sites(
 
 
 # Interval flag bits counted per segment by ``bucket_energy_many`` (columns of its ``events``).
-EVENT_BITS: Final = (F_WRAP, F_RESET, F_REPLACED, F_DROP, F_GAP, F_ESTIMATED)
-EVENT_NAMES: Final = ("wraps", "resets", "replacements", "drops", "gaps", "estimated")
+EVENT_BITS: Final = (F_WRAP, F_RESET, F_REPLACED, F_DROP, F_GAP, F_ESTIMATED, F_IMPLAUSIBLE)
+EVENT_NAMES: Final = ("wraps", "resets", "replacements", "drops", "gaps", "estimated", "implausible")
 
 
 @njit(cache=True)
@@ -233,15 +259,18 @@ def bucket_energy_many(
     keep_from: I64,
     keep_to: I64,
     bucket_ms: int,
-) -> tuple[I64, I64, F64, F64, I64, I32, I64]:
+    max_kw: F64,
+) -> tuple[I64, I64, F64, F64, I64, I32, I64, I32]:
     """Many counter series in ONE call (the set-based recompute): segment ``g`` is
     ``ts[bounds[g]:bounds[g+1]]`` (sorted) with its own ``counter_max`` and ``max_gap_ms``; of its
-    buckets only those starting in ``[keep_from[g], keep_to[g])`` are returned.
+    buckets only those starting in ``[keep_from[g], keep_to[g])`` are returned; ``max_kw[g]`` is
+    its plausibility bound (``quarantine_intervals``).
 
     Returns (segment, starts, kwh, kwh_estimated, measured_ms, flags) concatenated in segment
-    order, and ``events[g, j]`` = intervals of segment ``g`` carrying ``EVENT_BITS[j]``. Each
-    segment goes through exactly ``interval_energy`` and ``apportion``, so its rows are
-    bit-identical to ``bucket_energy`` of that segment alone."""
+    order, ``events[g, j]`` = intervals of segment ``g`` carrying ``EVENT_BITS[j]``, and the
+    interval flags in reading positions (interval ``i`` of segment ``g`` at ``bounds[g] + i``).
+    Each segment goes through exactly ``interval_energy``, ``quarantine_intervals`` and
+    ``apportion``, so its rows are bit-identical to ``bucket_energy`` of that segment alone."""
     g_n = bounds.shape[0] - 1
     sizes = np.zeros(g_n, dtype=np.int64)
     for g in range(g_n):
@@ -264,7 +293,9 @@ def bucket_energy_many(
     est = np.empty(total, dtype=np.float64)
     mms = np.empty(total, dtype=np.int64)
     flags = np.empty(total, dtype=np.int32)
-    events = np.zeros((g_n, 6), dtype=np.int64)
+    n_events = len(EVENT_BITS)
+    events = np.zeros((g_n, n_events), dtype=np.int64)
+    iflags = np.zeros(ts.shape[0], dtype=np.int32)
     out = 0
     for g in range(g_n):
         a = bounds[g]
@@ -273,8 +304,10 @@ def bucket_energy_many(
             continue
         t = ts[a:b]
         d, f = interval_energy(t, value[a:b], quality[a:b], counter_max[g], max_gap_ms[g])
+        quarantine_intervals(t, value[a:b], d, f, max_kw[g])
         for i in range(f.shape[0]):
-            for j in range(6):
+            iflags[a + i] = f[i]
+            for j in range(n_events):
                 if f[i] & EVENT_BITS[j]:
                     events[g, j] += 1
         s, e, x, ms, bf = apportion(t, d, f, bucket_ms)
@@ -287,7 +320,7 @@ def bucket_energy_many(
                 mms[out] = ms[k]
                 flags[out] = bf[k]
                 out += 1
-    return seg, starts, kwh, est, mms, flags, events
+    return seg, starts, kwh, est, mms, flags, events, iflags
 
 
 class BucketEnergy(NamedTuple):
@@ -311,9 +344,11 @@ def bucket_energy(
     bucket_ms: int = BUCKET_MS,
     counter_max: float = 0.0,
     max_gap_ms: int = 0,
+    max_kw: float = 0.0,
 ) -> BucketEnergy:
     """Readings of one counter → energy per bucket (see module doc). ``counter_max`` 0 = unknown,
-    ``max_gap_ms`` 0 = no gap limit."""
+    ``max_gap_ms`` 0 = no gap limit, ``max_kw`` 0 = no per-meter bound (non-finite readings are
+    always implausible)."""
     ts = np.ascontiguousarray(ts, dtype=np.int64)
     value = np.ascontiguousarray(value, dtype=np.float64)
     q = (
@@ -325,9 +360,10 @@ def bucket_energy(
         raise ValueError("ts, value and quality must be 1-d arrays of the same length")
     if ts.shape[0] > 1 and bool(np.any(np.diff(ts) < 0)):
         raise ValueError("ts must be sorted")
-    if bucket_ms <= 0 or counter_max < 0 or max_gap_ms < 0:
-        raise ValueError("bucket_ms must be > 0, counter_max and max_gap_ms >= 0")
+    if bucket_ms <= 0 or counter_max < 0 or max_gap_ms < 0 or not max_kw >= 0:
+        raise ValueError("bucket_ms must be > 0, counter_max, max_gap_ms and max_kw >= 0")
     delta, flags = interval_energy(ts, value, q, float(counter_max), int(max_gap_ms))
+    quarantine_intervals(ts, value, delta, flags, float(max_kw))
     starts, kwh, est, mms, bflags = apportion(ts, delta, flags, int(bucket_ms))
     return BucketEnergy(starts, kwh, est, mms, bflags, flags)
 
@@ -341,4 +377,5 @@ def event_counts(flags: I32) -> dict[str, int]:
         "drops": _count(flags, F_DROP),
         "gaps": _count(flags, F_GAP),
         "estimated": _count(flags, F_ESTIMATED),
+        "implausible": _count(flags, F_IMPLAUSIBLE),
     }

@@ -1,37 +1,78 @@
-"""Contractual instruments (``config/instruments.toml``) and market-based Scope 2 per site and hour.
+"""The contractual instrument ledger (``config/instruments.toml``) and market-based Scope 2.
 
-GHG Protocol Scope 2 market-based: consumption covered by contractual instruments (China GEC —
-1 certificate = 1 MWh —, I-REC, PPAs, green tariffs) gets the instrument's factor (0 for
-renewables); the rest gets the region's residual-mix factor (series ``residual-mix``) or, where
-none is published (China, the UK today), the location-based factor — so market equals location
-where a site has no instruments.
+GHG Protocol Scope 2 Guidance (WRI/WBCSD 2015), chapter 7, Table 7.1 "Scope 2 Quality Criteria",
+as applied here:
 
-Allocation is deterministic from the location rollups, so a recompute always gives the same
-numbers: instruments with ``hourly = true`` are matched hour by hour (volume spread evenly over the
-period's hours, no banking) and go first; the others are retired against the uncovered
-consumption in time order within their period, ordered by (period start, id).
+- criteria 1–2 (an instrument conveys the claim, and is the only one that does): every certificate
+  (GEC, green-power trade, I-REC) carries its serial range; two instruments whose ranges overlap are
+  refused at load, naming the file, the lines and both instruments. Claims are a ledger
+  (``instrument_claims``: instrument, site, hour, kWh) and no instrument is ever claimed beyond its
+  volume (a database trigger refuses it), across sites, months and customers;
+- criterion 3 (tracked and retired on behalf of the reporting entity): certificates must name
+  their retirement / cancellation evidence;
+- criterion 4 (issued and redeemed as close as possible to the consumption): an instrument only
+  covers consumption inside its generation period, and (``[rules]
+  generation_within_reporting_year``, default on) that period must lie within one reporting year;
+- criterion 5 (sourced from the same market): the site's grid region must lie within the
+  instrument's ``market_boundary``, and kinds bound to one market (``[rules.boundaries]``, e.g.
+  China GEC and green-power trade: ``CN``) must keep to it;
+- criterion 8 / section 6.11 (residual mix): consumption no instrument covers gets the region's
+  residual-mix factor (series ``residual-mix``); where none is published, the publisher's factor
+  excluding market-traded non-fossil power (China MEE/NBS, series
+  ``national-power-average-excl-market-nonfossil``); otherwise the location-based factor. Each
+  hour records which (``site_market_1h.residual_basis``), and statements disclose it per site.
 
-Results go to ``site_market_1h``, not to ``site_rollups_15m``: allocation is over an instrument's
-period and hours, and ``site_rollups_15m`` stays the measured activity (summing it never counts the
-same kWh twice).
+Allocation is deterministic: ``hourly`` instruments are matched hour by hour (volume spread evenly
+over the period's hours, no banking) and go first; the others are retired against the uncovered
+consumption in time order, ordered by (period start, id). A change to any hour can move every
+claim of every instrument whose period is connected to it through overlapping periods, so a
+recompute rebuilds that whole connected group (the fix-point hull of overlapping periods) from
+scratch: the result is the full rebuild's, whatever order data arrives in.
+
+Results go to ``site_market_1h`` and ``instrument_claims``, not to ``site_rollups_15m``, which stays
+the measured activity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from zoneinfo import ZoneInfo
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from compute.config import SCOPE2_CARRIERS, Carrier, ConfigError, check_keys, read_toml, section_entries
+from compute.config import (
+    SCOPE2_CARRIERS,
+    Carrier,
+    ConfigError,
+    check_keys,
+    read_toml,
+    section_entries,
+    validate,
+)
 from edge.wire import Ident
 
+log = logging.getLogger("scopemeter.compute")
+
 RESIDUAL_SERIES: Final = "residual-mix"
+EXCL_NONFOSSIL_SERIES: Final = "national-power-average-excl-market-nonfossil"
+# Fallbacks for uncovered consumption, best first: (basis recorded per hour, factor series).
+FALLBACKS: Final = (("residual-mix", RESIDUAL_SERIES), ("excl-market-nonfossil", EXCL_NONFOSSIL_SERIES))
+LOCATION_BASIS: Final = "location"
 _HOUR: Final = timedelta(hours=1)
+
+Kind = Literal["gec", "green-power-trade", "i-rec", "ppa", "green-tariff", "supplier-specific"]
+# Tradable certificates (1 certificate = 1 MWh) with registry serials and retirement records.
+CERTIFICATE_KINDS: Final = frozenset({"gec", "green-power-trade", "i-rec"})
+Region = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2,8}(-[A-Z0-9]{1,8})*$")]
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
 
 
 class Instrument(BaseModel):
@@ -39,15 +80,20 @@ class Instrument(BaseModel):
 
     id: Ident
     site: Ident
-    kind: Literal["gec", "i-rec", "ppa", "green-tariff"]
+    kind: Kind
     carrier: Carrier = Carrier.ELECTRICITY
-    certificates: Annotated[int, Field(gt=0)] | None = None  # GEC / I-REC: 1 certificate = 1 MWh
+    certificates: Annotated[int, Field(gt=0)] | None = None  # 1 certificate = 1 MWh
     mwh: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    period_start: date  # site-local, end exclusive
+    serial_prefix: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    serial_first: Annotated[int, Field(ge=0)] | None = None
+    serial_last: Annotated[int, Field(ge=0)] | None = None
+    period_start: date  # generation period, site-local, end exclusive
     period_end: date
+    market_boundary: Region
+    evidence: Text | None = None  # retirement / cancellation record
     kg_co2e_per_kwh: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     hourly: bool = False
-    reference: Annotated[str, Field(min_length=1, max_length=500)]
+    reference: Text
 
     @model_validator(mode="after")
     def _check(self) -> Instrument:
@@ -57,8 +103,23 @@ class Instrument(BaseModel):
             raise ValueError(f"instruments are for Scope 2 carriers, not {self.carrier.value}")
         if (self.certificates is None) == (self.mwh is None):
             raise ValueError("give exactly one of certificates (1 certificate = 1 MWh) or mwh")
-        if self.kind in ("gec", "i-rec") and self.certificates is None:
-            raise ValueError(f"{self.kind} volumes are counted in certificates (1 certificate = 1 MWh)")
+        serials = (self.serial_prefix, self.serial_first, self.serial_last)
+        if any(s is not None for s in serials) and any(s is None for s in serials):
+            raise ValueError("give all of serial_prefix, serial_first and serial_last, or none")
+        if self.kind in CERTIFICATE_KINDS:
+            if self.certificates is None:
+                raise ValueError(f"{self.kind} volumes are counted in certificates (1 certificate = 1 MWh)")
+            if self.serial_first is None or self.serial_last is None:
+                raise ValueError(
+                    f"{self.kind} needs its serial range (serial_prefix, serial_first, serial_last)"
+                )
+            if self.serial_last - self.serial_first + 1 != self.certificates:
+                raise ValueError(
+                    f"serials {self.serial_first}..{self.serial_last} are "
+                    f"{self.serial_last - self.serial_first + 1} certificates, not {self.certificates}"
+                )
+            if self.evidence is None:
+                raise ValueError(f"{self.kind} needs its retirement evidence (evidence = ...)")
         return self
 
     @property
@@ -66,35 +127,161 @@ class Instrument(BaseModel):
         return float(self.certificates) if self.certificates is not None else float(self.mwh or 0.0)
 
 
-def load_instruments(path: Path) -> list[Instrument]:
+class Rules(BaseModel):
+    """Boundary and vintage rules applied to every instrument (``[rules]``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generation_within_reporting_year: bool = True
+    reporting_year_start_month: Annotated[int, Field(ge=1, le=12)] = 1
+    # Kinds that are only valid in some markets: China's GEC and green-power trade on the China grid.
+    boundaries: dict[Kind, list[Region]] = {"gec": ["CN"], "green-power-trade": ["CN"]}
+
+
+@dataclass(frozen=True)
+class Ledger:
+    path: Path
+    instruments: list[Instrument]
+    rules: Rules
+    lines: dict[str, int]  # instrument id → line of its [[instruments]] header
+
+    def where(self, ident: str) -> str:
+        return f"{self.path}:{self.lines.get(ident, 0)}"
+
+
+_HEADER = re.compile(r"^\s*\[\[\s*instruments\s*\]\]")
+
+
+def within(region: str, boundary: str) -> bool:
+    """``CN-GD`` lies within ``CN``; ``GB`` does not."""
+    return region == boundary or region.startswith(boundary + "-")
+
+
+def reporting_year(d: date, start_month: int) -> int:
+    return d.year if d.month >= start_month else d.year - 1
+
+
+def rule_problems(i: Instrument, rules: Rules) -> list[str]:
+    """Why ``i`` breaks a boundary or vintage rule on its own (criteria 4 and 5); empty if it does not."""
+    out = []
+    allowed = rules.boundaries.get(i.kind)
+    if allowed is not None and not any(within(i.market_boundary, b) for b in allowed):
+        out.append(
+            f"{i.kind} is valid only within {', '.join(allowed)}, not market boundary {i.market_boundary}"
+        )
+    if rules.generation_within_reporting_year:
+        m = rules.reporting_year_start_month
+        last = i.period_end - timedelta(days=1)
+        if reporting_year(i.period_start, m) != reporting_year(last, m):
+            out.append(
+                f"generation period {i.period_start}..{i.period_end} is not within one reporting year"
+                f" (starting in month {m}); split it per year"
+            )
+    return out
+
+
+def site_problem(i: Instrument, site_region: str) -> str | None:
+    """Criterion 5 against the site: its grid region must lie within the instrument's market."""
+    if not within(site_region, i.market_boundary):
+        return (
+            f"site {i.site!r} is on grid region {site_region}, outside the instrument's market boundary"
+            f" {i.market_boundary}"
+        )
+    return None
+
+
+def load_instruments(path: Path) -> Ledger:
+    """Parse and check the file on its own (no database): fields, ids, serial overlaps, rules."""
     data = read_toml(path)
-    check_keys(data, path, ["instruments"])
+    check_keys(data, path, ["instruments", "rules"])
     items = section_entries(data, path, "instruments", Instrument)
+    rules = validate(Rules, data.get("rules", {}), path, "[rules]")
+    headers = [n for n, line in enumerate(path.read_text().splitlines(), 1) if _HEADER.match(line)]
+    lines = {i.id: (headers[k] if k < len(headers) else 0) for k, i in enumerate(items)}
+    ledger = Ledger(path, items, rules, lines)
     ids = [i.id for i in items]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ConfigError(f"{path}: duplicate instrument ids {dupes}")
-    return items
+    problems = [
+        f"{ledger.where(i.id)}: instrument {i.id!r}: {p}" for i in items for p in rule_problems(i, rules)
+    ]
+    problems += overlapping_serials(ledger)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return ledger
 
 
-def apply_instruments(conn: psycopg.Connection[Any], path: Path) -> int:
-    """Validate and upsert; returns how many rows were written. Run ``compute rebuild`` after."""
-    items = load_instruments(path)
-    with conn.transaction(), conn.cursor() as cur:
-        sites = {r[0] for r in cur.execute("SELECT site_id FROM sites").fetchall()}
-        for i in items:
-            if i.site not in sites:
-                raise ConfigError(
-                    f"{path}: instrument {i.id!r}: unknown site {i.site!r} (apply the fleet first)"
+def overlapping_serials(ledger: Ledger) -> list[str]:
+    """Pairs of instruments sharing a certificate serial (criterion 2: one claim per certificate)."""
+    by_prefix: dict[str, list[Instrument]] = defaultdict(list)
+    for i in ledger.instruments:
+        if i.serial_prefix is not None:
+            by_prefix[i.serial_prefix].append(i)
+    out = []
+    for prefix, group in sorted(by_prefix.items()):
+        group.sort(key=lambda i: (i.serial_first or 0, i.id))
+        for k, a in enumerate(group):
+            for b in group[k + 1 :]:
+                if (b.serial_first or 0) > (a.serial_last or 0):
+                    break
+                out.append(
+                    f"{ledger.where(b.id)}: instrument {b.id!r} serials {prefix}"
+                    f" {b.serial_first}..{b.serial_last}"
+                    f" overlap instrument {a.id!r} ({ledger.where(a.id)}) {prefix}"
+                    f" {a.serial_first}..{a.serial_last}: a certificate can be claimed once"
                 )
+    return out
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    upserted: int
+    retracted: list[str]  # instruments no longer in the file: deleted with their claims
+    sites: list[str]  # sites whose market-based Scope 2 was re-allocated
+
+
+def apply_instruments(conn: psycopg.Connection[Any], path: Path) -> ApplyResult:
+    """Make the DB ledger equal the file: check each instrument against its site's grid region,
+    upsert, retract the ones the file no longer lists, and re-allocate every affected site's claims,
+    all in one transaction (nothing changes if any instrument is refused)."""
+    from compute.recompute import lock_site  # compute.recompute imports this module
+
+    ledger = load_instruments(path)
+    with conn.transaction(), conn.cursor() as cur:
+        regions = dict(cur.execute("SELECT site_id, grid_region FROM sites").fetchall())
+        problems = []
+        for i in ledger.instruments:
+            if i.site not in regions:
+                problems.append(
+                    f"{ledger.where(i.id)}: instrument {i.id!r}: unknown site {i.site!r}"
+                    " (apply the fleet first)"
+                )
+            elif (why := site_problem(i, regions[i.site])) is not None:
+                problems.append(f"{ledger.where(i.id)}: instrument {i.id!r}: {why}")
+        if problems:
+            raise ConfigError("\n".join(problems))
+        before = dict(cur.execute("SELECT instrument_id, site_id FROM contractual_instruments").fetchall())
+        keep = {i.id for i in ledger.instruments}
+        retracted = sorted(set(before) - keep)
+        sites = sorted(set(before.values()) | {i.site for i in ledger.instruments})
+        for site in sites:
+            lock_site(cur, site)
+        if retracted:
+            cur.execute("DELETE FROM contractual_instruments WHERE instrument_id = ANY(%s)", (retracted,))
+        for i in ledger.instruments:
             cur.execute(
                 "INSERT INTO contractual_instruments (instrument_id, site_id, kind, carrier, mwh,"
-                " period_start, period_end, kg_co2e_per_kwh, hourly, reference)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " period_start, period_end, kg_co2e_per_kwh, hourly, reference, serial_prefix,"
+                " serial_first, serial_last, market_boundary, evidence)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (instrument_id) DO UPDATE SET site_id = EXCLUDED.site_id, kind = EXCLUDED.kind,"
                 " carrier = EXCLUDED.carrier, mwh = EXCLUDED.mwh, period_start = EXCLUDED.period_start,"
                 " period_end = EXCLUDED.period_end, kg_co2e_per_kwh = EXCLUDED.kg_co2e_per_kwh,"
-                " hourly = EXCLUDED.hourly, reference = EXCLUDED.reference",
+                " hourly = EXCLUDED.hourly, reference = EXCLUDED.reference,"
+                " serial_prefix = EXCLUDED.serial_prefix, serial_first = EXCLUDED.serial_first,"
+                " serial_last = EXCLUDED.serial_last, market_boundary = EXCLUDED.market_boundary,"
+                " evidence = EXCLUDED.evidence",
                 (
                     i.id,
                     i.site,
@@ -106,9 +293,32 @@ def apply_instruments(conn: psycopg.Connection[Any], path: Path) -> int:
                     i.kg_co2e_per_kwh,
                     i.hourly,
                     i.reference,
+                    i.serial_prefix,
+                    i.serial_first,
+                    i.serial_last,
+                    i.market_boundary,
+                    i.evidence or "",
                 ),
             )
-    return len(items)
+        rebuild_market(cur, sites)
+    return ApplyResult(len(ledger.instruments), retracted, sites)
+
+
+def rebuild_market(cur: psycopg.Cursor[Any], sites: Iterable[str] | None = None) -> None:
+    """Re-allocate ``sites`` (default: all) over everything they have, from scratch. The caller
+    holds the site locks (or a table lock) inside its transaction."""
+    if sites is None:
+        sites = [r[0] for r in cur.execute("SELECT site_id FROM sites ORDER BY 1").fetchall()]
+    for site in sites:
+        cur.execute("DELETE FROM instrument_claims WHERE site_id = %s", (site,))
+        cur.execute("DELETE FROM site_market_1h WHERE site_id = %s", (site,))
+        span = cur.execute(
+            "SELECT min(bucket), max(bucket) FROM site_rollups_15m WHERE site_id = %s AND scope = 2"
+            " AND method = 'location'",
+            (site,),
+        ).fetchone()
+        if span is not None and span[0] is not None:
+            recompute_market(cur, site, span[0], span[1] + timedelta(minutes=15))
 
 
 @dataclass
@@ -118,81 +328,163 @@ class _Hour:
     location_factor: str | None
     claimed: float = 0.0
     instrument_kg: float = 0.0
-    ids: tuple[str, ...] = ()
+    claims: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Inst:
+    id: str
+    carrier: str
+    kwh: float
+    kg_per_kwh: float
+    hourly: bool
+    p0: datetime
+    p1: datetime
 
 
 def _local_midnight(d: date, tz: ZoneInfo) -> datetime:
     return datetime.combine(d, time(), tzinfo=tz)
 
 
+def _floor_hour(t: datetime) -> datetime:
+    return t.replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil_hour(t: datetime) -> datetime:
+    f = _floor_hour(t)
+    return f if f == t else f + _HOUR
+
+
+def connected_hull(insts: list[_Inst], h0: datetime, h1: datetime) -> tuple[datetime, datetime]:
+    """Grow ``[h0, h1)`` until no instrument period overlaps it only partly: every instrument that
+    can claim an hour inside then lies wholly inside, so re-allocating the hull alone is exact."""
+    changed = True
+    while changed:
+        changed = False
+        for i in insts:
+            if i.p0 < h1 and h0 < i.p1 and (i.p0 < h0 or i.p1 > h1):
+                h0, h1 = min(h0, _floor_hour(i.p0)), max(h1, _ceil_hour(i.p1))
+                changed = True
+    return h0, h1
+
+
+def allocate(hours: dict[tuple[str, datetime], _Hour], insts: list[_Inst]) -> None:
+    """Claims in place: hourly instruments first, then the others in time order (see module doc)."""
+    for i in insts:
+        in_period = sorted(k for k in hours if k[0] == i.carrier and i.p0 <= k[1] < i.p1)
+        left = i.kwh
+        per_hour = i.kwh / ((i.p1 - i.p0) / _HOUR)
+        for key in in_period:
+            if left <= 0:
+                break
+            h = hours[key]
+            take = min(h.kwh - h.claimed, per_hour if i.hourly else left, left)
+            if take <= 0:
+                continue
+            h.claimed += take
+            h.instrument_kg += take * i.kg_per_kwh
+            h.claims.append((i.id, take))
+            left -= take
+
+
+def _fallback_factors(
+    cur: psycopg.Cursor[Any], region: str, carrier: str
+) -> list[tuple[str, str, date, date, float]]:
+    """Candidate (basis, factor id, valid from, valid to, kg/kWh), best first: residual mix, then the
+    non-fossil-excluded average; each for the region, then its country."""
+    regions = [region] + ([region.split("-")[0]] if "-" in region else [])
+    out = []
+    for basis, series in FALLBACKS:
+        for r in regions:
+            out += [
+                (basis, *row)
+                for row in cur.execute(
+                    "SELECT factor_id, valid_from, valid_to, kg_co2e_per_unit FROM emission_factors"
+                    " WHERE series = %s AND region = %s AND carrier = %s AND unit = 'kWh'"
+                    # Disclosure-grade factors only, as compute.recompute.FACTOR_LOOKUP: newest
+                    # vintage, then the highest revision of it.
+                    " AND gases IS NOT NULL AND data_year IS NOT NULL"
+                    " ORDER BY data_year DESC, version DESC, factor_id",
+                    (series, r, carrier),
+                ).fetchall()
+            ]
+    return out
+
+
 def recompute_market(cur: psycopg.Cursor[Any], site: str, b0: datetime, b1: datetime) -> int:
-    """Rebuild ``site_market_1h`` for every hour a change in ``[b0, b1)`` can affect: the hours of
-    the range and the whole periods of the site's instruments overlapping it. Call inside the
-    recompute transaction (the site lock is held). Returns the rows written."""
+    """Rebuild ``site_market_1h`` and ``instrument_claims`` for the connected hull of ``[b0, b1)``.
+    Call inside the recompute transaction (the site lock is held). Returns the hours written."""
     row = cur.execute("SELECT timezone, grid_region FROM sites WHERE site_id = %s", (site,)).fetchone()
     if row is None:
         return 0
     tz, region = ZoneInfo(row[0]), row[1]
-    h0 = b0.replace(minute=0, second=0, microsecond=0)
-    h1 = b1 if b1 == b1.replace(minute=0, second=0, microsecond=0) else b1.replace(minute=0) + _HOUR
-    inst = cur.execute(
-        "SELECT instrument_id, carrier, mwh, period_start, period_end, kg_co2e_per_kwh, hourly"
-        " FROM contractual_instruments WHERE site_id = %s ORDER BY hourly DESC, period_start, instrument_id",
+    insts = []
+    for r in cur.execute(
+        "SELECT instrument_id, carrier, mwh, period_start, period_end, kg_co2e_per_kwh, hourly,"
+        " market_boundary FROM contractual_instruments WHERE site_id = %s"
+        " ORDER BY hourly DESC, period_start, instrument_id",
         (site,),
-    ).fetchall()
-    periods = [(_local_midnight(i[3], tz), _local_midnight(i[4], tz)) for i in inst]
-    for p0, p1 in periods:
-        if p0 < h1 and h0 < p1:
-            h0, h1 = min(h0, p0), max(h1, p1)
+    ).fetchall():
+        if r[7] and not within(region, r[7]):  # the site moved grid region since the ledger was applied
+            log.warning(
+                "instrument %s: site %s is on %s, outside market boundary %s: no claims",
+                r[0],
+                site,
+                region,
+                r[7],
+            )
+            continue
+        insts.append(
+            _Inst(r[0], r[1], r[2] * 1000.0, r[5], r[6], _local_midnight(r[3], tz), _local_midnight(r[4], tz))
+        )
+    h0, h1 = connected_hull(insts, _floor_hour(b0), _ceil_hour(b1))
     hours: dict[tuple[str, datetime], _Hour] = {}
-    for carrier, bucket, kwh, kg, factor in cur.execute(
-        "SELECT carrier, date_trunc('hour', bucket), sum(kwh ORDER BY bucket), sum(kg_co2e ORDER BY bucket),"
+    for carrier, bucket, kwh, location_kg, factor in cur.execute(
+        "SELECT carrier, date_trunc('hour', bucket), sum(kwh ORDER BY bucket),"
+        " CASE WHEN count(*) = count(kg_co2e) THEN sum(kg_co2e ORDER BY bucket) END,"
         " min(factor_id) FROM site_rollups_15m WHERE site_id = %s AND scope = 2 AND method = 'location'"
         " AND bucket >= %s AND bucket < %s GROUP BY 1, 2 ORDER BY 1, 2",
         (site, h0, h1),
     ).fetchall():
-        hours[(carrier, bucket)] = _Hour(kwh, kg, factor)
-    for (iid, carrier, mwh, *_rest, kg_per_kwh, hourly), (p0, p1) in zip(inst, periods, strict=True):
-        in_period = sorted(k for k in hours if k[0] == carrier and p0 <= k[1] < p1)
-        if not in_period:
-            continue
-        left = mwh * 1000.0
-        per_hour = left / ((p1 - p0) / _HOUR)
-        for key in in_period:
-            h = hours[key]
-            take = min(h.kwh - h.claimed, per_hour if hourly else left)
-            if take <= 0:
-                continue
-            h.claimed += take
-            h.instrument_kg += take * kg_per_kwh
-            h.ids = (*h.ids, iid)
-            left -= take
-            if not hourly and left <= 0:
-                break
+        hours[(carrier, bucket)] = _Hour(kwh, location_kg, factor)
+    allocate(hours, insts)
+    cur.execute(
+        "DELETE FROM instrument_claims WHERE site_id = %s AND bucket >= %s AND bucket < %s", (site, h0, h1)
+    )
     cur.execute(
         "DELETE FROM site_market_1h WHERE site_id = %s AND bucket >= %s AND bucket < %s", (site, h0, h1)
     )
-    rows = []
+    fallbacks = {c: _fallback_factors(cur, region, c) for c in {k[0] for k in hours}}
+    rows, claims = [], []
     for (carrier, bucket), h in sorted(hours.items()):
-        rest = h.kwh - h.claimed
-        residual = cur.execute(
-            "SELECT factor_id, kg_co2e_per_unit FROM emission_factors WHERE series = %s AND region = %s"
-            " AND carrier = %s AND unit = 'kWh' AND valid_from <= (%s AT TIME ZONE %s)::date"
-            " AND (%s AT TIME ZONE %s)::date < valid_to ORDER BY version DESC, factor_id LIMIT 1",
-            (RESIDUAL_SERIES, region, carrier, bucket, str(tz), bucket, str(tz)),
-        ).fetchone()
-        if residual is not None:
-            factor, kg = residual[0], h.instrument_kg + rest * residual[1]
+        rest = max(0.0, h.kwh - h.claimed)
+        day = bucket.astimezone(tz).date()
+        chosen = next((f for f in fallbacks[carrier] if f[2] <= day < f[3]), None)
+        basis: str | None
+        kg: float | None
+        if chosen is not None:
+            basis, factor, kg = chosen[0], chosen[1], h.instrument_kg + rest * chosen[4]
         elif h.location_kg is not None and h.kwh > 0:
-            factor, kg = h.location_factor, h.instrument_kg + h.location_kg * (rest / h.kwh)
+            basis, factor, kg = (
+                LOCATION_BASIS,
+                h.location_factor,
+                h.instrument_kg + h.location_kg * (rest / h.kwh),
+            )
         elif rest <= 0:
-            factor, kg = None, h.instrument_kg
+            basis, factor, kg = None, None, h.instrument_kg
         else:
-            factor, kg = None, None
-        rows.append((site, bucket, carrier, h.kwh, h.claimed, kg, factor, list(h.ids)))
+            basis, factor, kg = None, None, None
+        rows.append((site, bucket, carrier, h.kwh, h.claimed, kg, factor, [c[0] for c in h.claims], basis))
+        claims += [(iid, site, carrier, bucket, kwh) for iid, kwh in h.claims]
     cur.executemany(
         "INSERT INTO site_market_1h (site_id, bucket, carrier, kwh, kwh_instruments, kg_co2e,"
-        " residual_factor_id, instrument_ids) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        " residual_factor_id, instrument_ids, residual_basis) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
         rows,
     )
+    if claims:
+        with cur.copy(
+            "COPY instrument_claims (instrument_id, site_id, carrier, bucket, kwh) FROM STDIN"
+        ) as cp:
+            for c in claims:
+                cp.write_row(c)
     return len(rows)

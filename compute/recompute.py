@@ -53,7 +53,8 @@ import psycopg
 from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
 from compute.kernels import BUCKET_MS, EVENT_NAMES, bucket_energy_many
-from compute.market import recompute_market
+from compute.market import rebuild_market, recompute_market
+from compute.quarantine import record as record_quarantine
 from edge.wire import Quantity
 from ingest.events import DirtyRange
 from ops.settings import ComputeSettings
@@ -309,6 +310,10 @@ def _lock_sites(cur: psycopg.Cursor[Any], sites: list[str]) -> None:
     )
 
 
+def lock_site(cur: psycopg.Cursor[Any], site_id: str) -> None:
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext('scopemeter.compute'), hashtext(%s))", (site_id,))
+
+
 def _site_key(cur: psycopg.Cursor[Any], site: str) -> int:
     return _SITE_KEYS.get(site) or _SITE_KEYS.setdefault(site, _hashtext(cur, site))
 
@@ -339,6 +344,7 @@ class _Meter:
     max_gap_ms: int
     registered: bool
     unit: str  # what the counter measures (compute.fleet.METER_UNITS)
+    max_kw: float = 0.0  # per-meter plausibility bound (compute.quarantine); 0 = none
 
     @property
     def quantity(self) -> str:
@@ -348,8 +354,8 @@ class _Meter:
 def _meters(cur: psycopg.Cursor[Any], meter_ids: list[str], params: Params) -> dict[str, _Meter]:
     """The registry rows of all given meters in one query; unregistered ones are absent."""
     out = {}
-    for mid, site, carrier, cmax, gap, unit in cur.execute(
-        "SELECT meter_id, site_id, carrier, counter_max, max_gap_s, activity_unit FROM meters"
+    for mid, site, carrier, cmax, gap, unit, max_kw in cur.execute(
+        "SELECT meter_id, site_id, carrier, counter_max, max_gap_s, activity_unit, max_kw FROM meters"
         " WHERE meter_id = ANY(%s)",
         (meter_ids,),
     ).fetchall():
@@ -361,6 +367,7 @@ def _meters(cur: psycopg.Cursor[Any], meter_ids: list[str], params: Params) -> d
             round(gap * 1000),
             True,
             unit or METER_UNITS[Carrier(carrier)][0],
+            float(max_kw or 0.0),
         )
     return out
 
@@ -462,10 +469,13 @@ def _lap(phases: dict[str, float] | None, name: str, since: float) -> None:
 def _compute_windows(
     cur: psycopg.Cursor[Any],
     meter_ids: list[str],
+    quantities: list[str],
     meters: list[_Meter],
     keep: tuple[np.ndarray, np.ndarray],
     phases: dict[str, float] | None = None,
     copy_sql: str = _COPY_ENERGY,
+    *,
+    whole: bool = False,
 ) -> _Computed:
     """Load every reading of the staged windows (one COPY), run ONE kernel call over all of them,
     and COPY the meter rows into ``meter_energy_15m`` (their windows are deleted already)."""
@@ -477,18 +487,30 @@ def _compute_windows(
     g_n = len(meter_ids)
     win = rows["i"].astype(np.int64)
     bounds = np.searchsorted(win, np.arange(g_n + 1)).astype(np.int64)
-    seg, starts, kwh, est, mms, flags, events = bucket_energy_many(
+    ts = (rows["ts"].astype(np.int64) + _PG_EPOCH_US) // 1000  # epoch ms, floored as ``to_ms``
+    value = rows["v"].astype(np.float64)
+    max_kw = np.array([m.max_kw for m in meters], dtype=np.float64)
+    seg, starts, kwh, est, mms, flags, events, iflags = bucket_energy_many(
         bounds,
-        (rows["ts"].astype(np.int64) + _PG_EPOCH_US) // 1000,  # epoch ms, floored as ``to_ms``
-        rows["v"].astype(np.float64),
+        ts,
+        value,
         rows["q"].astype(np.int64),
         np.array([m.counter_max for m in meters], dtype=np.float64),
         np.array([m.max_gap_ms for m in meters], dtype=np.int64),
         keep[0],
         keep[1],
         BUCKET_MS,
+        max_kw,
     )
     _lap(phases, "kernel", t)
+    t = time.perf_counter()
+    for g, (mid, q) in enumerate(zip(meter_ids, quantities, strict=True)):  # compute.quarantine
+        a, b = int(bounds[g]), int(bounds[g + 1])
+        if b > a:
+            record_quarantine(
+                cur, mid, q, ts[a:b], value[a:b], iflags[a : b - 1], float(max_kw[g]), whole=whole
+            )
+    _lap(phases, "quarantine", t)
     t = time.perf_counter()
     with cur.copy(copy_sql) as copy:
         copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
@@ -605,7 +627,11 @@ def recompute_set(
             keep_to = np.array([to_ms(windows[g][1]) if g in windows else 0 for g in range(len(todo))])
             cur.execute(_DELETE_WINDOWS)
             done = _compute_windows(
-                cur, [d.meter_id for _, d, _ in todo], [m for _, _, m in todo], (keep_from, keep_to)
+                cur,
+                [d.meter_id for _, d, _ in todo],
+                [d.quantity for _, d, _ in todo],
+                [m for _, _, m in todo],
+                (keep_from, keep_to),
             )
             site_ranges = _merge_ranges(
                 [
@@ -697,16 +723,19 @@ def recompute_all(
         # COPYed with FREEZE into the table truncated in this transaction, and the primary key is
         # built once afterwards instead of row by row. All of it rolls back with the transaction.
         cur.execute("TRUNCATE meter_energy_15m")
+        cur.execute("DELETE FROM quarantined_readings")
         cur.execute("ALTER TABLE meter_energy_15m DROP CONSTRAINT meter_energy_15m_pkey")
         _lap(phases, "windows", t)
         g_n = len(chosen)
         done = _compute_windows(
             cur,
             [c[0] for c in chosen],
+            [c[1] for c in chosen],
             [c[2] for c in chosen],
             (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
             phases,
             _COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)"),
+            whole=True,
         )
         t = time.perf_counter()
         cur.execute("ALTER TABLE meter_energy_15m ADD PRIMARY KEY (meter_id, bucket)")
@@ -717,13 +746,7 @@ def recompute_all(
         rollups = _write_rollups(cur, _STAGE_ROLLUPS_ALL, args)
         _lap(phases, "site rollups", t)
         t = time.perf_counter()
-        cur.execute("DELETE FROM site_market_1h")
-        spans = cur.execute(
-            "SELECT site_id, min(bucket), max(bucket) FROM site_rollups_15m WHERE scope = 2"
-            " GROUP BY 1 ORDER BY 1"
-        ).fetchall()
-        for site, first, last in spans:
-            recompute_market(cur, site, first, last + timedelta(minutes=15))
+        rebuild_market(cur)
         _lap(phases, "market-based hours", t)
         t = time.perf_counter()
     _lap(phases, "commit", t)

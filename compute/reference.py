@@ -7,14 +7,17 @@ the constants with them.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from compute.kernels import (
     BUCKET_MS,
+    COUNTER_RESOLUTION,
     F_DROP,
     F_ESTIMATED,
     F_GAP,
+    F_IMPLAUSIBLE,
     F_REPLACED,
     F_RESET,
     F_WRAP,
@@ -34,9 +37,28 @@ class RefResult:
 
 
 def interval_ref(
-    a: float, b: float, qa: int, qb: int, duration_ms: int, counter_max: float, max_gap_ms: int
+    a: float,
+    b: float,
+    qa: int,
+    qb: int,
+    duration_ms: int,
+    counter_max: float,
+    max_gap_ms: int,
+    max_kw: float = 0.0,
 ) -> tuple[float, int]:
     """(energy, flags) of one interval from reading (a, qa) to reading (b, qb)."""
+    energy, flag = _interval(a, b, qa, qb, duration_ms, counter_max, max_gap_ms)
+    if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(energy)):
+        return 0.0, F_IMPLAUSIBLE
+    excess = energy - abs(b) * COUNTER_RESOLUTION
+    if max_kw > 0 and not flag & (F_REPLACED | F_DROP) and excess * 3_600_000.0 > max_kw * duration_ms:
+        return 0.0, F_IMPLAUSIBLE
+    return energy, flag
+
+
+def _interval(
+    a: float, b: float, qa: int, qb: int, duration_ms: int, counter_max: float, max_gap_ms: int
+) -> tuple[float, int]:
     if qb & Quality.METER_REPLACED:
         return 0.0, F_REPLACED
     if qb & Quality.COUNTER_RESET:
@@ -67,6 +89,7 @@ def bucket_energy_ref(
     bucket_ms: int = BUCKET_MS,
     counter_max: float = 0.0,
     max_gap_ms: int = 0,
+    max_kw: float = 0.0,
 ) -> RefResult:
     q = list(quality) if quality is not None else [0] * len(ts)
     if not len(ts) == len(value) == len(q):
@@ -86,11 +109,11 @@ def bucket_energy_ref(
     for i in range(len(ts) - 1):
         s, e = int(ts[i]), int(ts[i + 1])
         d, f = interval_ref(
-            float(value[i]), float(value[i + 1]), q[i], q[i + 1], e - s, counter_max, max_gap_ms
+            float(value[i]), float(value[i + 1]), q[i], q[i + 1], e - s, counter_max, max_gap_ms, max_kw
         )
         out.interval_flags.append(f)
         is_est = bool(f & (F_GAP | F_ESTIMATED))
-        counted = not f & (F_REPLACED | F_DROP)
+        counted = not f & (F_REPLACED | F_DROP | F_IMPLAUSIBLE)
         b = s // bucket_ms * bucket_ms
         if e == s:
             kwh[b] += d

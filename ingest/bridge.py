@@ -58,6 +58,32 @@ class Incoming:
     connection: int  # which MQTT connection delivered it: its ack is valid only there
 
 
+class AckGate:
+    """Decides which MQTT messages the bridge may PUBACK: only once Kafka acknowledged the record
+    without error, only QoS > 0, and only on the MQTT connection that delivered the message (a
+    reconnect makes older packet ids meaningless; see the module docstring).
+
+    ``connection`` is bumped by the paho thread on every CONNACK and read by the event loop; an
+    int swap is atomic."""
+
+    def __init__(self) -> None:
+        self.connection = 0
+        self.in_flight: set[tuple[int, int]] = set()  # (connection, mid) received and not yet settled
+
+    def connected(self) -> int:
+        """A new MQTT connection (CONNACK): acks of every earlier one are void from now on."""
+        self.connection += 1
+        return self.connection
+
+    def received(self, item: Incoming) -> None:
+        self.in_flight.add((item.connection, item.mid))
+
+    def settled(self, item: Incoming, error: BaseException | None) -> bool:
+        """Kafka answered for ``item``: True when its PUBACK must be sent now."""
+        self.in_flight.discard((item.connection, item.mid))
+        return error is None and item.qos > 0 and item.connection == self.connection
+
+
 def make_mqtt_client(settings: Settings, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
     """A paho client configured from settings (credentials, TLS); the caller connects it."""
     client = new_client(settings.mqtt, client_id, manual_ack=manual_ack)
@@ -82,27 +108,20 @@ async def run_bridge(
     client_id: str | None = None,
     on_ready: Callable[[], None] | None = None,
     health: metrics.Health | None = None,
+    *,
+    producer: AIOKafkaProducer | None = None,
 ) -> None:
     """Run until ``stop`` is set; raises if Kafka refuses a record (un-acked messages stay in MQTT).
 
     ``on_ready`` is called once the shared subscription is in place: from then on no batch is missed.
-    ``health`` follows the MQTT session and the Kafka brokers.
+    ``health`` follows the MQTT session and the Kafka brokers. ``producer`` (tests) replaces the
+    Kafka producer built from ``settings``.
     """
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     # A stable id keeps the persistent session (and its un-acked messages) across restarts.
     client_id = client_id or f"scopemeter-bridge-{socket.gethostname()}"
-    producer = AIOKafkaProducer(
-        **client_kwargs(settings.kafka),
-        acks="all",
-        # Idempotent: a retry after a lost ack is written once per partition, in order (Kafka dedups by
-        # producer id and sequence); the DB key still dedups a redelivery from MQTT.
-        enable_idempotence=True,
-        linger_ms=5,
-        # Batches are ~100 kB: the 16 kB default would send each in its own request.
-        max_batch_size=1024 * 1024,
-        max_request_size=settings.kafka.max_message_bytes,
-    )
+    producer = producer or _new_producer(settings)
     await producer.start()
     registry = RegistryCache(settings.db.dsn, settings.ingest.registry_refresh_s)
     registry.refresh(soon=True)
@@ -114,8 +133,7 @@ async def run_bridge(
         registry.refresh(soon=True)
     watch = asyncio.create_task(watch_broker(producer.client.fetch_all_metadata, health)) if health else None
     subscribed = asyncio.Event()
-    connection = [0]  # bumped by every CONNACK; read by both threads (an int swap is atomic)
-    in_flight: set[tuple[int, int]] = set()  # (connection, mid) received and not yet acked
+    gate = AckGate()
 
     def on_connect(client: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
         if rc.is_failure:
@@ -125,8 +143,7 @@ async def run_bridge(
             return
         if health is not None:
             health.up("mqtt")
-        connection[0] += 1
-        if connection[0] > 1:
+        if gate.connected() > 1:
             log.warning("MQTT reconnected: un-acked messages will be redelivered")
         client.subscribe(subscription(settings), qos=1)
 
@@ -137,7 +154,7 @@ async def run_bridge(
         loop.call_soon_threadsafe(subscribed.set)  # SUBACK: from here on nothing is missed
 
     def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        item = Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, connection[0])
+        item = Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos, gate.connection)
         loop.call_soon_threadsafe(inbox.put_nowait, item)
 
     def on_disconnect(_c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
@@ -154,15 +171,13 @@ async def run_bridge(
     failure: list[BaseException] = []
 
     def acked(item: Incoming, fut: asyncio.Future[object]) -> None:
-        in_flight.discard((item.connection, item.mid))
-        metrics.BRIDGE_IN_FLIGHT.set(len(in_flight))
         # fut.exception() itself raises on a cancelled future, so cancellation is asked first.
         error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if gate.settled(item, error):
+            client.ack(item.mid, item.qos)
+        metrics.BRIDGE_IN_FLIGHT.set(len(gate.in_flight))
         if error is not None:
             failure.append(error)  # not acked: Mosquitto redelivers after the restart
-            return
-        if item.qos > 0 and item.connection == connection[0]:
-            client.ack(item.mid, item.qos)
 
     try:
         await asyncio.wait_for(subscribed.wait(), timeout=30)
@@ -178,8 +193,8 @@ async def run_bridge(
             except TimeoutError:
                 dlq_log.flush()
                 continue
-            in_flight.add((item.connection, item.mid))
-            metrics.BRIDGE_IN_FLIGHT.set(len(in_flight))
+            gate.received(item)
+            metrics.BRIDGE_IN_FLIGHT.set(len(gate.in_flight))
             fut = await _produce(producer, settings, item, registry)
             fut.add_done_callback(functools.partial(acked, item))
         await producer.flush()
@@ -191,6 +206,20 @@ async def run_bridge(
         client.loop_stop()
         await producer.stop()
         registry.close()
+
+
+def _new_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        **client_kwargs(settings.kafka),
+        acks="all",
+        # Idempotent: a retry after a lost ack is written once per partition, in order (Kafka dedups by
+        # producer id and sequence); the DB key still dedups a redelivery from MQTT.
+        enable_idempotence=True,
+        linger_ms=5,
+        # Batches are ~100 kB: the 16 kB default would send each in its own request.
+        max_batch_size=1024 * 1024,
+        max_request_size=settings.kafka.max_message_bytes,
+    )
 
 
 async def _produce(

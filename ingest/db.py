@@ -11,6 +11,7 @@ monthly partitions, see ``ingest/storage.py``); ``storage`` chooses it explicitl
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +67,19 @@ def ensure_database(dsn: str, admin_dsn: str) -> bool:
         return True
 
 
-def drop_database(dbname: str, admin_dsn: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+def drop_database(dbname: str, admin_dsn: str, attempts: int = 20) -> None:
+    """Drop ``dbname``, ending its sessions. A role that is not superuser (the project's own) may not
+    end an autovacuum worker busy in that database, so that refusal is waited out and retried."""
+    statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+    for attempt in range(1, attempts + 1):
+        try:
+            with psycopg.connect(admin_dsn, autocommit=True) as admin:
+                admin.execute(statement)
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5)
 
 
 def migrate(dsn: str, *, storage: str | None = None) -> list[int]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import psycopg
 
+from ingest.dlq import Reason
+
 log = logging.getLogger("scopemeter.registry")
 
 
@@ -29,10 +31,14 @@ class MeterHome:
 
 @dataclass(frozen=True)
 class Registry:
-    version: int  # -1: not loaded yet
+    """The one in-memory view of the fleet registry: the bridge's checks (``ingest.validate``), and
+    the paths that feed its output without being the bridge (imports, ``dlq replay``, Sparkplug)."""
+
+    version: int = -1  # -1: not loaded yet
     sites: Mapping[str, str] = field(default_factory=dict)  # site → supplier
     gateways: Mapping[str, str] = field(default_factory=dict)  # gateway → site
     meters: Mapping[str, MeterHome] = field(default_factory=dict)
+    site_tz: Mapping[str, str] = field(default_factory=dict)  # site → IANA zone (imports read local time)
 
     def source_problem(self, supplier: str, site: str, gateway: str) -> str:
         """Why ``supplier/site/gateway`` (a topic's identity) is not a registered source; '' if it is."""
@@ -48,17 +54,32 @@ class Registry:
             return f"gateway {gateway!r} is registered to site {home!r}, not {site!r}"
         return ""
 
+    def meter_problem(self, meter: str, site: str, gateway: str | None) -> tuple[Reason, str] | None:
+        """(reason, detail) when ``meter`` may not be reported for ``site`` by ``gateway`` (None: any
+        gateway of the site, as an import has none); None when it may."""
+        home = self.meters.get(meter)
+        if home is None:
+            return Reason.UNREGISTERED_METER, f"meter {meter!r} is not registered"
+        if home.site != site or (gateway is not None and home.gateway not in (None, gateway)):
+            return Reason.METER_SITE_MISMATCH, (
+                f"meter {meter!r} is registered to site {home.site!r} gateway {home.gateway!r},"
+                f" not {site!r} gateway {gateway!r}"
+            )
+        return None
+
 
 def load(conn: psycopg.Connection[Any]) -> Registry:
     """The whole registry in one snapshot (one transaction, so version and rows agree)."""
     with conn.transaction():
         row = conn.execute("SELECT version FROM fleet_registry_version").fetchone()
-        sites = dict(conn.execute("SELECT site_id, supplier_id FROM sites").fetchall())
+        site_rows = conn.execute("SELECT site_id, supplier_id, timezone FROM sites").fetchall()
         gateways = dict(conn.execute("SELECT gateway_id, site_id FROM gateways").fetchall())
         meters = {
             m: MeterHome(s, g) for m, s, g in conn.execute("SELECT meter_id, site_id, gateway_id FROM meters")
         }
-    return Registry(int(row[0]) if row else 0, sites, gateways, meters)
+    sites = {site: supplier for site, supplier, _tz in site_rows}
+    site_tz = {site: tz for site, _supplier, tz in site_rows}
+    return Registry(int(row[0]) if row else 0, sites, gateways, meters, site_tz)
 
 
 def current_version(conn: psycopg.Connection[Any]) -> int:

@@ -69,7 +69,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     host = ssub.add_parser("host", help="subscribe spBv1.0/GROUP/#, map metrics to meters, feed Kafka")
     host.add_argument("--group", action="append", required=True, help="Sparkplug group id (repeatable)")
     host.add_argument("--host-id", default="scopemeter", help="sparkplug_host_id of the STATE topic")
-    host.add_argument("--mapping", type=Path, default=None, help="default: CONFIG_DIR/sparkplug.toml")
+    host.add_argument(
+        "--mapping", type=Path, default=None,
+        help="a fleet registry file whose [sparkplug] table maps nodes and metrics"
+        " (default: CONFIG_DIR/fleet.toml)",
+    )
     host.add_argument("--metrics-port", type=int, default=9104, help="0 disables /metrics")
     host.set_defaults(handler=_sparkplug_host)
 
@@ -178,7 +182,7 @@ def _sparkplug_host(args: Any) -> int:
     settings = Settings()
     # The host is a bridge for Sparkplug traffic: it counts on the bridge's registry.
     metrics.serve(args.metrics_port, metrics.BRIDGE, bind=settings.metrics.bind)
-    mapping = load_map(args.mapping or settings.config_dir / "sparkplug.toml")
+    mapping = load_map(args.mapping or settings.config_dir / "fleet.toml")
 
     def ready(_host: Any) -> None:
         print(json.dumps({"event": "sparkplug.ready", "groups": args.group}), flush=True)

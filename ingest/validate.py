@@ -121,14 +121,8 @@ def _check_readings(
                 )
     if registry is not None:
         for meter in sorted(set(map(_METER, readings))):
-            home = registry.meters.get(meter)
-            if home is None:
-                return Reason.UNREGISTERED_METER, f"meter {meter!r} is not registered"
-            if home.site != site or (home.gateway is not None and home.gateway != gateway):
-                return Reason.METER_SITE_MISMATCH, (
-                    f"meter {meter!r} is registered to site {home.site!r} gateway {home.gateway!r},"
-                    f" not {site!r} gateway {gateway!r}"
-                )
+            if (problem := registry.meter_problem(meter, site, gateway)) is not None:
+                return problem
     if len(set(map(_KEY, readings))) < len(readings):  # some reading repeats: same value each time?
         seen: dict[tuple[str, str, datetime], float] = {}
         for i, r in enumerate(readings):

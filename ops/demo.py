@@ -105,10 +105,13 @@ def issue_statement(settings: Settings, result: PipelineResult) -> tuple[Path, s
         if row is None:
             raise UserError(f"site {result.site_id} is not in the fleet registry")
         supplier = row
+        # A demo covers minutes of a month: the statement can only be provisional.
         issued = issue_one(conn, cfg, supplier[0], month, now=datetime.now(UTC),
-                           params=Params.from_settings(settings.compute), force=True)
+                           params=Params.from_settings(settings.compute), force=True, provisional=True)
+        if issued.directory is None:
+            raise UserError(f"no statement for {supplier[0]} {month}: {'; '.join(issued.reasons)}")
         statement = issued.directory / "statement.json"
-        verdict = verify_statement(conn, statement, load_public_key(public_key_path(cfg.key_path)), cfg)
+        [verdict] = verify_statement(conn, [statement], load_public_key(public_key_path(cfg.key_path)), cfg)
     return issued.directory / "statement.pdf", verdict.status
 
 

@@ -314,12 +314,16 @@ def start_kafka(
     *,
     host: str = "127.0.0.1",
     controller_port: int,
+    sasl: SaslListener | None = None,
+    heap: str = "512m",
+    java_bin: Path | None = None,
+    cache_dir: Path | None = None,
     timeout: float = 60.0,
-    **kwargs: object,
 ) -> ManagedProcess:
     """Start one broker + controller on ``host:port``; its log directory stays in ``state_dir``,
     so starting again on the same directory resumes every topic, record and committed offset."""
-    node = prepare_node(port, state_dir, host=host, controller_port=controller_port, **kwargs)  # type: ignore[arg-type]
+    node = prepare_node(port, state_dir, host=host, controller_port=controller_port, sasl=sasl, heap=heap,
+                        java_bin=java_bin, cache_dir=cache_dir)  # fmt: skip
     proc = launch_node(node)
     wait_listening(proc, timeout)
     return proc

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ops.errors import UserError
@@ -188,6 +188,25 @@ class MetricsSettings(Section):
     bind: str = "127.0.0.1"
 
 
+class StatementsSettings(Section):
+    """The Ed25519 key that signs statements (``scopemeter statements keygen`` creates it)."""
+
+    # Outside the install directory, so that a reinstall, a copy of the code or a backup of it never
+    # carries the key; the public key is written beside it (``.pub``). The demo uses its state dir.
+    signing_key: Path = Path("/etc/scopemeter/statement-signing.key")
+    # The key's passphrase (PKCS#8, encrypted with cryptography's BestAvailableEncryption): from the
+    # environment (SCOPEMETER_STATEMENTS__SIGNING_KEY_PASSPHRASE) or from a file that holds it (e.g.
+    # a systemd credential), never from a command line, where every user of the machine sees it.
+    signing_key_passphrase: SecretStr | None = None
+    signing_key_passphrase_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_passphrase(self) -> StatementsSettings:
+        if self.signing_key_passphrase is not None and self.signing_key_passphrase_file is not None:
+            raise ValueError("set signing_key_passphrase or signing_key_passphrase_file, not both")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
@@ -199,6 +218,7 @@ class Settings(BaseSettings):
     compute: ComputeSettings = ComputeSettings()
     ingest: IngestSettings = IngestSettings()
     metrics: MetricsSettings = MetricsSettings()
+    statements: StatementsSettings = StatementsSettings()
     config_dir: Path = REPO_ROOT / "config"
 
     @model_validator(mode="before")

@@ -26,9 +26,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase
+from hypothesis import settings as hypothesis_settings
 
 from ops.procs import ManagedProcess, free_port
 from ops.settings import DbSettings, KafkaSettings, MqttSettings, Settings, StackSettings
+
+# Property tests report a failure within seconds (issue 17): no deadline (a loaded 2-core machine
+# would make it flaky) and no explain phase, which re-runs the failing example line by line and took
+# minutes, up to the 300 s test timeout. Tests keep their own max_examples; shrinking stays on.
+hypothesis_settings.register_profile(
+    "scopemeter",
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    print_blob=True,
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "scopemeter"))
 
 # The admin DSN of the PostgreSQL the tests create their databases in.
 PG_ADMIN_DSN = os.environ.get("SCOPEMETER_DB__ADMIN_DSN", DbSettings().admin_dsn)

@@ -265,7 +265,7 @@ def test_many_segments_in_one_call_equal_the_reference_per_segment(
     keep_to = np.array(
         [f + n * BUCKET_MS for f, (_, _, n, _) in zip(keep_from, segments, strict=True)], dtype=np.int64
     )
-    seg, starts, kwh, est, mms, flags, events = bucket_energy_many(
+    seg, starts, kwh, est, mms, flags, events, iflags = bucket_energy_many(
         bounds,
         np.concatenate([np.zeros(0, np.int64), *ts]),
         np.concatenate([np.zeros(0), *(s[0][1] for s in segments)]),
@@ -275,6 +275,7 @@ def test_many_segments_in_one_call_equal_the_reference_per_segment(
         keep_from,
         keep_to,
         BUCKET_MS,
+        np.zeros(len(segments)),  # no per-meter bound (tests/test_quarantine_* cover max_kw)
     )
     assert np.all(np.diff(seg) >= 0)
     for g, ((t, v, q, cmax, gap), *_rest) in enumerate(segments):
@@ -289,5 +290,6 @@ def test_many_segments_in_one_call_equal_the_reference_per_segment(
         assert all(
             _close(a, ref.kwh_estimated[k], scale) for a, k in zip(est[mine].tolist(), keep, strict=True)
         )
+        assert iflags[bounds[g] : bounds[g] + len(ref.interval_flags)].tolist() == ref.interval_flags
         counts = event_counts(np.array(ref.interval_flags, dtype=np.int32))
         assert dict(zip(EVENT_NAMES, events[g].tolist(), strict=True)) == counts

@@ -164,6 +164,11 @@ id = "gec-1"
 site = "s1"
 kind = "gec"
 certificates = 1
+serial_prefix = "GEC-T"
+serial_first = 1
+serial_last = 1
+market_boundary = "CN"
+evidence = "cancelled for s1"
 period_start = 2026-11-01
 period_end = 2026-11-02
 reference = "GEC test"
@@ -188,6 +193,7 @@ kind = "ppa"
 mwh = 2.4
 period_start = 2026-11-01
 period_end = 2026-11-02
+market_boundary = "GB"
 kg_co2e_per_kwh = 0.05
 hourly = true
 reference = "PPA test"
@@ -210,6 +216,11 @@ id = "gec-1"
 site = "s1"
 kind = "gec"
 certificates = 1
+serial_prefix = "GEC-T"
+serial_first = 1
+serial_last = 1
+market_boundary = "CN"
+evidence = "cancelled for s1"
 period_start = 2026-11-01
 period_end = 2026-11-02
 reference = "GEC test"
@@ -221,6 +232,7 @@ kind = "ppa"
 mwh = 2.4
 period_start = 2026-11-01
 period_end = 2026-11-02
+market_boundary = "CN"
 hourly = true
 reference = "PPA test"
 """,
@@ -242,6 +254,15 @@ reference = "PPA test"
     ("entry", "message"),
     [
         ('kind = "gec"\nmwh = 5.0', "counted in certificates"),
+        ('kind = "gec"\ncertificates = 5', "serial range"),
+        (
+            'kind = "gec"\ncertificates = 5\nserial_prefix = "G"\nserial_first = 1\nserial_last = 4',
+            "are 4 certificates",
+        ),
+        (
+            'kind = "gec"\ncertificates = 5\nserial_prefix = "G"\nserial_first = 1\nserial_last = 5',
+            "retirement evidence",
+        ),
         ('kind = "ppa"\nmwh = 5.0\ncertificates = 5', "exactly one of"),
         ('kind = "ppa"\nmwh = 5.0\ncarrier = "diesel"', "Scope 2 carriers"),
         ('kind = "coupon"\nmwh = 5.0', "kind"),
@@ -251,7 +272,7 @@ def test_bad_instruments_rejected(tmp_path: Path, entry: str, message: str) -> N
     p = tmp_path / "instruments.toml"
     p.write_text(
         f'[[instruments]]\nid = "x"\nsite = "s1"\n{entry}\nperiod_start = 2026-01-01\n'
-        'period_end = 2027-01-01\nreference = "r"\n'
+        'period_end = 2027-01-01\nmarket_boundary = "CN"\nreference = "r"\n'
     )
     with pytest.raises(ConfigError, match=message):
         load_instruments(p)
@@ -263,5 +284,5 @@ def test_unknown_site_rejected(conn: Any, tmp_path: Path) -> None:
             conn,
             tmp_path,
             '[[instruments]]\nid = "x"\nsite = "nope"\nkind = "ppa"\nmwh = 1.0\n'
-            'period_start = 2026-01-01\nperiod_end = 2027-01-01\nreference = "r"\n',
+            'period_start = 2026-01-01\nperiod_end = 2027-01-01\nmarket_boundary = "CN"\nreference = "r"\n',
         )

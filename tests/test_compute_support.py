@@ -44,8 +44,8 @@ def compute_dsn() -> Iterator[str]:
 
 def reset(conn: psycopg.Connection[Any]) -> None:
     conn.execute(
-        "TRUNCATE readings, meter_energy_15m, site_rollups_15m, site_market_1h, contractual_instruments, "
-        "activity_records, emission_factors, meters, gateways, sites, suppliers"
+        "TRUNCATE readings, meter_energy_15m, site_rollups_15m, site_market_1h, instrument_claims, "
+        "contractual_instruments, activity_records, emission_factors, meters, gateways, sites, suppliers"
     )
     conn.commit()
 

@@ -51,9 +51,10 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from compute.fleet import SparkplugMap
 from edge.wire import Batch
 from ingest.dlq_tools import read_letters, read_records, replay
-from ingest.sparkplug.host import HostState, SparkplugMap, load_map, run_host
+from ingest.sparkplug.host import HostState, load_map, run_host
 from ingest.writer import run_writer
 from ops.settings import Settings
 
@@ -190,20 +191,52 @@ def test_pysparkplug_edge_node_through_mosquitto_kafka_and_the_dlq(
     group, node, host_id = f"plant-{tag}", f"edge-{tag}", f"scopemeter-{tag}"
     node_meter, device_meter = f"spn-{tag}", f"spd-{tag}"
     _supplier, site, gateway = _register(lane.db.dsn, tag, [node_meter])  # device meter: not yet
-    mapping_file = tmp_path / "sparkplug.toml"
+    # The mapping lives in the fleet registry file (fleet.toml's [sparkplug]), beside the gateway and
+    # meters it names; the DB registry is what the host checks batches against (the device meter is
+    # in the file but not applied yet).
+    mapping_file = tmp_path / "fleet.toml"
     mapping_file.write_text(f"""
-[[nodes]]
+[[suppliers]]
+id = "{_supplier}"
+name = "Supplier {tag}"
+
+[[sites]]
+id = "{site}"
+supplier = "{_supplier}"
+name = "Site {tag}"
+grid_region = "CN"
+timezone = "Asia/Shanghai"
+
+[[gateways]]
+id = "{gateway}"
+site = "{site}"
+
+[[meters]]
+id = "{node_meter}"
+site = "{site}"
+gateway = "{gateway}"
+carrier = "electricity"
+model = "sparkplug"
+
+[[meters]]
+id = "{device_meter}"
+site = "{site}"
+gateway = "{gateway}"
+carrier = "electricity"
+model = "sparkplug"
+
+[[sparkplug.nodes]]
 group = "{group}"
 node = "{node}"
 gateway = "{gateway}"
 
-[[metrics]]
+[[sparkplug.metrics]]
 group = "{group}"
 node = "{node}"
 metric = "Energy/Import kWh"
 meter = "{node_meter}"
 
-[[metrics]]
+[[sparkplug.metrics]]
 group = "{group}"
 node = "{node}"
 device = "pm1"
@@ -390,13 +423,26 @@ def test_no_payload_can_raise_out_of_the_host_state_machine() -> None:
 
 
 def test_mapping_errors_name_the_file_and_entry(tmp_path: Path) -> None:
+    """The mapping is part of the fleet registry file: its mistakes are refused like the registry's,
+    naming the file and the entry, and it may name only gateways and meters of that registry."""
     from compute.config import ConfigError
 
-    path = tmp_path / "sparkplug.toml"
-    path.write_text('[[nodes]]\ngroup = "g"\nnode = "n"\ngateway = "gw"\n\n'
-                    '[[metrics]]\ngroup = "g"\nnode = "other"\nmetric = "E"\nmeter = "m"\n')  # fmt: skip
-    with pytest.raises(ConfigError, match=r"sparkplug.toml.*edge node g/other is not in \[\[nodes\]\]"):
+    fleet = ('[[suppliers]]\nid = "sup"\nname = "S"\n\n[[sites]]\nid = "s"\nsupplier = "sup"\nname = "S"\n'
+             'grid_region = "CN"\ntimezone = "Asia/Shanghai"\n\n[[gateways]]\nid = "gw"\nsite = "s"\n\n'
+             '[[meters]]\nid = "m"\nsite = "s"\ngateway = "gw"\ncarrier = "electricity"\n'
+             'model = "x"\n\n')  # fmt: skip
+    node = '[[sparkplug.nodes]]\ngroup = "g"\nnode = "n"\ngateway = "gw"\n'
+    path = tmp_path / "fleet.toml"
+    metric = '\n[[sparkplug.metrics]]\ngroup = "g"\nnode = "{node}"\nmetric = "E"\nmeter = "{meter}"\n'
+    path.write_text(fleet + node + metric.format(node="other", meter="m"))
+    with pytest.raises(ConfigError, match=r"fleet.toml.*edge node g/other is not in \[\[nodes\]\]"):
         load_map(path)
-    path.write_text('[[nodes]]\ngroup = "g"\nnode = "n"\ngateway = "gw"\nport = 1\n')
-    with pytest.raises(ConfigError, match=r"sparkplug.toml.*port"):
+    path.write_text(fleet + node + "port = 1\n")
+    with pytest.raises(ConfigError, match=r"fleet.toml.*port"):
+        load_map(path)
+    path.write_text(fleet + node.replace('"gw"', '"gw-elsewhere"'))
+    with pytest.raises(ConfigError, match=r"fleet.toml: \[sparkplug\] node g/n: unknown gateway 'gw-else"):
+        load_map(path)
+    path.write_text(fleet + node + metric.format(node="n", meter="x"))
+    with pytest.raises(ConfigError, match=r"fleet.toml: \[sparkplug\] metric 'E': unknown meter 'x'"):
         load_map(path)

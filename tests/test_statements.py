@@ -30,10 +30,10 @@ from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from compute.recompute import Params, recompute, recompute_all
 from compute.statements.config import load_statements_config
-from compute.statements.document import keygen, load_public_key, public_key_path
+from compute.statements.document import fingerprint, keygen, load_public_key, public_key_path
 from compute.statements.figures import month_figures
 from compute.statements.issue import issue_month
-from compute.statements.verify import verify_statement
+from compute.statements.verify import Verification, verify_statement
 from ingest.db import drop_database, ensure_database, migrate
 from ingest.events import DirtyRange
 from ops.cli import main
@@ -234,7 +234,7 @@ STATEMENT_SCHEMA = json.loads(
         / "compute"
         / "statements"
         / "schema"
-        / "statement-1.schema.json"
+        / "statement-2.schema.json"
     ).read_text()
 )
 
@@ -244,6 +244,11 @@ def assert_schema_valid(doc: dict[str, Any]) -> None:
     validator = jsonschema.Draft202012Validator(STATEMENT_SCHEMA, format_checker=jsonschema.FormatChecker())
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
     assert not errors, [f"{list(e.path)}: {e.message}" for e in errors[:5]]
+
+
+def verify_one(conn: psycopg.Connection[Any], path: Path, trusted: Any, cfg: Any) -> Verification:
+    [v] = verify_statement(conn, [path], trusted, cfg)
+    return v
 
 
 def expected_location_kg(meters: list[str], hours: int) -> float:
@@ -296,11 +301,12 @@ def test_issue_writes_signed_versioned_statement_with_expected_figures(db: str, 
 
         trusted = load_public_key(public_key_path(cfg.key_path))
         path = res.directory / "statement.json"
-        assert verify_statement(conn, path, trusted, cfg).status == "valid"
+        assert doc["signing_key"]["fingerprint"] == fingerprint(trusted)
+        assert verify_one(conn, path, trusted, cfg).status == "valid"
 
         # Tampered rollups do not matter: verify recomputes from the readings (and changes nothing).
         conn.execute("UPDATE site_rollups_15m SET kg_co2e = kg_co2e * 2 WHERE site_id = 's1'")
-        v = verify_statement(conn, path, trusted, cfg)
+        v = verify_one(conn, path, trusted, cfg)
         assert (v.status, v.differences) == ("valid", [])
         tampered = month_figures(conn, "acme", MONTH)["totals"]["scope2_location"]
         assert tampered > s2 * 1.5  # verify rolled its recompute back
@@ -310,14 +316,14 @@ def test_issue_writes_signed_versioned_statement_with_expected_figures(db: str, 
         altered = dict(doc, figures={**f, "totals": {**f["totals"], "scope2_location": 1.0}})
         bad = res.directory.parent / "altered.json"
         bad.write_text(json.dumps(altered))
-        v = verify_statement(conn, bad, trusted, cfg)
+        v = verify_one(conn, bad, trusted, cfg)
         assert v.status == "invalid" and "altered" in v.problems[0]
         other = keygen(cfg_path.parent / "other.pem")
-        v = verify_statement(conn, path, load_public_key(other), cfg)
+        v = verify_one(conn, path, load_public_key(other), cfg)
         assert v.status == "invalid" and "not by the trusted key" in v.problems[0]
         # An altered PDF is caught through the signed file hashes.
         (res.directory / "statement.pdf").write_bytes(b"%PDF-1.4 forged")
-        v = verify_statement(conn, path, trusted, cfg)
+        v = verify_one(conn, path, trusted, cfg)
         assert v.status == "invalid" and "statement.pdf was altered" in v.problems[0]
 
 
@@ -385,26 +391,26 @@ def test_late_data_supersedes_with_difference_and_is_emailed(
         cfg_path = tmp_path / "statements.toml"
         cfg_path.write_text(statements_toml(tmp_path, smtp.port))
         monkeypatch.setenv("SCOPEMETER_DB__DSN", db)
+        monkeypatch.setenv("SCOPEMETER_CLOCK__SIM_START", "2026-12-05T00:00:00Z")
         assert main(["statements", "keygen", "--config", str(cfg_path)]) == 0
+        issue = ["statements", "issue", "--month", MONTH, "--supplier", "gamma", "--config", str(cfg_path)]
+        # late-m2 has sent nothing yet: no Final statement, and nothing is e-mailed.
+        capsys.readouterr()
+        assert main([*issue, "--email"]) == 1
+        out = capsys.readouterr().out
         assert (
-            main(
-                [
-                    "statements",
-                    "issue",
-                    "--month",
-                    MONTH,
-                    "--supplier",
-                    "gamma",
-                    "--config",
-                    str(cfg_path),
-                    "--email",
-                ]
-            )
-            == 0
+            "gamma 2026-11: refused Final" in out
+            and "meter late-m2 (site g1): 0.0% of the month measured" in out
         )
+        assert not (tmp_path / "outbox" / "gamma").exists() and inbox.messages == []
+        # --provisional issues it, marked as such.
+        assert main([*issue, "--email", "--provisional"]) == 0
         v1 = tmp_path / "outbox" / "gamma" / MONTH / "v1" / "statement.json"
-        assert json.loads(v1.read_text())["version"] == 1
+        v1_doc = json.loads(v1.read_text())
+        assert v1_doc["version"] == 1 and v1_doc["provisional"] is True
+        assert any("late-m2" in r for r in v1_doc["incomplete_reasons"])
         assert len(inbox.messages) == 1
+        assert "PROVISIONAL GHG statement" in email.message_from_bytes(inbox.messages[0][1])["Subject"]
 
         # The second meter's backlog arrives late; the worker recomputes it.
         with psycopg.connect(db, autocommit=True) as conn:
@@ -423,30 +429,20 @@ def test_late_data_supersedes_with_difference_and_is_emailed(
         capsys.readouterr()
         assert main(["statements", "verify", str(v1), "--config", str(cfg_path)]) == 1
         out = capsys.readouterr().out
-        assert "outdated" in out and "readings" in out and "totals.scope2_location" in out
+        assert "outdated" in out and "readings" in out and "figures.totals.scope2_location" in out
 
-        assert (
-            main(
-                [
-                    "statements",
-                    "issue",
-                    "--month",
-                    MONTH,
-                    "--supplier",
-                    "gamma",
-                    "--config",
-                    str(cfg_path),
-                    "--email",
-                ]
-            )
-            == 0
-        )
+        assert main([*issue, "--email"]) == 0
         v2 = json.loads((tmp_path / "outbox" / "gamma" / MONTH / "v2" / "statement.json").read_text())
         assert v2["supersedes"]["version"] == 1
+        assert v2["provisional"] is False
         change = {c["figure"]: c for c in v2["supersedes"]["changes"]}
         late_kg = expected_location_kg(["late-m2"], HOURS_NOV)
-        assert change["totals.scope2_location"]["delta"] == pytest.approx(late_kg, rel=1e-9)
-        assert change["totals.scope2_location"]["old"] == pytest.approx(
+        assert change["figures.totals.scope2_location"]["delta"] == pytest.approx(late_kg, rel=1e-9)
+        # Every daily value that changed is listed too, not only the headline figures.
+        assert change["figures.daily.2026-11-07.scope2_location"]["delta"] == pytest.approx(
+            late_kg / 30, rel=1e-9
+        )
+        assert change["figures.totals.scope2_location"]["old"] == pytest.approx(
             expected_location_kg(["late-m1"], HOURS_NOV), rel=1e-9
         )
         capsys.readouterr()
@@ -506,13 +502,20 @@ def test_reads_scope1_rollups_and_market_rows(db: str) -> None:
                         ["gec-b1"] if covered else [],
                     ),
                 )
+                if covered:
+                    conn.execute(
+                        "INSERT INTO instrument_claims VALUES ('gec-b1', 'b1', 'electricity', %s, %s)",
+                        (hour0 + timedelta(hours=h), covered),
+                    )
         f = month_figures(conn, "beta", MONTH)
     assert f["scope1_by_fuel"] == {"natural_gas": pytest.approx(buckets * gas_kwh * GAS_FACTOR)}
     assert f["totals"]["scope2_location"] == pytest.approx(buckets * elec_kwh * FACTOR)
     assert f["totals"]["scope2_market"] == pytest.approx((buckets - gec_buckets) * elec_kwh * FACTOR)
     assert f["market_fallback_sites"] == []
     assert f["renewable_share"] == pytest.approx(gec_buckets / buckets)
-    assert [x["instrument_id"] for x in f["instruments"]] == ["gec-b1"]
+    assert [(x["instrument_id"], x["claimed_mwh"]) for x in f["instruments"]] == [
+        ("gec-b1", pytest.approx(gec_buckets * elec_kwh / 1000))
+    ]
     assert sum(d["scope2_market"] for d in f["daily"]) == pytest.approx(f["totals"]["scope2_market"])
     # Energy is counted once per carrier, not once per method.
     assert f["energy_by_carrier"]["electricity"]["amount"] == pytest.approx(buckets * elec_kwh)
@@ -561,12 +564,23 @@ def test_annual_statement_rolls_up_the_months_and_verifies(db: str, cfg_path: Pa
             assert year["totals"][key] == pytest.approx(sum(f["totals"][key] for f in months), rel=1e-9)
         assert sum(1 for f in months if f["lines"]) >= 2  # the fixture has October and November data
         assert (year["period_kind"], len(year["daily"])) == ("year", 365)
-        [res] = issue_month(conn, cfg, "2026", ["acme"], now=now, params=Params(), progress=False)
+        # Data from October and November only: the year is incomplete, so no Final is signed.
+        [refused] = issue_month(conn, cfg, "2026", ["acme"], now=now, params=Params(), progress=False)
+        assert (refused.status, refused.directory) == ("refused", None)
+        assert any("of the year measured, below the" in r for r in refused.reasons), refused.reasons
+        [res] = issue_month(
+            conn, cfg, "2026", ["acme"], now=now, params=Params(), progress=False, provisional=True
+        )
+        assert res.directory is not None
         doc = json.loads((res.directory / "statement.json").read_text())
         assert (doc["month"], doc["version"], res.directory.parent.name) == ("2026", 1, "2026")
+        assert doc["provisional"] is True and doc["incomplete_reasons"] == list(refused.reasons)
         assert_schema_valid(doc)
         trusted = load_public_key(public_key_path(cfg.key_path))
-        assert verify_statement(conn, res.directory / "statement.json", trusted, cfg).status == "valid"
+        assert verify_one(conn, res.directory / "statement.json", trusted, cfg).status == "valid"
+        lenovo = json.loads((res.directory / "customers" / "lenovo" / "statement.json").read_text())
+        assert_schema_valid(lenovo)
+        assert [r["customer"] for r in lenovo["cdp_sc1_1"]] == ["lenovo"]
     assert main(["statements", "issue", "--year", "26", "--config", str(cfg_path)]) == 2
 
 

@@ -6,6 +6,7 @@ the metered activity, by hand — not the engine's output.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ import pytest
 from compute.activity import apply_activity
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
-from compute.recompute import recompute
+from compute.recompute import Params, recompute
+from compute.statements import completeness
 from compute.statements.config import Allocation, Production, Reporting, StatementsConfig
-from compute.statements.document import derive
+from compute.statements.document import derive, keygen
 from compute.statements.figures import month_figures
+from compute.statements.issue import issue_month
 from ingest.writer import dirty_ranges
 from tests.test_compute_support import REPO, Row, compute_dsn, insert_rows, reset
 
@@ -173,7 +176,21 @@ def test_per_gas_totals_and_gwp_set(figures: dict[str, Any]) -> None:
     # Scope 2: UK electricity 2024 CO2 0.20493 kg/kWh; China 2023 national 0.5306 kgCO2/kWh, CO2 only.
     assert by_gas["scope2_location"]["co2"] == pytest.approx(1_000 * 0.20493 + 2_000 * 0.5306)
     assert by_gas["gwp_sets"] == ["AR5"]
-    assert by_gas["co2_only_factor_ids"] == ["cn-mee-stat-2023-national-v1"]
+    # China's grid factors are CO2 only: location-based 2023 national, and for market-based the
+    # 2023 average excluding market-traded non-fossil power (no residual mix is published).
+    assert by_gas["co2_only_factor_ids"] == [
+        "cn-mee-stat-2023-national-excl-mkt-nonfossil-v1",
+        "cn-mee-stat-2023-national-v1",
+    ]
+
+
+def test_market_based_rest_uses_the_excl_nonfossil_factor(figures: dict[str, Any]) -> None:
+    """Shenzhen has no instruments and China publishes no residual mix: market-based Scope 2 uses
+    MEE/NBS 2023's national average excluding market-traded non-fossil power, 0.6096 kgCO2/kWh
+    (issue 14's list of the 2023 values), and says so per site."""
+    assert figures["market_residual_basis"]["sz"] == {"excl-market-nonfossil": pytest.approx(2_000.0)}
+    assert figures["per_site"]["sz"]["scope2_market"] == pytest.approx(2_000 * 0.6096)
+    assert figures["per_site"]["sz"]["scope2_location"] == pytest.approx(2_000 * 0.5306)
 
 
 def test_factors_state_year_gases_and_basis(figures: dict[str, Any]) -> None:
@@ -196,6 +213,36 @@ def test_cooling_without_a_factor_is_listed_as_refused(figures: dict[str, Any]) 
     )
     assert refusal["activity"] == pytest.approx(500.0)
     assert "no emission factor for cooling" in refusal["reason"]
+
+
+def test_a_refused_carrier_blocks_final(figures: dict[str, Any], compute_dsn: str, tmp_path: Path) -> None:
+    """Issue 14 item 2: cooling without a factor source is "an explicit refusal that blocks Final
+    statements". With the coverage threshold off, the refusal (view ``site_refusals``) is the only
+    reason the month is not Final, and ``issue`` refuses it; ``--provisional`` carries the reason."""
+    cfg = CFG.model_copy(
+        update={
+            "min_meter_coverage": 0.0,
+            "signing_key": tmp_path / "sign.pem",
+            "outbox_dir": tmp_path / "outbox",
+        }
+    )
+    keygen(cfg.key_path)
+    now = datetime(2024, 4, 10, tzinfo=UTC)
+    with psycopg.connect(compute_dsn, autocommit=True) as conn:
+        state = completeness.check(conn, "acme", "2024-03", now=now, min_meter_coverage=0.0)
+        assert state.active and not state.final
+        [reason] = state.reasons
+        assert reason.startswith("site uk: cooling refused (no emission factor for cooling per kWh")
+        assert reason.endswith(": 4 15-minute intervals, 500.000 kWh in total")
+        [refused] = issue_month(conn, cfg, "2024-03", ["acme"], now=now, params=Params(), progress=False)
+        assert (refused.status, refused.reasons) == ("refused", (reason,))
+        [issued] = issue_month(
+            conn, cfg, "2024-03", ["acme"], now=now, params=Params(), progress=False, provisional=True
+        )
+    assert issued.directory is not None
+    doc = json.loads((issued.directory / "statement.json").read_text())
+    assert doc["provisional"] is True and doc["incomplete_reasons"] == [reason]
+    assert [r["carrier"] for r in doc["figures"]["refusals"]] == ["cooling"]
 
 
 def test_non_metered_activity_is_listed_prorated_and_counted(figures: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -26,8 +27,9 @@ from compute.market import apply_instruments
 from compute.recompute import Params, recompute_all
 from compute.statements.config import load_statements_config
 from compute.statements.document import keygen, load_public_key, public_key_path
+from compute.statements.figures import month_figures
 from compute.statements.issue import issue_month
-from compute.statements.verify import verify_statement
+from compute.statements.verify import Verification, verify_statement
 from ingest.db import drop_database, ensure_database, migrate
 
 FACTOR = 0.5  # kg CO2e/kWh
@@ -81,10 +83,20 @@ id = "gec-2026-11-d1"
 site = "d1"
 kind = "gec"
 certificates = {GEC_CERTIFICATES}
+serial_prefix = "GEC-2026-SZ"
+serial_first = 101
+serial_last = {100 + GEC_CERTIFICATES}
+market_boundary = "CN"
+evidence = "GEC platform cancellation record 2026-12-01 for Delta Circuits"
 period_start = 2026-11-01
 period_end = 2026-12-01
 reference = "GEC serials 2026-SZ-000101..000120"
 """
+
+
+def verify_one(conn: psycopg.Connection[Any], path: Path, trusted: Any, cfg: Any) -> Verification:
+    [v] = verify_statement(conn, [path], trusted, cfg)
+    return v
 
 
 @pytest.fixture
@@ -158,13 +170,19 @@ def test_gec_lowers_market_scope2_and_sets_renewable_share(setup: tuple[str, Pat
                 "kind": "gec",
                 "carrier": "electricity",
                 "mwh": float(GEC_CERTIFICATES),
+                "claimed_mwh": pytest.approx(float(GEC_CERTIFICATES)),
                 "period_start": "2026-11-01",
                 "period_end": "2026-12-01",
                 "kg_co2e_per_kwh": 0.0,
                 "hourly": False,
                 "reference": "GEC serials 2026-SZ-000101..000120",
+                "serials": "GEC-2026-SZ 101..120",
+                "market_boundary": "CN",
+                "evidence": "GEC platform cancellation record 2026-12-01 for Delta Circuits",
             }
         ]
+        # No residual factor is published for CN in this test's library: the rest is location-based.
+        assert f["market_residual_basis"] == {"d1": {"location": pytest.approx(KW * HOURS - gec_kwh)}}
         assert doc["inputs"]["instruments"] == f["instruments"]
         # The previous month had no instrument: market equals location there.
         oct_ = doc["month_on_month"]["scope2_market"]["previous"]
@@ -174,8 +192,8 @@ def test_gec_lowers_market_scope2_and_sets_renewable_share(setup: tuple[str, Pat
         [gec_row] = [r for r in rows if r["section"] == "instrument"]
         assert (gec_row["metric"], float(gec_row["value"]), gec_row["unit"]) == (
             "gec-2026-11-d1",
-            GEC_CERTIFICATES,
-            "MWh",
+            pytest.approx(GEC_CERTIFICATES),
+            "MWh claimed in the month",
         )
         text = subprocess.run(
             ["pdftotext", "-layout", str(res.directory / "statement.pdf"), "-"],
@@ -183,27 +201,63 @@ def test_gec_lowers_market_scope2_and_sets_renewable_share(setup: tuple[str, Pat
             capture_output=True,
             text=True,
         ).stdout
-        for expected in ("Contractual instruments used", "gec-2026-11-d1", "GEC", f"{GEC_CERTIFICATES:,.3f}"):
+        for expected in (
+            "Contractual instruments claimed this month",
+            "gec-2026-11-d1",
+            "GEC-2026-SZ 101..120",
+            f"{GEC_CERTIFICATES:,.3f}",
+            "location-based grid factor",
+        ):
             assert expected in text, expected
         assert f"{(location_kg - gec_kwh * FACTOR) / 1000:,.3f}" in text  # market-based t CO2e
         assert f"{gec_kwh / (KW * HOURS) * 100:.1f}" in text  # renewable share %
 
         path = res.directory / "statement.json"
-        assert verify_statement(conn, path, trusted, cfg).status == "valid"
+        assert verify_one(conn, path, trusted, cfg).status == "valid"
         # Tampered market rows do not matter: verify recomputes them from readings and instruments.
         conn.execute("UPDATE site_market_1h SET kg_co2e = 0, kwh_instruments = kwh")
-        v = verify_statement(conn, path, trusted, cfg)
+        v = verify_one(conn, path, trusted, cfg)
         assert (v.status, v.differences) == ("valid", [])
         recompute_all(conn)
         # The instruments are inputs: a changed certificate reference makes the statement outdated.
         conn.execute("UPDATE contractual_instruments SET reference = 'GEC serials revised'")
-        v = verify_statement(conn, path, trusted, cfg)
+        v = verify_one(conn, path, trusted, cfg)
         assert v.status == "outdated" and "instruments" in v.problems[0]
         assert v.differences == []
         # More certificates change the market figures, which verify reports.
         conn.execute("UPDATE contractual_instruments SET mwh = mwh * 2")
-        v = verify_statement(conn, path, trusted, cfg)
+        v = verify_one(conn, path, trusted, cfg)
         change = {d["figure"]: d for d in v.differences}
-        assert change["totals.scope2_market"]["delta"] == pytest.approx(-gec_kwh * FACTOR, rel=1e-9)
-        assert change["renewable_share"]["new"] == pytest.approx(2 * gec_kwh / (KW * HOURS), rel=1e-12)
-        assert "totals.scope2_location" not in change
+        assert change["figures.totals.scope2_market"]["delta"] == pytest.approx(-gec_kwh * FACTOR, rel=1e-9)
+        assert change["figures.renewable_share"]["new"] == pytest.approx(
+            2 * gec_kwh / (KW * HOURS), rel=1e-12
+        )
+        claimed = "figures.instruments.d1|electricity|gec-2026-11-d1.claimed_mwh"
+        assert change[claimed]["new"] == pytest.approx(2 * GEC_CERTIFICATES, rel=1e-12)
+        assert "figures.totals.scope2_location" not in change
+
+
+def test_uncovered_load_uses_the_excl_nonfossil_factor_and_says_so(
+    setup: tuple[str, Path], tmp_path: Path
+) -> None:
+    """GHG Protocol Scope 2 Guidance Table 7.1 criterion 8: no residual mix is published for China,
+    so the uncovered rest uses MEE/NBS's average excluding market-traded non-fossil power (2022:
+    0.5856 kgCO2/kWh, announcement of 2024-12-20), and the statement discloses it per site."""
+    dsn, _ = setup
+    excl = 0.5856
+    (tmp_path / "excl.toml").write_text(
+        FACTORS.replace('id = "cn-grid-v1"', 'id = "cn-excl-2022"')
+        .replace(
+            'series = "national-power-average"', 'series = "national-power-average-excl-market-nonfossil"'
+        )
+        .replace(f"kg_co2_per_unit = {FACTOR}", f"kg_co2_per_unit = {excl}")
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_factors(conn, tmp_path / "excl.toml")
+        recompute_all(conn)
+        f = month_figures(conn, "delta", MONTH)
+    rest = KW * HOURS - GEC_CERTIFICATES * 1000.0
+    assert f["totals"]["scope2_market"] == pytest.approx(rest * excl, rel=1e-12)
+    assert f["totals"]["scope2_location"] == pytest.approx(KW * HOURS * FACTOR, rel=1e-12)
+    assert f["market_residual_basis"] == {"d1": {"excl-market-nonfossil": pytest.approx(rest)}}
+    assert f["market_fallback_sites"] == []

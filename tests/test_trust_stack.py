@@ -29,7 +29,9 @@ def private(tmp_path: Path, pg_admin_dsn: str) -> Iterator[Settings]:
         mqtt=MqttSettings(port=free_port()),
         kafka=KafkaSettings(bootstrap=f"127.0.0.1:{free_port()}", partitions=1),
         db=DbSettings(dsn=make_conninfo(pg_admin_dsn, dbname=dbname), admin_dsn=pg_admin_dsn),
-        stack=StackSettings(state_dir=tmp_path / "state", start_timeout=20),
+        stack=StackSettings(
+            state_dir=tmp_path / "state", start_timeout=20, kafka_controller_port=free_port()
+        ),
     )
     yield s
     stack.down(s)

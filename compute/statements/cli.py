@@ -16,9 +16,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, help="default: CONFIG_DIR/statements.toml")
 
-    keygen = ssub.add_parser("keygen", help="create the Ed25519 signing key named in the config")
+    keygen = ssub.add_parser(
+        "keygen",
+        help="create the Ed25519 signing key at the setting statements.signing_key, encrypted with"
+        " the configured passphrase (never taken from the command line)",
+    )
     common(keygen)
-    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    keygen.add_argument(
+        "--force", action="store_true", help="rotate: keep the old public key as KEY.<id>.pub, then replace"
+    )
     keygen.set_defaults(handler=_keygen)
 
     issue = ssub.add_parser("issue", help="issue (or supersede) the statements of one month")
@@ -31,16 +37,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     issue.add_argument(
         "--force", action="store_true", help="issue a new version even if inputs are unchanged"
     )
+    issue.add_argument(
+        "--provisional",
+        action="store_true",
+        help="issue incomplete months too, marked PROVISIONAL on every page with the reasons",
+    )
     issue.add_argument("--outbox", type=Path, help="override the config's outbox_dir")
     issue.set_defaults(handler=_issue)
 
     verify = ssub.add_parser(
-        "verify", help="check a statement's signature and recompute it from the readings"
+        "verify",
+        help="check statements as received (signature, renditions, latest version) and, with the"
+        " database, recompute every figure",
     )
     common(verify)
-    verify.add_argument("file", type=Path, help="statement.json")
+    verify.add_argument(
+        "files",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="the statement JSON, its PDF/CSV and optionally the signed index.json, any names; or folders",
+    )
     verify.add_argument(
         "--public-key", type=Path, help="trusted key (default: the config's signing key .pub)"
+    )
+    verify.add_argument(
+        "--offline", action="store_true", help="no database: signature, file hashes and index only"
     )
     verify.set_defaults(handler=_verify)
 
@@ -55,11 +77,12 @@ def _config(args: Any, settings: Settings) -> Any:
 
 
 def _keygen(args: Any) -> int:
-    from compute.statements.document import keygen
+    from compute.statements.document import fingerprint, keygen, load_public_key
 
     cfg = _config(args, Settings())
     pub = keygen(cfg.key_path, overwrite=args.force)
     print(f"signing key: {cfg.key_path}\npublic key (give this to customers): {pub}")
+    print(f"fingerprint (every statement carries it): {fingerprint(load_public_key(pub))}")
     return 0
 
 
@@ -104,34 +127,59 @@ def _issue(args: Any) -> int:
             params=Params.from_settings(settings.compute),
             email=args.email,
             force=args.force,
+            provisional=args.provisional,
             progress=sys.stderr.isatty(),
         )
+    refused = False
     for r in results:
+        if r.status in ("refused", "skipped"):
+            period = "year" if len(r.month) == 4 else "month"
+            what = f"refused Final ({period} incomplete)" if r.status == "refused" else "no statement"
+            print(f"{r.supplier} {r.month}: {what}:")
+            for reason in r.reasons:
+                print(f"    {reason}")
+            refused = refused or r.status == "refused"
+            continue
         note = f", e-mailed to {', '.join(r.emailed_to)}" if r.emailed_to else ""
-        print(f"{r.supplier} {r.month}: v{r.version} {r.status} → {r.directory}{note}")
-        for c in r.changes:
+        kind = " PROVISIONAL" if r.provisional else ""
+        print(f"{r.supplier} {r.month}: v{r.version}{kind} {r.status} → {r.directory}{note}")
+        for reason in r.reasons:
+            print(f"    incomplete: {reason}")
+        for c in r.changes[:20]:
             print(f"    {c['figure']}: {c['old']:.6g} → {c['new']:.6g} ({c['delta']:+.6g})")
-    return 0
+        if len(r.changes) > 20:
+            print(f"    … and {len(r.changes) - 20} more changed figures (see the statement)")
+    if refused:
+        print("some months are incomplete: fix the data, or issue them with --provisional", file=sys.stderr)
+    return 1 if refused else 0
 
 
 def _verify(args: Any) -> int:
-    import psycopg
-
     from compute.statements.document import load_public_key, public_key_path
-    from compute.statements.outbox import read_statement
-    from compute.statements.verify import verify_statement
+    from compute.statements.verify import verify_offline, verify_statement
 
     settings = Settings()
-    cfg = _config(args, settings)
-    trusted = load_public_key(args.public_key or public_key_path(cfg.key_path))
-    read_statement(args.file)  # a missing or malformed file is reported before touching the database
-    with psycopg.connect(settings.db.dsn, autocommit=True) as conn:
-        v = verify_statement(conn, args.file, trusted, cfg)
-    print(f"{args.file}: {v.status}")
-    for p in v.problems:
-        print(f"  {p}")
-    for c in v.differences:
-        print(f"  {c['figure']}: signed {c['old']:.6g}, recomputed {c['new']:.6g} ({c['delta']:+.6g})")
-    if v.superseded_by:
-        print(f"  superseded by version {v.superseded_by}")
-    return 0 if v.status == "valid" else 1
+    if args.public_key is not None:
+        trusted = load_public_key(args.public_key)
+    else:
+        trusted = load_public_key(public_key_path(_config(args, settings).key_path))
+    if args.offline:
+        results = verify_offline(args.files, trusted)
+    else:
+        import psycopg
+
+        cfg = _config(args, settings)
+        verify_offline(args.files, trusted)  # unreadable files are reported before touching the database
+        with psycopg.connect(settings.db.dsn, autocommit=True) as conn:
+            results = verify_statement(conn, args.files, trusted, cfg)
+    for v in results:
+        print(f"{v.path}: {v.status} ({v.statement_id}, key {v.fingerprint})")
+        for p in v.problems:
+            print(f"  {p}")
+        for n in v.notes:
+            print(f"  note: {n}")
+        for c in v.differences[:50]:
+            print(f"  {c['figure']}: signed {c['old']:.6g}, recomputed {c['new']:.6g} ({c['delta']:+.6g})")
+        if len(v.differences) > 50:
+            print(f"  … and {len(v.differences) - 50} more differing figures")
+    return 0 if all(v.status == "valid" for v in results) else 1

@@ -94,7 +94,11 @@ class Reporting(_Entry):
 
 
 class Recipients(_Entry):
+    """Who receives what: without ``customer`` the supplier's full statement, with it only that
+    customer's statement (its own allocation)."""
+
     supplier: Ident
+    customer: Ident | None = None
     to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(min_length=1)
 
 
@@ -108,13 +112,18 @@ class EmailConfig(_Entry):
 
 
 class StatementsConfig(_Entry):
-    signing_key: Path = Path(".scopemeter/keys/statements_ed25519.pem")
+    # Overrides the setting statements.signing_key (default /etc/scopemeter/statement-signing.key),
+    # e.g. for a second configuration on one machine; unset in the shipped config.
+    signing_key: Path | None = None
     outbox_dir: Path = Path(".scopemeter/statements")
     email: EmailConfig = EmailConfig()
     allocations: list[Allocation] = []
     production: list[Production] = []
     recipients: list[Recipients] = []
     reporting: list[Reporting] = []
+    # A registered meter that measured less of its month than this makes the month incomplete:
+    # no "Final" statement (``compute.statements.completeness``).
+    min_meter_coverage: Annotated[float, Field(ge=0, le=1)] = 0.99
 
     def path(self, p: Path) -> Path:
         """Relative paths are relative to the repository root (where the default config lives)."""
@@ -122,7 +131,11 @@ class StatementsConfig(_Entry):
 
     @property
     def key_path(self) -> Path:
-        return self.path(self.signing_key)
+        if self.signing_key is not None:
+            return self.path(self.signing_key)
+        from ops.settings import Settings
+
+        return Settings().statements.signing_key
 
     @property
     def outbox(self) -> Path:
@@ -151,8 +164,13 @@ class StatementsConfig(_Entry):
     def reporting_for(self, supplier: str) -> Reporting | None:
         return next((r for r in self.reporting if r.supplier == supplier), None)
 
-    def recipients_for(self, supplier: str) -> list[str]:
-        return [addr for r in self.recipients if r.supplier == supplier for addr in r.to]
+    def recipients_for(self, supplier: str, customer: str | None = None) -> list[str]:
+        return [
+            addr
+            for r in self.recipients
+            if r.supplier == supplier and r.customer == customer
+            for addr in r.to
+        ]
 
 
 _SECTIONS: dict[str, type[_Entry]] = {
@@ -182,6 +200,11 @@ def load_statements_config(path: Path) -> StatementsConfig:
     reporting = [r.supplier for r in cfg.reporting]
     if len(set(reporting)) != len(reporting):
         raise ConfigError(f"{path}: [[reporting]] is given twice for the same supplier")
+    for r in cfg.recipients:
+        if r.customer is not None and (r.supplier, r.customer) not in seen:
+            raise ConfigError(
+                f"{path}: recipients for customer {r.customer!r} of {r.supplier!r}, who has no allocation"
+            )
     months = [(p.supplier, p.month) for p in cfg.production]
     if len(set(months)) != len(months):
         raise ConfigError(f"{path}: production is given twice for the same supplier and month")

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +33,10 @@ from compute.statements.config import StatementsConfig
 from compute.statements.figures import month_bounds
 from ops.errors import UserError
 
-SCHEMA: Final = "scopemeter.statement/1"
+# 2: audience (one statement per customer), signing_key with the fingerprint inside the signed
+# content, provisional with incomplete_reasons, instruments with claimed_mwh, market_residual_basis.
+# Published as compute/statements/schema/statement-2.schema.json (JSON Schema 2020-12).
+SCHEMA: Final = "scopemeter.statement/2"
 # Figures compared between versions and on verify (dotted paths into the document).
 KEY_FIGURES: Final = (
     "totals.scope1",
@@ -106,7 +108,7 @@ def readings_digest(conn: psycopg.Connection[Any], supplier: str, month: str) ->
 def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT m.meter_id, m.site_id, m.carrier, m.model, m.ct_ratio, m.pt_ratio, m.activity_unit,"
-        " m.cv_basis, m.reference_conditions, m.fuel_type, m.accuracy_class FROM meters m"
+        " m.cv_basis, m.reference_conditions, m.fuel_type, m.accuracy_class, m.max_kw FROM meters m"
         " JOIN sites s USING (site_id) WHERE s.supplier_id = %s ORDER BY m.meter_id",
         (supplier,),
     ).fetchall()
@@ -124,6 +126,8 @@ def meters_of(conn: psycopg.Connection[Any], supplier: str) -> list[dict[str, An
             "reference_conditions": r[8],
             "fuel_type": r[9],
             "accuracy_class": r[10],
+            # Its plausibility bound: readings beyond it are quarantined (compute.quarantine).
+            "max_kw": r[11],
         }
         for r in rows
     ]
@@ -332,25 +336,77 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-9)
 
 
+# Fields that name a list element, so that a figure's path survives reordering and new elements.
+_IDENTITY = (
+    "customer",
+    "site_id",
+    "carrier",
+    "scope",
+    "method",
+    "date",
+    "instrument_id",
+    "factor_id",
+    "record_id",
+    "unit",
+)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, float]:
+    """Every number in ``node`` by its dotted path (list elements by their identity fields)."""
+    out: dict[str, float] = {}
+    if isinstance(node, bool) or node is None or isinstance(node, str):
+        return out
+    if isinstance(node, int | float):
+        return {prefix: float(node)}
+    items: list[tuple[str, Any]]
+    if isinstance(node, dict):
+        items = [(str(k), v) for k, v in node.items()]
+    else:
+        items = []
+        used: set[str] = set()
+        for n, v in enumerate(node):
+            ident = [str(v[k]) for k in _IDENTITY if isinstance(v, dict) and k in v]
+            key = "|".join(ident) if ident else str(n)
+            if key in used:  # identity fields do not tell two elements apart: keep both
+                key = f"{key}#{n}"
+            used.add(key)
+            items.append((key, v))
+    for k, v in items:
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+# What a statement states: compared between versions and recomputed by verify.
+STATED: Final = (
+    "figures",
+    "allocation",
+    "intensity",
+    "month_on_month",
+    "unallocated_share",
+    "disclosure",
+    "cdp_sc1_1",
+    "pact",
+)
+# Stated content with one element per customer: a customer's statement keeps only its own.
+PER_CUSTOMER: Final = ("allocation", "cdp_sc1_1")
+
+
+def stated(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc[k] for k in STATED if k in doc}
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
-    """Key figures (and per-site totals) that differ between two figure sets."""
+    """Every number that differs between two statements' stated content (figures, daily values,
+    lines, allocations…), the headline figures first; a number present on one side only counts
+    against 0."""
+    a, b = flatten(stated(old)), flatten(stated(new))
+    head = [f"figures.{k}" for k in KEY_FIGURES]
+    paths = [p for p in head if p in a or p in b] + sorted((set(a) | set(b)) - set(head))
     out = []
-    paths = list(KEY_FIGURES) + [
-        f"per_site.{site}.{k}"
-        for site in sorted(set(old["per_site"]) | set(new["per_site"]))
-        for k in ("scope1", "scope2_location", "scope2_market")
-    ]
     for path in paths:
-        try:
-            a = figure(old, path)
-        except KeyError:
-            a = 0.0
-        try:
-            b = figure(new, path)
-        except KeyError:
-            b = 0.0
-        if not close(a, b):
-            out.append({"figure": path, "old": a, "new": b, "delta": b - a})
+        x, y = a.get(path, 0.0), b.get(path, 0.0)
+        if not close(x, y):
+            out.append({"figure": path, "old": x, "new": y, "delta": y - x})
     return out
 
 
@@ -361,72 +417,94 @@ def new_document(
     version: int,
     superseded: dict[str, Any] | None,
     now: datetime,
+    reasons: list[str],
 ) -> dict[str, Any]:
+    """The supplier's full statement. ``reasons`` why the month is incomplete make it provisional."""
     supplier, month = figures["supplier"]["id"], figures["month"]
-    ends = [datetime.fromisoformat(s["window_utc"][1]) for s in figures["boundary"]]
-    return {
+    doc = {
         "schema": SCHEMA,
         "statement_id": f"{supplier}/{month}/v{version}",
+        "audience": SUPPLIER_AUDIENCE,
         "supplier": figures["supplier"],
         "month": month,
         "version": version,
         "issued_at": now.astimezone(UTC).isoformat(),
-        # Issued before every site's month has ended: later data will supersede it.
-        "provisional": any(now < e for e in ends),
+        # Not Final: the month lacks data (completeness), and a later version will supersede it.
+        "provisional": bool(reasons),
+        "incomplete_reasons": list(reasons),
         "inputs": inputs,
         "inputs_digest": sha256_hex(canonical(inputs)),
         "figures": figures,
         **derived,
-        "supersedes": None
-        if superseded is None
-        else {
+        "supersedes": None,
+        "files": {},
+    }
+    if superseded is not None:
+        doc["supersedes"] = {
             "version": superseded["version"],
             "inputs_digest": superseded["inputs_digest"],
             "issued_at": superseded["issued_at"],
-            "changes": differences(superseded["figures"], figures),
-        },
-        "files": {},
+            "changes": differences(superseded, doc),
+        }
+    return doc
+
+
+SUPPLIER_AUDIENCE: Final = "supplier"
+
+
+def for_customer(doc: dict[str, Any], customer: str) -> dict[str, Any]:
+    """The statement one customer receives: the supplier's figures and only this customer's
+    allocation and CDP SC1.1 row (other customers' shares, and the unallocated rest that would
+    reveal their sum, are left out — also from the inputs)."""
+    inputs = {
+        **doc["inputs"],
+        "allocations": [a for a in doc["inputs"]["allocations"] if a["customer"] == customer],
     }
+    out = {k: v for k, v in doc.items() if k != "unallocated_share"}
+    out.update(
+        statement_id=f"{doc['statement_id']}/{customer}",
+        audience=customer,
+        inputs=inputs,
+        inputs_digest=sha256_hex(canonical(inputs)),
+    )
+    for section in PER_CUSTOMER:
+        if section in doc:
+            out[section] = [a for a in doc[section] if a["customer"] == customer]
+
+    def own(figure: str) -> bool:
+        section = figure.split(".", 1)[0]
+        return section not in PER_CUSTOMER or figure.startswith(f"{section}.{customer}.")
+
+    if doc["supersedes"] is not None:
+        changes = [
+            c for c in doc["supersedes"]["changes"] if own(c["figure"]) and c["figure"] != "unallocated_share"
+        ]
+        out["supersedes"] = {**doc["supersedes"], "changes": changes}
+    return out
 
 
 # --- keys and signatures -------------------------------------------------------------------------
 
 
 def keygen(path: Path, *, overwrite: bool = False) -> Path:
-    """Write a new Ed25519 private key (PEM, mode 0600) and its public key beside it (``.pub``)."""
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; refusing to replace a signing key (--force to do so)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub = public_key_path(path)
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return pub
+    """A new Ed25519 key at ``path`` (mode 0600, encrypted with the configured passphrase) and its
+    public key beside it (``.pub``); ``overwrite`` rotates (``compute.statements.keys``)."""
+    from compute.statements import keys
+
+    return keys.keygen(path, overwrite=overwrite, secret=keys.passphrase())
 
 
 def public_key_path(private: Path) -> Path:
-    return private.with_name(private.name + ".pub")
+    from compute.statements import keys
+
+    return keys.public_key_path(private)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise UserError(f"no signing key at {path}; create one with `scopemeter statements keygen`") from None
-    except ValueError as exc:
-        raise UserError(f"{path}: not a PEM private key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise UserError(f"{path}: not an Ed25519 key")
-    return key
+    """The signing key, unlocked with the configured passphrase (``compute.statements.keys``)."""
+    from compute.statements import keys
+
+    return keys.load_private_key(path, keys.passphrase())
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -451,19 +529,39 @@ def key_id(pub: Ed25519PublicKey) -> str:
     return sha256_hex(_raw(pub))[:16]
 
 
+def fingerprint(pub: Ed25519PublicKey) -> str:
+    """SHA-256 of the raw 32-byte public key, as customers compare it with the published key."""
+    return "SHA256:" + sha256_hex(_raw(pub))
+
+
 def _payload(doc: dict[str, Any]) -> bytes:
     return canonical({k: v for k, v in doc.items() if k != "signature"})
 
 
-def sign(doc: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    pub = key.public_key()
+def signing_key(pub: Ed25519PublicKey) -> dict[str, str]:
+    """What a statement says about the key that signs it (inside the signed content)."""
     return {
-        **doc,
+        "alg": "Ed25519",
+        "fingerprint": fingerprint(pub),
+        "public_key": base64.b64encode(_raw(pub)).decode(),
+    }
+
+
+def content_digest(doc: dict[str, Any]) -> str:
+    """SHA-256 of a signed document's canonical JSON: the same however the file is formatted."""
+    return sha256_hex(canonical(doc))
+
+
+def sign(doc: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Sign ``doc``; the key's fingerprint goes into the signed content (``signing_key``)."""
+    pub = key.public_key()
+    body = {**{k: v for k, v in doc.items() if k != "signature"}, "signing_key": signing_key(pub)}
+    return {
+        **body,
         "signature": {
             "alg": "Ed25519",
             "key_id": key_id(pub),
-            "public_key": base64.b64encode(_raw(pub)).decode(),
-            "value": base64.b64encode(key.sign(_payload(doc))).decode(),
+            "value": base64.b64encode(key.sign(_payload(body))).decode(),
         },
     }
 
@@ -473,10 +571,15 @@ def check_signature(doc: dict[str, Any], trusted: Ed25519PublicKey) -> str | Non
     sig = doc.get("signature")
     if not isinstance(sig, dict) or sig.get("alg") != "Ed25519":
         return "no Ed25519 signature"
-    if sig.get("key_id") != key_id(trusted):
+    block = doc.get("signing_key")
+    if isinstance(block, dict):
+        signer = block.get("fingerprint")
+        if signer != fingerprint(trusted):
+            return f"signed by key {signer}, not by the trusted key {fingerprint(trusted)}"
+    elif sig.get("key_id") != key_id(trusted):  # schema 1 statements: a short key id only
         return f"signed by key {sig.get('key_id')}, not by the trusted key {key_id(trusted)}"
     try:
         trusted.verify(base64.b64decode(sig["value"]), _payload(doc))
-    except (InvalidSignature, ValueError, KeyError):
+    except (InvalidSignature, ValueError, KeyError, TypeError):
         return "signature does not match the content (the statement was altered)"
     return None

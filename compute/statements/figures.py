@@ -11,8 +11,10 @@ GHG Protocol rules applied here:
 - energy is counted once per site and carrier, from one method's rows (``location`` for Scope 2,
   ``direct`` for Scope 1, else the first method alphabetically): methods differ in emissions only;
 - market-based Scope 2 equals location-based for a site without market rows; the statement lists
-  the sites that fell back to location factors (no contractual instrument and no residual-mix
-  factor in the month) and the instruments used (``instruments``);
+  the sites that fell back to location factors (no contractual instrument and no residual factor
+  in the month), per site the kWh of each residual basis (``market_residual_basis``: residual-mix,
+  excl-market-nonfossil or location; ``compute.market``) and the instruments with the MWh each
+  claimed in the month (``instruments``, from the claims ledger);
 - renewable share = electricity kWh covered by contractual instruments (GEC, I-REC, PPA, green
   tariff: ``kwh_instruments``) / all electricity kWh;
 - coverage = measured kWh / all kWh, where the rollups carry a measured/estimated split
@@ -36,7 +38,8 @@ from typing import Any
 
 import psycopg
 
-from compute.market import RESIDUAL_SERIES
+from compute.market import FALLBACKS
+from compute.quarantine import quarantined
 from ops.errors import UserError
 
 BUCKET = timedelta(minutes=15)
@@ -215,6 +218,7 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         p,
     ).fetchall()
 
+    # What each instrument covered in THIS month (its claims), not its whole volume.
     instruments = [
         {
             "instrument_id": r[0],
@@ -222,21 +226,37 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             "kind": r[2],
             "carrier": r[3],
             "mwh": r[4],
-            "period_start": r[5].isoformat(),
-            "period_end": r[6].isoformat(),
-            "kg_co2e_per_kwh": r[7],
-            "hourly": r[8],
-            "reference": r[9],
+            "claimed_mwh": r[5] / 1000.0,
+            "period_start": r[6].isoformat(),
+            "period_end": r[7].isoformat(),
+            "kg_co2e_per_kwh": r[8],
+            "hourly": r[9],
+            "reference": r[10],
+            "serials": None if r[11] is None else f"{r[11]} {r[12]}..{r[13]}",
+            "market_boundary": r[14],
+            "evidence": r[15],
         }
         for r in conn.execute(
-            _WINDOWS + "SELECT i.instrument_id, i.site_id, i.kind, i.carrier, i.mwh, i.period_start,"
-            " i.period_end, i.kg_co2e_per_kwh, i.hourly, i.reference FROM contractual_instruments i"
-            " WHERE i.instrument_id IN (SELECT unnest(m.instrument_ids) FROM site_market_1h m"
-            "   JOIN w ON m.site_id = w.site_id AND m.bucket >= w.t0 AND m.bucket < w.t1)"
-            " ORDER BY i.instrument_id",
+            _WINDOWS + "SELECT i.instrument_id, c.site_id, i.kind, i.carrier, i.mwh,"
+            " sum(c.kwh ORDER BY c.bucket), i.period_start, i.period_end, i.kg_co2e_per_kwh, i.hourly,"
+            " i.reference, i.serial_prefix, i.serial_first, i.serial_last, i.market_boundary, i.evidence"
+            " FROM instrument_claims c JOIN w ON c.site_id = w.site_id AND c.bucket >= w.t0"
+            " AND c.bucket < w.t1 JOIN contractual_instruments i USING (instrument_id)"
+            " GROUP BY i.instrument_id, c.site_id ORDER BY i.instrument_id, c.site_id",
             p,
         ).fetchall()
     ]
+    # Which factor the uncovered rest of each site's market-based Scope 2 used (GHG Protocol Scope 2
+    # Guidance, Table 7.1 criterion 8: residual mix, or disclose its absence).
+    market_basis: dict[str, dict[str, float]] = defaultdict(dict)
+    for site, basis, kwh in conn.execute(
+        _WINDOWS + "SELECT m.site_id, coalesce(m.residual_basis, 'none'),"
+        " sum((m.kwh - m.kwh_instruments) ORDER BY m.bucket) FROM site_market_1h m"
+        " JOIN w ON m.site_id = w.site_id AND m.bucket >= w.t0 AND m.bucket < w.t1"
+        " GROUP BY 1, 2 ORDER BY 1, 2",
+        p,
+    ).fetchall():
+        market_basis[site][basis] = kwh
 
     factor_ids = sorted(
         {f for line in lines for f in line["factor_ids"]} | set(_activity_factor_ids(conn, p, first, nxt))
@@ -264,7 +284,7 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
             (factor_ids,),
         ).fetchall()
     ]
-    residual = {f["factor_id"] for f in factors if f["series"] == RESIDUAL_SERIES}
+    residual = {f["factor_id"] for f in factors if f["series"] in {series for _, series in FALLBACKS}}
     refusals = [
         {
             "site_id": r[0],
@@ -334,6 +354,9 @@ def month_figures(conn: psycopg.Connection[Any], supplier: str, month: str) -> d
         "factors": factors,
         "instruments": instruments,
         "refusals": refusals,
+        "market_residual_basis": {site: dict(v) for site, v in sorted(market_basis.items())},
+        # Readings held back as implausible (compute.quarantine): the data-quality section.
+        "quarantined": [q.as_dict() for q in quarantined(conn, supplier, month)],
     }
 
 

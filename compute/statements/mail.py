@@ -18,6 +18,8 @@ def build_message(doc: dict[str, Any], directory: Path, sender: str, to: list[st
     msg = EmailMessage()
     sup = doc["supplier"]
     what = "Revised GHG statement" if doc["supersedes"] else "GHG statement"
+    if doc["provisional"]:
+        what = "PROVISIONAL " + what
     msg["Subject"] = f"{what} {doc['month']} — {sup['name']} (version {doc['version']})"
     msg["From"] = sender
     msg["To"] = ", ".join(to)
@@ -33,14 +35,20 @@ def build_message(doc: dict[str, Any], directory: Path, sender: str, to: list[st
         lines.append(f"This version supersedes version {doc['supersedes']['version']} (late data):")
         lines += [f"  {c['figure']}: {c['old']:,.3f} → {c['new']:,.3f}" for c in doc["supersedes"]["changes"]]
         lines.append("")
+    fp = doc["signing_key"]["fingerprint"]
     lines.append(
-        "statement.json is signed (Ed25519); verify with `scopemeter statements verify statement.json`."
+        f"The .json attachment is signed (Ed25519, key {fp}). With the supplier's public key, check it"
+        " and the other attachments as received: `scopemeter statements verify --offline --public-key"
+        " KEY.pub FILES…` (add --index with the supplier's signed index.json to see whether a newer"
+        " version exists)."
     )
     msg.set_content("\n".join(lines))
+    audience = doc.get("audience", "supplier")
+    tail = "" if audience == "supplier" else f"-{audience}"
     for name in ("statement.pdf", "statement.csv", "statement.json"):
         path = directory / name
         maintype, subtype = _TYPES[path.suffix]
-        fname = f"{sup['id']}-{doc['month']}-v{doc['version']}{path.suffix}"
+        fname = f"{sup['id']}-{doc['month']}-v{doc['version']}{tail}{path.suffix}"
         msg.add_attachment(path.read_bytes(), maintype=maintype, subtype=subtype, filename=fname)
     return msg
 

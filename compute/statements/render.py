@@ -20,6 +20,8 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from compute.statements import data_quality
+
 A4 = (8.27, 11.69)
 INK = "#1f2933"
 MUTED = "#616e7c"
@@ -52,8 +54,32 @@ def _page(title: str, doc: dict[str, Any], page: int) -> Figure:
         color=MUTED,
     )
     fig.add_artist(Line2D([0.06, 0.94], [0.937, 0.937], color="#cbd2d9", lw=0.8))
+    key = (doc.get("signing_key") or {}).get("fingerprint", "unsigned")
     foot = f"{doc['statement_id']}  ·  inputs sha256 {doc['inputs_digest'][:32]}…  ·  page {page}/3"
     fig.text(0.06, 0.02, foot, fontsize=7, color=MUTED)
+    fig.text(0.06, 0.034, f"Signed with Ed25519 key {key}", fontsize=6, color=MUTED, family="monospace")
+    if doc["provisional"]:
+        fig.text(
+            0.5,
+            0.5,
+            "PROVISIONAL",
+            fontsize=90,
+            color="#c53030",
+            alpha=0.12,
+            ha="center",
+            va="center",
+            rotation=35,
+            weight="bold",
+        )
+        fig.text(
+            0.94,
+            0.945,
+            "PROVISIONAL — not final",
+            fontsize=10,
+            color="#c53030",
+            weight="bold",
+            ha="right",
+        )
     fig.text(0.94, 0.02, "scopemeter", fontsize=7, color=MUTED, ha="right")
     return fig
 
@@ -89,7 +115,12 @@ def _summary_page(doc: dict[str, Any]) -> Figure:
     kind = "Annual" if doc["figures"].get("period_kind") == "year" else "Monthly"
     fig = _page(f"{kind} GHG emission statement (Scope 1 and 2)", doc, 1)
     period = "year" if doc["figures"].get("period_kind") == "year" else "month"
-    status = f"PROVISIONAL — {period} not complete" if doc["provisional"] else f"Final for the {period}"
+    status = (
+        f"PROVISIONAL — {period} incomplete (see notes)" if doc["provisional"] else f"Final for the {period}"
+    )
+    if doc.get("audience", "supplier") != "supplier":
+        mine = doc["allocation"][0]["customer_name"] if doc["allocation"] else doc["audience"]
+        status += f"  ·  for {mine}"
     if doc["supersedes"]:
         status += f"  ·  supersedes version {doc['supersedes']['version']}"
     fig.text(0.06, 0.915, f"Issued {doc['issued_at'][:19]}Z  ·  {status}", fontsize=8.5, color=MUTED)
@@ -155,7 +186,17 @@ def _summary_page(doc: dict[str, Any]) -> Figure:
     fuels = [[c, t(kg)] for c, kg in f["scope1_by_fuel"].items()]
     _table(fig, top, 0.03 + 0.022 * max(1, len(fuels)), "Scope 1 by fuel", ["Fuel", "t CO2e"], fuels)
     top -= 0.08 + 0.022 * max(1, len(fuels))
-    notes = []
+    notes = [f"Not final: {r}" for r in doc.get("incomplete_reasons", [])]
+    basis_names = {
+        "residual-mix": "residual-mix factor",
+        "excl-market-nonfossil": "grid factor excluding market-traded non-fossil power",
+        "location": "location-based grid factor (no residual factor published)",
+        "none": "no factor",
+    }
+    for site, bases in f.get("market_residual_basis", {}).items():
+        used = ", ".join(f"{basis_names.get(b, b)} ({kwh:,.0f} kWh)" for b, kwh in bases.items() if kwh > 0)
+        if used:
+            notes.append(f"Market-based, {site}: consumption not covered by instruments uses the {used}.")
     if f["market_fallback_sites"]:
         notes.append(
             "Market-based Scope 2 equals location-based for sites without contractual instruments: "
@@ -282,10 +323,11 @@ def _detail_page(doc: dict[str, Any]) -> Figure:
             x["instrument_id"],
             x["site_id"],
             x["kind"].upper(),
+            f"{x['claimed_mwh']:,.3f}",
             f"{x['mwh']:,.3f}",
-            f"{x['kg_co2e_per_kwh']:.4f}",
+            x.get("serials") or x["reference"],
+            x["market_boundary"],
             f"{x['period_start']}…{x['period_end']}" + (" hourly" if x["hourly"] else ""),
-            x["reference"],
         ]
         for x in f["instruments"]
     ]
@@ -293,8 +335,8 @@ def _detail_page(doc: dict[str, Any]) -> Figure:
         fig,
         top,
         0.03 + 0.022 * max(1, len(instruments)),
-        "Contractual instruments used (market-based Scope 2)",
-        ["Instrument", "Site", "Kind", "MWh", "kg CO2e/kWh", "Period", "Reference"],
+        "Contractual instruments claimed this month (market-based Scope 2)",
+        ["Instrument", "Site", "Kind", "Claimed MWh", "of MWh", "Serials / contract", "Market", "Generated"],
         instruments,
     )
     top -= 0.08 + 0.022 * max(1, len(instruments))
@@ -320,8 +362,11 @@ def _detail_page(doc: dict[str, Any]) -> Figure:
     if doc["supersedes"]:
         s = doc["supersedes"]
         rows = [
-            [c["figure"], f"{c['old']:,.3f}", f"{c['new']:,.3f}", f"{c['delta']:+,.3f}"] for c in s["changes"]
+            [c["figure"], f"{c['old']:,.3f}", f"{c['new']:,.3f}", f"{c['delta']:+,.3f}"]
+            for c in s["changes"][:12]
         ]
+        if len(s["changes"]) > 12:
+            rows.append([f"… {len(s['changes']) - 12} more (CSV and JSON list all)", "", "", ""])
         _table(
             fig,
             top,
@@ -337,9 +382,11 @@ def _detail_page(doc: dict[str, Any]) -> Figure:
         f"Inputs digest (SHA-256): {doc['inputs_digest']}",
         f"Readings: {r['count']:,} rows, SHA-256 {r['sha256']}",
         "Signature: Ed25519 over the canonical JSON statement (statement.json), which lists the SHA-256 of",
-        "this PDF and of the CSV. Check it and recompute the figures from the raw readings with",
-        f"`scopemeter statements verify statement.json`.  Statement id: {doc['statement_id']}",
+        "this PDF and of the CSV. Check the files as received with the supplier's public key:",
+        "`scopemeter statements verify --offline --public-key KEY.pub FILES… [index.json]`.",
+        f"Statement id: {doc['statement_id']}",
     ]
+    lines += data_quality.pdf_lines(doc)
     for n, line in enumerate(lines):
         fig.text(
             0.06,
@@ -422,16 +469,22 @@ def csv_text(doc: dict[str, Any]) -> str:
         row("energy", "estimated", e["estimated"], e["unit"], carrier=carrier)
     for fuel, kg in f["scope1_by_fuel"].items():
         row("scope1", "kg_co2e", kg, "kg CO2e", carrier=fuel, scope=1)
+    row("status", "provisional", int(doc["provisional"]), "1 = not final")
+    for reason in doc.get("incomplete_reasons", []):
+        row("status", "incomplete", reason, "reason")
     for x in f["instruments"]:
         row(
             "instrument",
             x["instrument_id"],
-            x["mwh"],
-            "MWh",
+            x["claimed_mwh"],
+            "MWh claimed in the month",
             site=x["site_id"],
             carrier=x["carrier"],
             scope=2,
         )
+    for site, bases in f.get("market_residual_basis", {}).items():
+        for basis, kwh in bases.items():
+            row("market_residual_basis", basis, kwh, "kWh", site=site, scope=2, method="market")
     for ln in f["lines"]:
         row(
             "site",
@@ -489,6 +542,8 @@ def csv_text(doc: dict[str, Any]) -> str:
         i = doc["intensity"]
         row("intensity", "kg_co2e_per_unit_location", i["kg_co2e_per_unit_location"], f"kg CO2e/{i['unit']}")
         row("intensity", "kg_co2e_per_unit_market", i["kg_co2e_per_unit_market"], f"kg CO2e/{i['unit']}")
+    for section, metric, value, unit, site in data_quality.csv_rows(doc):
+        row(section, metric, value, unit, site=site)
     for c in (doc["supersedes"] or {}).get("changes", []):
         row("changes", c["figure"], c["delta"], "difference vs superseded version")
     return out.getvalue()

@@ -27,7 +27,7 @@ What it does, by the Sparkplug 3.0 specification (normative ids in brackets):
   [tck-id-operational-behavior-edge-node-termination-host-action-ddeath-devices-offline,
   -devices-tags-stale].
 
-Mapping (``sparkplug.toml`` in ``SCOPEMETER_CONFIG_DIR``): each edge node is a fleet-registry
+Mapping (the fleet registry's ``[sparkplug]`` table, ``fleet.toml``): each edge node is a fleet-registry
 gateway (its site and supplier come from the registry), and named metrics of the node or one of
 its devices are a meter's quantity, with a scale (e.g. 0.001 for Wh). Numeric values of mapped
 metrics in births and data become one wire batch per message (``edge.wire``), checked exactly as
@@ -52,18 +52,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
 from google.protobuf.message import DecodeError
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from compute.config import read_toml, validate
+from compute.fleet import SparkplugMap, load_fleet
 from edge.mqtt_client import new_client
-from edge.wire import Batch, Quantity, Reading, readings_topic
+from edge.wire import Batch, Reading, readings_topic
 from ingest.admit import Refused, Registry, admit, dead_letter, load_registry
+from ingest.dlq import Reason
 from ingest.sparkplug import sparkplug_b_pb2
 from ops import metrics
 from ops.errors import UserError
@@ -75,53 +76,16 @@ pb: Any = sparkplug_b_pb2  # protoc's output builds its classes at import: untyp
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 BD_SEQ = "bdSeq"
-DECODE_REASON = "sparkplug_decode"
+DECODE_REASON = Reason.SPARKPLUG_DECODE.value
 BOOLEAN = 11  # Sparkplug DataType Boolean (sparkplug_b.proto)
 REGISTRY_REFRESH_S = 10.0
 REBIRTH_EVERY_S = 5.0
 
 
-class NodeMap(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    group: str
-    node: str
-    gateway: str  # fleet-registry gateway id
-
-
-class MetricMap(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    group: str
-    node: str
-    device: str | None = None  # None: a metric of the node itself
-    metric: str
-    meter: str
-    quantity: Quantity = Quantity.ENERGY_IMPORT_KWH
-    scale: Annotated[float, Field(gt=0)] = 1.0
-
-
-class SparkplugMap(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    nodes: list[NodeMap] = []
-    metrics: list[MetricMap] = []
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SparkplugMap:
-        nodes = [(n.group, n.node) for n in self.nodes]
-        if len(set(nodes)) != len(nodes):
-            raise ValueError("an edge node (group, node) is listed twice in [[nodes]]")
-        seen: set[tuple[str, str, str | None, str]] = set()
-        for m in self.metrics:
-            if (m.group, m.node) not in nodes:
-                raise ValueError(f"metric {m.metric!r}: edge node {m.group}/{m.node} is not in [[nodes]]")
-            key = (m.group, m.node, m.device, m.metric)
-            if key in seen:
-                raise ValueError(f"metric {m.metric!r} of {m.group}/{m.node}/{m.device} is mapped twice")
-            seen.add(key)
-        return self
-
-
 def load_map(path: Path) -> SparkplugMap:
-    return validate(SparkplugMap, read_toml(path), path, "sparkplug mapping")
+    """The ``[sparkplug]`` table of a fleet registry file (``fleet.toml``): the mapping lives with
+    the gateways and meters it names, and ``scopemeter fleet apply`` checks it the same way."""
+    return load_fleet(path).sparkplug
 
 
 @dataclass
