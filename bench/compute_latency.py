@@ -4,10 +4,13 @@ A writer thread inserts one reading per meter per batch (many sites, many meters
 advancing ``--step`` seconds per batch) into a fresh database and commits; it hands the batch's
 dirty ranges (``ingest.writer.dirty_ranges``, what the real writer publishes) to the worker loop,
 which does what ``compute.worker.run_worker`` does per poll: take everything queued, coalesce,
-``recompute_many``. Latency per batch = rollup commit time − reading commit time. Kafka is left
-out on purpose: this measures compute under load, not the broker.
+``recompute_many`` (one set-based ``recompute_set`` per poll). Latency per batch = rollup commit
+time − reading commit time. Kafka is left out on purpose: this measures compute under load, not
+the broker (``scopemeter bench pipeline`` measures the whole chain). The README table is
 
-    .venv/bin/python bench/compute_latency.py --sites 20 --meters 10 --batches 300 --interval 0.1
+    for m in 10 50 250; do   # 200, 1,000 and 5,000 meters
+        .venv/bin/python bench/compute_latency.py --sites 20 --meters $m --batches 150 --interval 0.1
+    done
 """
 
 from __future__ import annotations

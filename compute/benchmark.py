@@ -1,4 +1,6 @@
-"""``scopemeter bench compute``: the numba rollup vs. the same rollup in pandas, in one run.
+"""``scopemeter bench compute``: the numba rollup vs. the same rollup in pandas, in one run; and
+``scopemeter bench rebuild``: ``compute rebuild`` of a year of 15-minute data against raw binary
+COPY-out of the same rows, in one run.
 
 Both turn the cumulative counters of many meters into per-site 15-minute energy (total and the
 estimated part from gaps) with linear apportionment across bucket boundaries. pandas does it the
@@ -8,15 +10,23 @@ idiomatic vectorised way: ``groupby().diff()`` for deltas, one row per (interval
 
 from __future__ import annotations
 
+import statistics
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
 
 import numpy as np
 import pandas as pd
+import psycopg
+from psycopg.conninfo import make_conninfo
 
 from compute.kernels import BUCKET_MS, rollup_sites
+from ops.settings import Settings
 
 T0_MS = 1_793_000_000_000
 
@@ -149,3 +159,134 @@ def run(meters: int = 200, readings_per_meter: int = 2_880, repeat: int = 3) -> 
     numba_s = best_of(lambda: rollup_numba(f, gap), repeat)
     pandas_s = best_of(lambda: rollup_pandas(f, gap), repeat)
     return BenchResult(len(f.ts), numba_s, pandas_s)
+
+
+# --- ``scopemeter bench rebuild``: ``compute rebuild`` against raw binary COPY-out of its rows ---
+
+YEAR_15MIN: Final = 365 * 96  # 35,040 readings per meter: a year of 15-minute data
+
+
+def rebuild_fleet_toml(sites: int, meters_per_site: int) -> str:
+    parts = ['[[suppliers]]\nid = "bench"\nname = "Bench"\n']
+    for s in range(sites):
+        parts.append(
+            f'[[sites]]\nid = "s{s}"\nsupplier = "bench"\nname = "Site {s}"\n'
+            'grid_region = "CN"\ntimezone = "Asia/Shanghai"\n'
+        )
+        parts += [
+            f'[[meters]]\nid = "s{s}-m{m}"\nsite = "s{s}"\ncarrier = "electricity"\n'
+            'model = "eastron_sdm630"\n'
+            for m in range(meters_per_site)
+        ]
+    return "\n".join(parts)
+
+
+def load_year(
+    conn: psycopg.Connection[Any], dsn: str, sites: int, meters_per_site: int, readings: int
+) -> int:
+    """``readings`` 15-minute counter readings per meter (a few seconds of jitter), COPYed in."""
+    rng = np.random.default_rng(7)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    step = np.full(readings, 900.0)
+    conn.execute(
+        "SELECT scopemeter_ensure_partitions(%s, %s)", (t0, t0 + timedelta(seconds=900 * readings + 60))
+    )
+    n = 0
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY readings (meter_id, quantity, ts, value, quality, site_id, gateway_id, batch_seq)"
+            " FROM STDIN (FORMAT BINARY)"
+        ) as copy,
+    ):
+        copy.set_types(["text", "text", "timestamptz", "float8", "int4", "text", "text", "int8"])
+        for s in range(sites):
+            for m in range(meters_per_site):
+                offsets = np.cumsum(step) + rng.uniform(0, 5, readings)
+                values = 1000.0 + np.cumsum(rng.uniform(0, 50, readings))
+                mid, site = f"s{s}-m{m}", f"s{s}"
+                for off, v in zip(offsets.tolist(), values.tolist(), strict=True):
+                    copy.write_row(
+                        (mid, "energy_import_kwh", t0 + timedelta(seconds=off), v, 0, site, "gw", 0)
+                    )
+                n += readings
+    conn.commit()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("VACUUM ANALYZE readings")
+    return n
+
+
+def copy_out_seconds(conn: psycopg.Connection[Any]) -> tuple[float, int]:
+    """Binary COPY-out of the counter readings a rebuild reads, to the client: the ceiling."""
+    started = time.perf_counter()
+    size = 0
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY (SELECT meter_id, quantity, ts, value, quality FROM readings"
+            " WHERE quantity = 'energy_import_kwh') TO STDOUT (FORMAT BINARY)"
+        ) as copy,
+    ):
+        for chunk in copy:
+            size += len(chunk)
+    conn.commit()
+    return time.perf_counter() - started, size
+
+
+@dataclass(frozen=True)
+class RebuildBench:
+    readings: int
+    rebuild_s: list[float]
+    copy_out_s: list[float]
+    buckets: int
+    rollups: int
+    phases: dict[str, float]  # of the last rebuild: where its time went
+
+    @property
+    def rebuild_rate(self) -> float:
+        return self.readings / statistics.median(self.rebuild_s)
+
+    @property
+    def copy_out_rate(self) -> float:
+        return self.readings / statistics.median(self.copy_out_s)
+
+
+def run_rebuild(
+    settings: Settings,
+    *,
+    sites: int = 10,
+    meters_per_site: int = 10,
+    readings: int = YEAR_15MIN,
+    repeat: int = 3,
+) -> RebuildBench:
+    """A private database with ``sites × meters_per_site`` meters of ``readings`` each; then
+    ``repeat`` pairs of (raw COPY-out of the rows, ``recompute_all``), medians reported."""
+    from compute.factors import apply_factors
+    from compute.fleet import apply_fleet
+    from compute.recompute import Params, recompute_all
+    from ingest.db import drop_database, ensure_database, migrate
+    from ops.settings import REPO_ROOT
+
+    name = f"scopemeter_bench_rebuild_{uuid.uuid4().hex[:8]}"
+    dsn = make_conninfo(settings.db.admin_dsn, dbname=name)
+    ensure_database(dsn, settings.db.admin_dsn)
+    try:
+        migrate(dsn)
+        with tempfile.TemporaryDirectory() as tmp, psycopg.connect(dsn) as conn:
+            fleet = Path(tmp) / "fleet.toml"
+            fleet.write_text(rebuild_fleet_toml(sites, meters_per_site))
+            apply_fleet(conn, fleet)
+            apply_factors(conn, REPO_ROOT / "config" / "factors.toml")
+            n = load_year(conn, dsn, sites, meters_per_site, readings)
+            params = Params.from_settings(settings.compute)
+            rebuild_s, copy_s = [], []
+            result = None
+            for _ in range(repeat):
+                copy_s.append(copy_out_seconds(conn)[0])
+                started = time.perf_counter()
+                result = recompute_all(conn, params)
+                rebuild_s.append(time.perf_counter() - started)
+            assert result is not None and result.readings == n
+            return RebuildBench(n, rebuild_s, copy_s, result.buckets, result.rollups, result.phases)
+    finally:
+        drop_database(name, settings.db.admin_dsn)

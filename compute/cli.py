@@ -57,6 +57,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench.add_argument("--readings", type=int, default=2_880, help="readings per meter")
     bench.add_argument("--repeat", type=int, default=3, help="best of N runs each")
     bench.set_defaults(handler=_bench)
+    rebuild_bench = bench_subparsers(sub).add_parser(
+        "rebuild", help="`compute rebuild` of a year of 15-minute data vs raw COPY-out of the same rows"
+    )
+    rebuild_bench.add_argument("--sites", type=int, default=10)
+    rebuild_bench.add_argument("--meters", type=int, default=10, help="meters per site")
+    rebuild_bench.add_argument("--readings", type=int, default=35_040, help="readings per meter (a year)")
+    rebuild_bench.add_argument("--repeat", type=int, default=3, help="pairs measured; medians printed")
+    rebuild_bench.set_defaults(handler=_bench_rebuild)
 
 
 def bench_subparsers(
@@ -170,6 +178,31 @@ def _run(args: Any) -> int:
     health = metrics.Health("kafka", "db")
     metrics.serve(args.metrics_port, metrics.COMPUTE, bind=settings.metrics.bind, health=health)
     return run_service(lambda stop: run_worker(settings, stop, health=health))
+
+
+def _bench_rebuild(args: Any) -> int:
+    from compute.benchmark import run_rebuild
+    from ops.errors import UserError
+
+    if args.sites < 1 or args.meters < 1 or args.readings < 2 or args.repeat < 1:
+        raise UserError("--sites, --meters, --repeat >= 1 and --readings >= 2 are required")
+    r = run_rebuild(
+        Settings(), sites=args.sites, meters_per_site=args.meters, readings=args.readings, repeat=args.repeat
+    )
+    print(
+        f"compute rebuild of {r.readings:,} readings ({args.sites * args.meters} meters):"
+        f" {r.buckets:,} meter buckets, {r.rollups:,} site rollups; medians of {args.repeat}"
+    )
+    print(
+        f"raw binary COPY-out  {r.readings / r.copy_out_rate:7.2f} s"
+        f"  {r.copy_out_rate / 1e6:6.2f} M readings/s"
+    )
+    print(
+        f"compute rebuild      {r.readings / r.rebuild_rate:7.2f} s  {r.rebuild_rate / 1e6:6.2f} M readings/s"
+    )
+    print(f"rebuild is {r.rebuild_rate / r.copy_out_rate:.2f}x raw COPY-out (goal: >= 1 M readings/s)")
+    print("last rebuild, seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in r.phases.items()))
+    return 0
 
 
 def _rebuild(_args: Any) -> int:

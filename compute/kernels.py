@@ -243,6 +243,86 @@ def rollup_sites(
     return kwh, est
 
 
+# Interval flag bits counted per segment by ``bucket_energy_many`` (columns of its ``events``).
+EVENT_BITS: Final = (F_WRAP, F_RESET, F_REPLACED, F_DROP, F_GAP, F_ESTIMATED, F_IMPLAUSIBLE)
+EVENT_NAMES: Final = ("wraps", "resets", "replacements", "drops", "gaps", "estimated", "implausible")
+
+
+@njit(cache=True)
+def bucket_energy_many(
+    bounds: I64,
+    ts: I64,
+    value: F64,
+    quality: I64,
+    counter_max: F64,
+    max_gap_ms: I64,
+    keep_from: I64,
+    keep_to: I64,
+    bucket_ms: int,
+    max_kw: F64,
+) -> tuple[I64, I64, F64, F64, I64, I32, I64, I32]:
+    """Many counter series in ONE call (the set-based recompute): segment ``g`` is
+    ``ts[bounds[g]:bounds[g+1]]`` (sorted) with its own ``counter_max`` and ``max_gap_ms``; of its
+    buckets only those starting in ``[keep_from[g], keep_to[g])`` are returned; ``max_kw[g]`` is
+    its plausibility bound (``quarantine_intervals``).
+
+    Returns (segment, starts, kwh, kwh_estimated, measured_ms, flags) concatenated in segment
+    order, ``events[g, j]`` = intervals of segment ``g`` carrying ``EVENT_BITS[j]``, and the
+    interval flags in reading positions (interval ``i`` of segment ``g`` at ``bounds[g] + i``).
+    Each segment goes through exactly ``interval_energy``, ``quarantine_intervals`` and
+    ``apportion``, so its rows are bit-identical to ``bucket_energy`` of that segment alone."""
+    g_n = bounds.shape[0] - 1
+    sizes = np.zeros(g_n, dtype=np.int64)
+    for g in range(g_n):
+        a = bounds[g]
+        b = bounds[g + 1]
+        if b - a < 2:
+            continue
+        first = (ts[a] // bucket_ms) * bucket_ms
+        last = -((-ts[b - 1]) // bucket_ms) * bucket_ms
+        lo = max(first, keep_from[g])
+        hi = min(last, keep_to[g])
+        if hi > lo:  # bucket starts first + k * bucket_ms with lo <= start < hi
+            sizes[g] = -((first - hi) // bucket_ms) + ((first - lo) // bucket_ms)
+    total = 0
+    for g in range(g_n):
+        total += sizes[g]
+    seg = np.empty(total, dtype=np.int64)
+    starts = np.empty(total, dtype=np.int64)
+    kwh = np.empty(total, dtype=np.float64)
+    est = np.empty(total, dtype=np.float64)
+    mms = np.empty(total, dtype=np.int64)
+    flags = np.empty(total, dtype=np.int32)
+    n_events = len(EVENT_BITS)
+    events = np.zeros((g_n, n_events), dtype=np.int64)
+    iflags = np.zeros(ts.shape[0], dtype=np.int32)
+    out = 0
+    for g in range(g_n):
+        a = bounds[g]
+        b = bounds[g + 1]
+        if b - a < 2:
+            continue
+        t = ts[a:b]
+        d, f = interval_energy(t, value[a:b], quality[a:b], counter_max[g], max_gap_ms[g])
+        quarantine_intervals(t, value[a:b], d, f, max_kw[g])
+        for i in range(f.shape[0]):
+            iflags[a + i] = f[i]
+            for j in range(n_events):
+                if f[i] & EVENT_BITS[j]:
+                    events[g, j] += 1
+        s, e, x, ms, bf = apportion(t, d, f, bucket_ms)
+        for k in range(s.shape[0]):
+            if keep_from[g] <= s[k] < keep_to[g]:
+                seg[out] = g
+                starts[out] = s[k]
+                kwh[out] = e[k]
+                est[out] = x[k]
+                mms[out] = ms[k]
+                flags[out] = bf[k]
+                out += 1
+    return seg, starts, kwh, est, mms, flags, events, iflags
+
+
 class BucketEnergy(NamedTuple):
     starts: I64  # bucket start, epoch ms, multiples of bucket_ms
     kwh: F64  # energy per bucket, measured + estimated (counter units: kWh, m3, …)

@@ -41,6 +41,8 @@ missing from the registry get ``meter_energy_15m`` rows (as electricity) but no 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -50,7 +52,7 @@ import psycopg
 
 from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
-from compute.kernels import BUCKET_MS, bucket_energy, ceil_bucket, event_counts, floor_bucket
+from compute.kernels import BUCKET_MS, EVENT_NAMES, bucket_energy_many
 from compute.market import rebuild_market, recompute_market
 from compute.quarantine import record as record_quarantine
 from edge.wire import Quantity
@@ -128,31 +130,67 @@ class RecomputeResult:
     skipped: str | None = None
 
 
-_LAST_BEFORE = (
-    "SELECT ts FROM readings WHERE meter_id = %s AND quantity = %s AND ts {op} %s ORDER BY ts DESC LIMIT 1"
+# Per-connection temporary tables, emptied at every commit: the poll's windows (one per meter and
+# counter: the buckets B = [b0, b1) to rewrite and the readings [lo, hi] that determine them).
+_TEMP_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS compute_windows (i bigint PRIMARY KEY, meter_id text NOT NULL,"
+    " quantity text NOT NULL, b0 timestamptz NOT NULL, b1 timestamptz NOT NULL, lo timestamptz NOT NULL,"
+    " hi timestamptz NOT NULL) ON COMMIT DELETE ROWS"
 )
-_FIRST_AFTER = (
-    "SELECT ts FROM readings WHERE meter_id = %s AND quantity = %s AND ts {op} %s ORDER BY ts LIMIT 1"
+# One query for the whole poll: B from the neighbours of every dirty range (see the module doc),
+# then the readings just outside B that bound its intervals. Epoch-ms arithmetic as in ``to_ms``.
+_WINDOWS = f"""
+INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi)
+SELECT i, meter_id, quantity, b0, b1,
+       coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
+                 AND x.ts <= w.b0 ORDER BY x.ts DESC LIMIT 1), w.b0),
+       coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
+                 AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1)
+FROM (
+    SELECT i, meter_id, quantity,
+           to_timestamp((p_ms / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b0,
+           to_timestamp(((n_ms + {BUCKET_MS - 1}) / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b1
+    FROM (
+        SELECT r.i, r.meter_id, r.quantity,
+               floor(extract(epoch FROM coalesce(
+                   (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
+                    AND x.ts < r.t_min ORDER BY x.ts DESC LIMIT 1), r.t_min)) * 1000)::bigint AS p_ms,
+               floor(extract(epoch FROM coalesce(
+                   (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
+                    AND x.ts > r.t_max ORDER BY x.ts LIMIT 1), r.t_max)) * 1000)::bigint AS n_ms
+        FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])
+             AS r(i, meter_id, quantity, t_min, t_max)
+    ) p
+) w
+WHERE b1 > b0
+"""
+# Every reading of every window as fixed-width binary rows, unordered: numpy sorts them by window
+# and time faster than PostgreSQL does (and the rebuild's plan becomes a plain scan).
+_LOAD_WINDOWS = """
+COPY (SELECT w.i, x.ts, x.value, x.quality
+      FROM compute_windows w JOIN readings x
+        ON x.meter_id = w.meter_id AND x.quantity = w.quantity AND x.ts >= w.lo AND x.ts <= w.hi)
+TO STDOUT (FORMAT BINARY)
+"""
+# JIT compiling these plans costs more than running them (hundreds of ms per poll).
+_NO_JIT: Final = "SET LOCAL jit = off"
+_DELETE_WINDOWS = (
+    "DELETE FROM meter_energy_15m me USING compute_windows w"
+    " WHERE me.meter_id = w.meter_id AND me.bucket >= w.b0 AND me.bucket < w.b1"
 )
-_LOAD = (
-    "SELECT floor(extract(epoch FROM ts) * 1000)::bigint, value, quality FROM readings"
-    " WHERE meter_id = %s AND quantity = %s AND ts >= %s AND ts <= %s ORDER BY ts"
+_COPY_ENERGY = (
+    "COPY meter_energy_15m (meter_id, bucket, kwh, kwh_estimated, measured_ms, flags)"
+    " FROM STDIN (FORMAT BINARY)"
 )
-_LOAD_ALL = (
-    "SELECT floor(extract(epoch FROM ts) * 1000)::bigint, value, quality FROM readings"
-    " WHERE meter_id = %s AND quantity = %s ORDER BY ts"
+_SITE_RANGES = (
+    "unnest(%(sr_site)s::text[], %(sr_b0)s::timestamptz[], %(sr_b1)s::timestamptz[]) AS sr(site_id, b0, b1)"
 )
-_INSERT_ENERGY = (
-    "INSERT INTO meter_energy_15m (meter_id, bucket, kwh, kwh_estimated, measured_ms, flags)"
-    " SELECT %s, to_timestamp(b::float8 / 1000), k, e, ms, f"
-    " FROM unnest(%s::bigint[], %s::float8[], %s::float8[], %s::bigint[], %s::int[]) AS u(b, k, e, ms, f)"
-)
-# Bounds are optional: NULL means unbounded (the full rebuild).
+# All sites and buckets (the rebuild), or only the poll's merged site ranges: each (site, bucket)
+# is deleted and rebuilt once per poll.
+_DELETE_ROLLUPS_ALL = "DELETE FROM site_rollups_15m WHERE method IN ('location', 'direct')"
 _DELETE_ROLLUPS = (
-    "DELETE FROM site_rollups_15m WHERE method IN ('location', 'direct')"
-    " AND (%(site)s::text IS NULL OR site_id = %(site)s)"
-    " AND (%(b0)s::timestamptz IS NULL OR bucket >= %(b0)s)"
-    " AND (%(b1)s::timestamptz IS NULL OR bucket < %(b1)s)"
+    "DELETE FROM site_rollups_15m r USING " + _SITE_RANGES + " WHERE r.method IN ('location', 'direct')"
+    " AND r.site_id = sr.site_id AND r.bucket >= sr.b0 AND r.bucket < sr.b1"
 )
 # The one factor lookup (Scope 2: the site's region and factor series; Scope 1: its fuel series,
 # region, then country, then GLOBAL; newest vintage, then highest version). Factors applied before
@@ -176,7 +214,46 @@ FACTOR_LOOKUP: Final = """
     LIMIT 1
 """
 
-_INSERT_ROLLUPS = """
+# Site rollups, set-based in three statements over staging tables (ANALYZEd, so the planner joins
+# them by hash): (1) meter rows summed per site, bucket and activity class; (2) the factor looked
+# up once per (site, class, site-local day), not per bucket; (3) one INSERT joining them with the
+# registered meters per class (coverage) into ``site_rollups_15m``.
+_ROLLUP_TEMP_DDL: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS compute_rollup_stage (k text, site_id text, bucket timestamptz,"
+    " day date, carrier text, unit text, cv_basis text, refc text, fuel_type text, scope int, method text,"
+    " kwh float8, est float8, measured_ms bigint) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS compute_factor_days (k text, site_id text, day date, carrier text,"
+    " unit text, cv_basis text, refc text, fuel_type text, scope int, factor_id text,"
+    " kg_co2e_per_unit float8, kg_co2_per_unit float8, kg_ch4_per_unit float8,"
+    " kg_n2o_per_unit float8) ON COMMIT DELETE ROWS",
+)
+# (site, activity class) as ONE join key: the planner misjudges a join on seven columns whose
+# values repeat ('' for most) as matching one row, and would nest loops over the staged rows.
+_CLASS_KEY: Final = (
+    "concat_ws(chr(31), m.site_id, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,"
+    " m.reference_conditions, m.fuel_type, r.scope::text)"
+)
+_STAGE_ROLLUPS = """
+INSERT INTO compute_rollup_stage
+SELECT {key}, m.site_id, me.bucket, (me.bucket AT TIME ZONE s.timezone)::date, m.carrier,
+       coalesce(m.activity_unit, r.unit), m.cv_basis, m.reference_conditions, m.fuel_type, r.scope, r.method,
+       sum(me.kwh ORDER BY me.meter_id), sum(me.kwh_estimated ORDER BY me.meter_id), sum(me.measured_ms)
+FROM {source}
+JOIN sites s ON s.site_id = m.site_id
+JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
+     AS r(carrier, unit, scope, method) ON r.carrier = m.carrier
+GROUP BY m.site_id, me.bucket, s.timezone, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,
+         m.reference_conditions, m.fuel_type, r.scope, r.method
+"""
+_STAGE_FACTORS = """
+INSERT INTO compute_factor_days
+SELECT e.k, e.site_id, e.day, e.carrier, e.unit, e.cv_basis, e.refc, e.fuel_type, e.scope, f.*
+FROM (SELECT DISTINCT k, site_id, day, carrier, unit, cv_basis, refc, fuel_type, scope
+      FROM compute_rollup_stage) e
+JOIN sites s ON s.site_id = e.site_id
+LEFT JOIN LATERAL ({lookup}) f ON true
+""".format(lookup=FACTOR_LOOKUP.format(day="e.day"))
+_MERGE_ROLLUPS = f"""
 INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, activity_unit, cv_basis,
                               reference_conditions, fuel_type, kwh, kwh_estimated, coverage, kg_co2e,
                               kg_co2, kg_ch4, kg_n2o, factor_id, refusal)
@@ -191,64 +268,72 @@ SELECT e.site_id, e.bucket, e.carrier, e.scope, e.method, e.unit, e.cv_basis, e.
                   CASE WHEN e.scope = 2 THEN coalesce(s.factor_series, %(series)s)
                        ELSE coalesce(s.fuel_series, %(fuel_series)s) END, s.grid_region)
        END
-FROM (
-    SELECT m.site_id, me.bucket, m.carrier, coalesce(m.activity_unit, r.unit) AS unit,
-           m.cv_basis, m.reference_conditions AS refc, m.fuel_type, r.scope, r.method,
-           sum(me.kwh ORDER BY me.meter_id) AS kwh, sum(me.kwh_estimated ORDER BY me.meter_id) AS est,
-           sum(me.measured_ms) AS measured_ms
-    FROM meter_energy_15m me JOIN meters m USING (meter_id)
-    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
-         AS r(carrier, unit, scope, method) ON r.carrier = m.carrier
-    WHERE (%(site)s::text IS NULL OR m.site_id = %(site)s)
-      AND (%(b0)s::timestamptz IS NULL OR me.bucket >= %(b0)s)
-      AND (%(b1)s::timestamptz IS NULL OR me.bucket < %(b1)s)
-    GROUP BY m.site_id, me.bucket, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,
-             m.reference_conditions, m.fuel_type, r.scope, r.method
-) e
+FROM compute_rollup_stage e
 JOIN sites s ON s.site_id = e.site_id
-CROSS JOIN LATERAL (
-    SELECT count(*) AS meters FROM meters mm
-    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[]) AS r(carrier, unit) ON r.carrier = mm.carrier
-    WHERE mm.site_id = e.site_id AND mm.carrier = e.carrier AND coalesce(mm.activity_unit, r.unit) = e.unit
-      AND mm.cv_basis = e.cv_basis AND mm.reference_conditions = e.refc AND mm.fuel_type = e.fuel_type
-) n
-LEFT JOIN LATERAL ({lookup}) f ON true
-""".format(lookup=FACTOR_LOOKUP.format(day="(e.bucket AT TIME ZONE s.timezone)::date"))
+JOIN (
+    SELECT {_CLASS_KEY} AS k, count(*) AS meters
+    FROM meters m
+    JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[]) AS r(carrier, unit, scope)
+      ON r.carrier = m.carrier
+    GROUP BY 1
+) n ON n.k = e.k
+JOIN compute_factor_days f ON f.k = e.k AND f.day = e.day
+"""
+_ROLLUP_SOURCE_ALL = "meter_energy_15m me JOIN meters m USING (meter_id)"
+_ROLLUP_SOURCE = (
+    _SITE_RANGES + " JOIN meters m ON m.site_id = sr.site_id"
+    " JOIN meter_energy_15m me ON me.meter_id = m.meter_id AND me.bucket >= sr.b0 AND me.bucket < sr.b1"
+)
+_STAGE_ROLLUPS_ALL = _STAGE_ROLLUPS.format(source=_ROLLUP_SOURCE_ALL, key=_CLASS_KEY)
+_STAGE_ROLLUPS_SET = _STAGE_ROLLUPS.format(source=_ROLLUP_SOURCE, key=_CLASS_KEY)
 
 
-def _one(cur: psycopg.Cursor[Any], sql: str, params: tuple[Any, ...]) -> Any:
-    row = cur.execute(sql, params).fetchone()
-    return row[0] if row else None
+def _write_rollups(cur: psycopg.Cursor[Any], stage_sql: str, args: dict[str, Any]) -> int:
+    """Stage, look factors up, merge (the caller deleted the rollups being replaced)."""
+    for ddl in _ROLLUP_TEMP_DDL:
+        cur.execute(ddl)
+    cur.execute("TRUNCATE compute_rollup_stage, compute_factor_days")
+    cur.execute(stage_sql, args)
+    cur.execute("ANALYZE compute_rollup_stage")
+    cur.execute(_STAGE_FACTORS, args)
+    cur.execute("ANALYZE compute_factor_days")
+    cur.execute(_MERGE_ROLLUPS, args)
+    return cur.rowcount
+
+
+def _lock_sites(cur: psycopg.Cursor[Any], sites: list[str]) -> None:
+    """Advisory locks of the poll's sites, always taken in one order (no deadlock between workers)."""
+    keys = sorted({_site_key(cur, s) for s in sites})
+    cur.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('scopemeter.compute'), k) FROM unnest(%s::int[]) AS k",
+        (keys,),
+    )
 
 
 def lock_site(cur: psycopg.Cursor[Any], site_id: str) -> None:
     cur.execute("SELECT pg_advisory_xact_lock(hashtext('scopemeter.compute'), hashtext(%s))", (site_id,))
 
 
-def _rollup(
-    cur: psycopg.Cursor[Any], site: str | None, b0: datetime | None, b1: datetime | None, params: Params
-) -> None:
-    args = {
-        "site": site,
-        "b0": b0,
-        "b1": b1,
+def _site_key(cur: psycopg.Cursor[Any], site: str) -> int:
+    return _SITE_KEYS.get(site) or _SITE_KEYS.setdefault(site, _hashtext(cur, site))
+
+
+_SITE_KEYS: dict[str, int] = {}
+
+
+def _hashtext(cur: psycopg.Cursor[Any], text: str) -> int:
+    row = cur.execute("SELECT hashtext(%s)", (text,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _rollup_args(params: Params) -> dict[str, Any]:
+    return {
         "series": params.factor_series,
         "fuel_series": params.fuel_series,
         "bucket_ms": BUCKET_MS,
         **_RULE_COLUMNS,
     }
-    cur.execute(_DELETE_ROLLUPS, args)
-    cur.execute(_INSERT_ROLLUPS, args)
-
-
-def _load(
-    cur: psycopg.Cursor[Any], sql: str, params: tuple[Any, ...]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = cur.execute(sql, params).fetchall()
-    ts = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    value = np.fromiter((r[1] for r in rows), dtype=np.float64, count=len(rows))
-    quality = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
-    return ts, value, quality
 
 
 @dataclass(frozen=True)
@@ -266,36 +351,208 @@ class _Meter:
         return QUANTITY_OF_UNIT[self.unit]
 
 
-def _meter(cur: psycopg.Cursor[Any], meter_id: str, site_hint: str, params: Params) -> _Meter:
-    row = cur.execute(
-        "SELECT site_id, carrier, counter_max, max_gap_s, activity_unit, max_kw FROM meters"
-        " WHERE meter_id = %s",
-        (meter_id,),
-    ).fetchone()
-    if row is None:
-        return _Meter(site_hint, Carrier.ELECTRICITY.value, 0.0, round(params.max_gap_s * 1000), False, "kWh")
-    gap = row[3] if row[3] is not None else params.max_gap_s
-    unit = row[4] or METER_UNITS[Carrier(row[1])][0]
-    return _Meter(row[0], row[1], float(row[2] or 0.0), round(gap * 1000), True, unit, float(row[5] or 0.0))
+def _meters(cur: psycopg.Cursor[Any], meter_ids: list[str], params: Params) -> dict[str, _Meter]:
+    """The registry rows of all given meters in one query; unregistered ones are absent."""
+    out = {}
+    for mid, site, carrier, cmax, gap, unit, max_kw in cur.execute(
+        "SELECT meter_id, site_id, carrier, counter_max, max_gap_s, activity_unit, max_kw FROM meters"
+        " WHERE meter_id = ANY(%s)",
+        (meter_ids,),
+    ).fetchall():
+        gap = gap if gap is not None else params.max_gap_s
+        out[mid] = _Meter(
+            site,
+            carrier,
+            float(cmax or 0.0),
+            round(gap * 1000),
+            True,
+            unit or METER_UNITS[Carrier(carrier)][0],
+            float(max_kw or 0.0),
+        )
+    return out
 
 
-def _write_energy(cur: psycopg.Cursor[Any], meter_id: str, e: Any) -> None:
-    cur.execute(
-        _INSERT_ENERGY,
-        (
-            meter_id,
-            e.starts.tolist(),
-            e.kwh.tolist(),
-            e.kwh_estimated.tolist(),
-            e.measured_ms.tolist(),
-            e.flags.tolist(),
-        ),
+def _unregistered(site_hint: str, params: Params) -> _Meter:
+    return _Meter(site_hint, Carrier.ELECTRICITY.value, 0.0, round(params.max_gap_s * 1000), False, "kWh")
+
+
+# PostgreSQL binary COPY framing (protocol docs, "COPY … Binary Format"): a 19-byte header, per
+# tuple an int16 field count then (int32 length, bytes) per field, an int16 -1 trailer.
+_COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER: Final = b"\xff\xff"
+# (window bigint, ts timestamptz = int64 µs since 2000-01-01, value float8, quality int4)
+_LOADED = np.dtype(
+    [
+        ("n", ">i2"),
+        ("l0", ">i4"),
+        ("i", ">i8"),
+        ("l1", ">i4"),
+        ("ts", ">i8"),
+        ("l2", ">i4"),
+        ("v", ">f8"),
+        ("l3", ">i4"),
+        ("q", ">i4"),
+    ]
+)
+_PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds: binary timestamptz origin
+
+
+def _copy_out(cur: psycopg.Cursor[Any], sql: str) -> np.ndarray:
+    """Run a binary ``COPY (…) TO STDOUT`` of (bigint, timestamptz, float8, int4) rows into numpy."""
+    with cur.copy(sql) as copy:
+        data = b"".join(bytes(chunk) for chunk in copy)
+    if not data.startswith(_COPY_HEADER) or not data.endswith(_COPY_TRAILER):
+        raise RuntimeError("unexpected COPY BINARY framing from PostgreSQL")
+    body = data[len(_COPY_HEADER) : -len(_COPY_TRAILER)]
+    rows = np.frombuffer(body, dtype=_LOADED, count=len(body) // _LOADED.itemsize)
+    if len(body) % _LOADED.itemsize or (len(rows) and not (rows["n"] == 4).all()):
+        raise RuntimeError("COPY BINARY rows are not the expected four non-NULL columns")
+    return rows
+
+
+def _energy_copy(
+    meter_ids: list[str],
+    seg: np.ndarray,
+    starts: np.ndarray,
+    kwh: np.ndarray,
+    est: np.ndarray,
+    mms: np.ndarray,
+    flags: np.ndarray,
+) -> bytes:
+    """Binary COPY data for ``meter_energy_15m`` built with numpy, one block per meter."""
+    parts = [_COPY_HEADER]
+    cuts = np.searchsorted(seg, np.arange(len(meter_ids) + 1))
+    for g, mid in enumerate(meter_ids):
+        a, b = int(cuts[g]), int(cuts[g + 1])
+        if a == b:
+            continue
+        name = mid.encode()
+        dt = np.dtype(
+            [
+                ("n", ">i2"),
+                ("l0", ">i4"),
+                ("m", f"S{len(name)}"),
+                ("l1", ">i4"),
+                ("b", ">i8"),
+                ("l2", ">i4"),
+                ("k", ">f8"),
+                ("l3", ">i4"),
+                ("e", ">f8"),
+                ("l4", ">i4"),
+                ("ms", ">i8"),
+                ("l5", ">i4"),
+                ("f", ">i4"),
+            ]
+        )
+        block = np.empty(b - a, dtype=dt)
+        block["n"], block["l0"], block["m"] = 6, len(name), name
+        block["l1"], block["l2"], block["l3"], block["l4"], block["l5"] = 8, 8, 8, 8, 4
+        block["b"] = starts[a:b] * 1000 - _PG_EPOCH_US
+        block["k"], block["e"], block["ms"], block["f"] = kwh[a:b], est[a:b], mms[a:b], flags[a:b]
+        parts.append(block.tobytes())
+    parts.append(_COPY_TRAILER)
+    return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class _Computed:
+    loaded: np.ndarray  # readings per window
+    written: np.ndarray  # meter buckets per window
+    events: np.ndarray  # [window, EVENT_BITS]
+
+
+def _lap(phases: dict[str, float] | None, name: str, since: float) -> None:
+    if phases is not None:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - since
+
+
+def _compute_windows(
+    cur: psycopg.Cursor[Any],
+    meter_ids: list[str],
+    quantities: list[str],
+    meters: list[_Meter],
+    keep: tuple[np.ndarray, np.ndarray],
+    phases: dict[str, float] | None = None,
+    copy_sql: str = _COPY_ENERGY,
+    *,
+    whole: bool = False,
+) -> _Computed:
+    """Load every reading of the staged windows (one COPY), run ONE kernel call over all of them,
+    and COPY the meter rows into ``meter_energy_15m`` (their windows are deleted already)."""
+    t = time.perf_counter()
+    rows = _copy_out(cur, _LOAD_WINDOWS)
+    rows = rows[np.lexsort((rows["ts"], rows["i"]))]  # by window, then time (keys are unique)
+    _lap(phases, "load (COPY out)", t)
+    t = time.perf_counter()
+    g_n = len(meter_ids)
+    win = rows["i"].astype(np.int64)
+    bounds = np.searchsorted(win, np.arange(g_n + 1)).astype(np.int64)
+    ts = (rows["ts"].astype(np.int64) + _PG_EPOCH_US) // 1000  # epoch ms, floored as ``to_ms``
+    value = rows["v"].astype(np.float64)
+    max_kw = np.array([m.max_kw for m in meters], dtype=np.float64)
+    seg, starts, kwh, est, mms, flags, events, iflags = bucket_energy_many(
+        bounds,
+        ts,
+        value,
+        rows["q"].astype(np.int64),
+        np.array([m.counter_max for m in meters], dtype=np.float64),
+        np.array([m.max_gap_ms for m in meters], dtype=np.int64),
+        keep[0],
+        keep[1],
+        BUCKET_MS,
+        max_kw,
     )
+    _lap(phases, "kernel", t)
+    t = time.perf_counter()
+    for g, (mid, q) in enumerate(zip(meter_ids, quantities, strict=True)):  # compute.quarantine
+        a, b = int(bounds[g]), int(bounds[g + 1])
+        if b > a:
+            record_quarantine(
+                cur, mid, q, ts[a:b], value[a:b], iflags[a : b - 1], float(max_kw[g]), whole=whole
+            )
+    _lap(phases, "quarantine", t)
+    t = time.perf_counter()
+    with cur.copy(copy_sql) as copy:
+        copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
+    _lap(phases, "meter rows (COPY in)", t)
+    return _Computed(np.diff(bounds), np.bincount(seg, minlength=g_n), events)
+
+
+def _merge_ranges(ranges: list[tuple[str, datetime, datetime]]) -> list[tuple[str, datetime, datetime]]:
+    """Per site, overlapping or touching [b0, b1) ranges joined: each bucket appears once."""
+    out: list[tuple[str, datetime, datetime]] = []
+    for site, b0, b1 in sorted(ranges):
+        if out and out[-1][0] == site and b0 <= out[-1][2]:
+            out[-1] = (site, out[-1][1], max(out[-1][2], b1))
+        else:
+            out.append((site, b0, b1))
+    return out
 
 
 def _params(params: Params | None, factor_series: str | None) -> Params:
     params = params or Params()
     return replace(params, factor_series=factor_series) if factor_series else params
+
+
+def coalesce(ranges: Iterable[DirtyRange]) -> list[DirtyRange]:
+    """One range per (meter, quantity) spanning all given ones; first-seen order."""
+    merged: dict[tuple[str, str], DirtyRange] = {}
+    for r in ranges:
+        key = (r.meter_id, r.quantity)
+        m = merged.get(key)
+        merged[key] = (
+            r
+            if m is None
+            else DirtyRange(
+                site_id=r.site_id,
+                meter_id=r.meter_id,
+                quantity=r.quantity,
+                t_min=min(m.t_min, r.t_min),
+                t_max=max(m.t_max, r.t_max),
+                rows=m.rows + r.rows,
+            )
+        )
+    return list(merged.values())
 
 
 def recompute(
@@ -305,72 +562,118 @@ def recompute(
     *,
     factor_series: str | None = None,
 ) -> RecomputeResult:
-    """Recompute the buckets a dirty range can have changed; commits its own transaction.
+    """Recompute the buckets one dirty range can have changed; commits its own transaction.
     ``factor_series`` overrides ``params.factor_series``."""
-    params = _params(params, factor_series)
-    meter_id, q = dirty.meter_id, dirty.quantity
+    (result,) = recompute_set(conn, [dirty], _params(params, factor_series))
+    return result
+
+
+def recompute_set(
+    conn: psycopg.Connection[Any], ranges: Iterable[DirtyRange], params: Params | None = None
+) -> list[RecomputeResult]:
+    """Recompute a whole poll's dirty ranges set-based, in ONE transaction: the ranges are
+    coalesced per (meter, counter), their windows found and their readings loaded by one query
+    each, one kernel call computes every meter, meter rows are replaced by one DELETE and one
+    binary COPY, and each affected (site, bucket) is rebuilt once by one DELETE and one INSERT.
+    Returns one result per coalesced range."""
+    params = params or Params()
+    spans = coalesce(ranges)
+    if not spans:
+        return []
     with conn.transaction(), conn.cursor() as cur:
-        meter = _meter(cur, meter_id, dirty.site_id, params)
-        rule = CARRIERS[meter.carrier]
-        if meter.quantity != q:
-            return RecomputeResult(
-                meter_id,
-                meter.site_id,
-                None,
-                None,
-                registered=meter.registered,
-                skipped=f"quantity {q} is not computed for {meter.carrier} meters counting in {meter.unit}",
-            )
-        if not meter.registered:
-            log.warning("meter %s (site %s) is not in the fleet registry: no rollup", meter_id, meter.site_id)
-        lock_site(cur, meter.site_id)
-        prev = _one(cur, _LAST_BEFORE.format(op="<"), (meter_id, q, dirty.t_min))
-        nxt = _one(cur, _FIRST_AFTER.format(op=">"), (meter_id, q, dirty.t_max))
-        b0 = from_ms(floor_bucket(to_ms(prev or dirty.t_min)))
-        b1 = from_ms(ceil_bucket(to_ms(nxt or dirty.t_max)))
-        if b1 <= b0:  # a lone reading on a boundary: no interval, nothing to change
-            return RecomputeResult(
-                meter_id, meter.site_id, None, None, registered=meter.registered, skipped="no interval"
-            )
-        lo = _one(cur, _LAST_BEFORE.format(op="<="), (meter_id, q, b0)) or b0
-        hi = _one(cur, _FIRST_AFTER.format(op=">="), (meter_id, q, b1)) or b1
-        ts, value, quality = _load(cur, _LOAD, (meter_id, q, lo, hi))
-        energy = bucket_energy(
-            ts,
-            value,
-            quality,
-            counter_max=meter.counter_max,
-            max_gap_ms=meter.max_gap_ms,
-            max_kw=meter.max_kw,
-        )
-        record_quarantine(cur, meter_id, q, ts, value, energy.interval_flags, meter.max_kw)
-        keep = (energy.starts >= to_ms(b0)) & (energy.starts < to_ms(b1))
-        kept = energy._replace(
-            starts=energy.starts[keep],
-            kwh=energy.kwh[keep],
-            kwh_estimated=energy.kwh_estimated[keep],
-            measured_ms=energy.measured_ms[keep],
-            flags=energy.flags[keep],
-        )
+        cur.execute(_TEMP_DDL)
         cur.execute(
-            "DELETE FROM meter_energy_15m WHERE meter_id = %s AND bucket >= %s AND bucket < %s",
-            (meter_id, b0, b1),
-        )
-        _write_energy(cur, meter_id, kept)
-        if meter.registered:
-            _rollup(cur, meter.site_id, b0, b1, params)
-            if rule.scope == 2:
-                recompute_market(cur, meter.site_id, b0, b1)
-    return RecomputeResult(
-        meter_id,
-        meter.site_id,
-        b0,
-        b1,
-        len(ts),
-        len(kept.starts),
-        event_counts(energy.interval_flags),
-        registered=meter.registered,
-    )
+            "TRUNCATE compute_windows"
+        )  # a caller's outer transaction may hold rows of an earlier call
+        cur.execute(_NO_JIT)
+        known = _meters(cur, sorted({d.meter_id for d in spans}), params)
+        results: dict[int, RecomputeResult] = {}
+        todo: list[tuple[int, DirtyRange, _Meter]] = []
+        for k, d in enumerate(spans):
+            meter = known.get(d.meter_id) or _unregistered(d.site_id, params)
+            if meter.quantity != d.quantity:
+                results[k] = RecomputeResult(
+                    d.meter_id,
+                    meter.site_id,
+                    None,
+                    None,
+                    registered=meter.registered,
+                    skipped=f"quantity {d.quantity} is not computed for {meter.carrier} meters"
+                    f" counting in {meter.unit}",
+                )
+                continue
+            if not meter.registered:
+                log.warning(
+                    "meter %s (site %s) is not in the fleet registry: no rollup", d.meter_id, meter.site_id
+                )
+            todo.append((k, d, meter))
+        if todo:
+            _lock_sites(cur, [m.site_id for _, _, m in todo])
+            cur.execute(
+                _WINDOWS,
+                (
+                    list(range(len(todo))),
+                    [d.meter_id for _, d, _ in todo],
+                    [d.quantity for _, d, _ in todo],
+                    [d.t_min for _, d, _ in todo],
+                    [d.t_max for _, d, _ in todo],
+                ),
+            )
+            windows = {
+                int(i): (b0, b1)
+                for i, b0, b1 in cur.execute("SELECT i, b0, b1 FROM compute_windows").fetchall()
+            }
+            keep_from = np.array([to_ms(windows[g][0]) if g in windows else 0 for g in range(len(todo))])
+            keep_to = np.array([to_ms(windows[g][1]) if g in windows else 0 for g in range(len(todo))])
+            cur.execute(_DELETE_WINDOWS)
+            done = _compute_windows(
+                cur,
+                [d.meter_id for _, d, _ in todo],
+                [d.quantity for _, d, _ in todo],
+                [m for _, _, m in todo],
+                (keep_from, keep_to),
+            )
+            site_ranges = _merge_ranges(
+                [
+                    (m.site_id, *windows[g])
+                    for g, (_, _, m) in enumerate(todo)
+                    if g in windows and m.registered
+                ]
+            )
+            if site_ranges:
+                args = {
+                    **_rollup_args(params),
+                    "sr_site": [r[0] for r in site_ranges],
+                    "sr_b0": [r[1] for r in site_ranges],
+                    "sr_b1": [r[2] for r in site_ranges],
+                }
+                cur.execute(_DELETE_ROLLUPS, args)
+                _write_rollups(cur, _STAGE_ROLLUPS_SET, args)
+            scope2 = {
+                m.site_id
+                for g, (_, _, m) in enumerate(todo)
+                if g in windows and m.registered and CARRIERS[m.carrier].scope == 2
+            }
+            for site, b0, b1 in site_ranges:
+                if site in scope2:
+                    recompute_market(cur, site, b0, b1)
+            for g, (k, d, m) in enumerate(todo):
+                if g not in windows:  # a lone reading on a boundary: no interval, nothing to change
+                    results[k] = RecomputeResult(
+                        d.meter_id, m.site_id, None, None, registered=m.registered, skipped="no interval"
+                    )
+                    continue
+                results[k] = RecomputeResult(
+                    d.meter_id,
+                    m.site_id,
+                    windows[g][0],
+                    windows[g][1],
+                    int(done.loaded[g]),
+                    int(done.written[g]),
+                    dict(zip(EVENT_NAMES, (int(v) for v in done.events[g]), strict=True)),
+                    registered=m.registered,
+                )
+    return [results[k] for k in range(len(spans))]
 
 
 @dataclass(frozen=True)
@@ -379,45 +682,77 @@ class RebuildResult:
     buckets: int
     rollups: int
     events: dict[str, int]
+    readings: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per step, for the benchmark
+
+
+_NO_LIMIT: Final = np.iinfo(np.int64)
 
 
 def recompute_all(
     conn: psycopg.Connection[Any], params: Params | None = None, *, factor_series: str | None = None
 ) -> RebuildResult:
     """Rebuild both 15-minute tables from every reading, in one transaction (e.g. after the factor
-    library or the fleet registry changed). Incremental recomputes wait for it."""
+    library or the fleet registry changed). Incremental recomputes wait for it. Set-based like
+    ``recompute_set``: every reading in one binary COPY, one kernel call, one COPY of meter rows,
+    one rollup INSERT. ``meter_energy_15m`` is TRUNCATEd (rolled back with the transaction)."""
     params = _params(params, factor_series)
-    buckets = 0
-    events: dict[str, int] = {}
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
+        cur.execute(_TEMP_DDL)
+        cur.execute(
+            "TRUNCATE compute_windows"
+        )  # a caller's outer transaction may hold rows of an earlier call
+        cur.execute(_NO_JIT)
         cur.execute("LOCK TABLE meter_energy_15m, site_rollups_15m IN EXCLUSIVE MODE")
         pairs = cur.execute(
             "SELECT DISTINCT meter_id, quantity FROM readings WHERE quantity = ANY(%s) ORDER BY 1, 2",
             (sorted(set(QUANTITY_OF_UNIT.values())),),
         ).fetchall()
-        cur.execute("DELETE FROM meter_energy_15m")
+        known = _meters(cur, sorted({p[0] for p in pairs}), params)
+        chosen = [(mid, q, known.get(mid) or _unregistered("", params)) for mid, q in pairs]
+        chosen = [c for c in chosen if c[2].quantity == c[1]]
+        cur.execute(
+            "INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi)"
+            " SELECT i - 1, m, q, '-infinity', 'infinity', '-infinity', 'infinity'"
+            " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u(m, q, i)",
+            ([c[0] for c in chosen], [c[1] for c in chosen]),
+        )
+        # A bulk load into an empty table (PostgreSQL manual, "Populating a Database"): rows are
+        # COPYed with FREEZE into the table truncated in this transaction, and the primary key is
+        # built once afterwards instead of row by row. All of it rolls back with the transaction.
+        cur.execute("TRUNCATE meter_energy_15m")
         cur.execute("DELETE FROM quarantined_readings")
-        meters = 0
-        for meter_id, q in pairs:
-            meter = _meter(cur, meter_id, "", params)
-            if meter.quantity != q:
-                continue
-            ts, value, quality = _load(cur, _LOAD_ALL, (meter_id, q))
-            energy = bucket_energy(
-                ts,
-                value,
-                quality,
-                counter_max=meter.counter_max,
-                max_gap_ms=meter.max_gap_ms,
-                max_kw=meter.max_kw,
-            )
-            record_quarantine(cur, meter_id, q, ts, value, energy.interval_flags, meter.max_kw, whole=True)
-            _write_energy(cur, meter_id, energy)
-            meters += 1
-            buckets += len(energy.starts)
-            for k, v in event_counts(energy.interval_flags).items():
-                events[k] = events.get(k, 0) + v
-        _rollup(cur, None, None, None, params)
-        rollups = cur.rowcount
+        cur.execute("ALTER TABLE meter_energy_15m DROP CONSTRAINT meter_energy_15m_pkey")
+        _lap(phases, "windows", t)
+        g_n = len(chosen)
+        done = _compute_windows(
+            cur,
+            [c[0] for c in chosen],
+            [c[1] for c in chosen],
+            [c[2] for c in chosen],
+            (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
+            phases,
+            _COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)"),
+            whole=True,
+        )
+        t = time.perf_counter()
+        cur.execute("ALTER TABLE meter_energy_15m ADD PRIMARY KEY (meter_id, bucket)")
+        _lap(phases, "meter rows (primary key)", t)
+        t = time.perf_counter()
+        args = _rollup_args(params)
+        cur.execute(_DELETE_ROLLUPS_ALL)
+        rollups = _write_rollups(cur, _STAGE_ROLLUPS_ALL, args)
+        _lap(phases, "site rollups", t)
+        t = time.perf_counter()
         rebuild_market(cur)
-    return RebuildResult(meters, buckets, rollups, events)
+        _lap(phases, "market-based hours", t)
+        t = time.perf_counter()
+    _lap(phases, "commit", t)
+    events = (
+        dict(zip(EVENT_NAMES, (int(v) for v in done.events.sum(axis=0)), strict=True))
+        if g_n
+        else {n: 0 for n in EVENT_NAMES}
+    )
+    return RebuildResult(g_n, int(done.written.sum()), rollups, events, int(done.loaded.sum()), phases)

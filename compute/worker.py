@@ -1,8 +1,13 @@
 """The compute worker: Kafka ``readings.committed.v1`` → ``recompute`` → offsets committed.
 
 Each poll's dirty ranges are coalesced per (meter, quantity) into one span (recomputing the union
-covers every part), recomputed in their own DB transactions, and only then are the Kafka offsets
-committed. A crash replays ranges, and recompute is idempotent, so nothing is lost or doubled.
+covers every part) and recomputed together, set-based, in ONE DB transaction
+(``compute.recompute.recompute_set``); only then are the Kafka offsets committed.
+
+Scale-out: run several workers in the compute group. The writer keys each dirty-range record by
+site, so a site's ranges always land in one partition and each partition has one owner: sites are
+partitioned among the workers, and the per-site advisory locks keep a rebalance (two owners for a
+moment) correct. A crash replays ranges, and recompute is idempotent, so nothing is lost or doubled.
 Messages that do not decode are logged and skipped (the writer is the only producer).
 
 Metrics: ``scopemeter_kafka_consumer_lag`` for the compute group after every poll (as for the
@@ -24,7 +29,7 @@ import psycopg
 from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
-from compute.recompute import Params, RecomputeResult, recompute
+from compute.recompute import Params, RecomputeResult, coalesce, recompute_set
 from ingest.events import DirtyRange, decode_dirty
 from ops import metrics
 from ops.db_session import Reconnecting
@@ -33,27 +38,6 @@ from ops.runtime import Stopped
 from ops.settings import Settings
 
 log = logging.getLogger("scopemeter.compute.worker")
-
-
-def coalesce(ranges: Iterable[DirtyRange]) -> list[DirtyRange]:
-    """One range per (meter, quantity) spanning all given ones; first-seen order."""
-    merged: dict[tuple[str, str], DirtyRange] = {}
-    for r in ranges:
-        key = (r.meter_id, r.quantity)
-        m = merged.get(key)
-        merged[key] = (
-            r
-            if m is None
-            else DirtyRange(
-                site_id=r.site_id,
-                meter_id=r.meter_id,
-                quantity=r.quantity,
-                t_min=min(m.t_min, r.t_min),
-                t_max=max(m.t_max, r.t_max),
-                rows=m.rows + r.rows,
-            )
-        )
-    return list(merged.values())
 
 
 def decode(records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[DirtyRange]:
@@ -69,10 +53,9 @@ def decode(records: Iterable[ConsumerRecord[bytes, bytes]]) -> list[DirtyRange]:
 def recompute_many(
     conn: psycopg.Connection[Any], *, ranges: list[DirtyRange], params: Params
 ) -> list[RecomputeResult]:
-    results = []
-    for r in ranges:
-        results.append(recompute(conn, r, params))
-        metrics.COMPUTE_RANGES.inc()
+    """The whole poll in one set-based recompute (``compute.recompute.recompute_set``)."""
+    results = recompute_set(conn, ranges, params)
+    metrics.COMPUTE_RANGES.inc(len(results))
     return results
 
 

@@ -23,12 +23,12 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import groupby
 from operator import itemgetter
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 import psycopg
@@ -166,8 +166,40 @@ def _dirty(of_runs: list[Run]) -> list[DirtyRange]:
     ]
 
 
+class Store(Protocol):
+    """The seam between the writer loop and a storage engine. The loop keeps the ordering rules:
+    a batch is written (``write`` returns only after its rows are durably committed), THEN its
+    dirty ranges are published, THEN its offsets committed; a store never talks to Kafka. A second
+    engine is one module with a class like ``ReadingStore`` plus its name in ``STORES`` and in the
+    ``ingest.store`` setting (``SCOPEMETER_INGEST__STORE``)."""
+
+    # Errors that mean "the engine refuses these rows" (not an outage): the loop then writes the
+    # batch record by record and dead-letters the refused ones (reason ``db_refused``).
+    refusals: tuple[type[Exception], ...]
+
+    def write(
+        self,
+        rows: Sequence[Row],
+        attempts: int = 5,
+        *,
+        ordered: bool = False,
+        span: tuple[datetime, datetime] | None = None,
+    ) -> WriteResult:
+        """Write ``rows`` idempotently (a replayed row is counted, not inserted) and commit."""
+        ...
+
+    def ping(self) -> None:
+        """Raise when the engine is unreachable (the loop reconnects with backoff)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class ReadingStore:
-    """One DB connection that writes row batches; remembers which monthly partitions exist."""
+    """The PostgreSQL store: one DB connection that writes row batches by binary COPY; remembers
+    which monthly partitions exist."""
+
+    refusals: tuple[type[Exception], ...] = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 
     def __init__(self, dsn: str) -> None:
         self.conn = psycopg.connect(dsn, connect_timeout=10)
@@ -279,10 +311,10 @@ async def run_writer(
         fetch_max_bytes=64 * 1024 * 1024,
     )
     producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, **client_kwargs(k))
-    db: Reconnecting[ReadingStore] = Reconnecting(
-        lambda: ReadingStore(settings.db.dsn),
-        ReadingStore.close,
-        ReadingStore.ping,
+    db: Reconnecting[Store] = Reconnecting(
+        lambda: open_store(settings),
+        lambda store: store.close(),
+        lambda store: store.ping(),
         stop=stop,
         health=health,
         max_delay=settings.db.reconnect_max_s,
@@ -398,22 +430,35 @@ def prepare(records: Sequence[ConsumerRecord[bytes, bytes]]) -> Prepared:
 
 # What PostgreSQL says about the data itself (a NUL in a text, a value a column cannot hold, a
 # constraint): retrying cannot help, unlike an outage (ops.db_session retries those).
-REFUSALS: tuple[type[Exception], ...] = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+REFUSALS: tuple[type[Exception], ...] = ReadingStore.refusals
+
+# The storage engines, by the name the ``ingest.store`` setting gives.
+STORES: dict[str, Callable[[Settings], Store]] = {
+    "postgresql": lambda settings: ReadingStore(settings.db.dsn),
+}
 
 
-def _write(store: ReadingStore, *, prepared: Prepared) -> WriteResult:
+def open_store(settings: Settings) -> Store:
+    """The store the settings select (the setting's type lists the names, so a typo fails at start)."""
+    return STORES[settings.ingest.store](settings)
+
+
+def _write(store: Store, *, prepared: Prepared) -> WriteResult:
     started = time.monotonic()
     try:
         result = store.write(prepared.rows, ordered=True, span=prepared.span)
-    except REFUSALS as exc:
-        log.warning("PostgreSQL refused a batch of %d records (%s); writing them one by one",
-                    len(prepared.records), _first_line(exc))
+    except store.refusals as exc:
+        log.warning(
+            "PostgreSQL refused a batch of %d records (%s); writing them one by one",
+            len(prepared.records),
+            _first_line(exc),
+        )
         result = _write_each(store, prepared)
     metrics.WRITER_COMMIT_SECONDS.observe(time.monotonic() - started)
     return result
 
 
-def _write_each(store: ReadingStore, prepared: Prepared) -> WriteResult:
+def _write_each(store: Store, prepared: Prepared) -> WriteResult:
     """Record by record, each in its own transaction: the ones PostgreSQL refuses become dead
     letters (reason ``db_refused``) and the writer goes on; the rest are written as usual. Only
     a producer other than the bridge can write such a record, so this path is rare and may be slow."""
@@ -423,7 +468,7 @@ def _write_each(store: ReadingStore, prepared: Prepared) -> WriteResult:
         rows, _letters = decode_records([rec])
         try:
             part = store.write(rows)
-        except REFUSALS as exc:
+        except store.refusals as exc:
             value = rec.value or b""
             letter = DeadLetter.of(Reason.DB_REFUSED, _first_line(exc), f"kafka:{rec.topic}", value)
             prepared.letters.append(letter)
@@ -447,7 +492,7 @@ async def _flush(
     records: list[ConsumerRecord[bytes, bytes]],
     previous: _Flush | None,
     written: asyncio.Future[None],
-    db: Reconnecting[ReadingStore],
+    db: Reconnecting[Store],
     producer: AIOKafkaProducer,
     consumer: GroupConsumer,
     settings: Settings,

@@ -160,6 +160,8 @@ class IngestSettings(Section):
     # How often the bridge asks the DB whether the fleet registry changed (a one-row read); a batch
     # naming an unknown meter or gateway makes it ask at once (at most once a second).
     registry_refresh_s: float = Field(default=5.0, gt=0)
+    # The writer's storage engine (``ingest.writer.STORES``): a second engine adds its name here.
+    store: Literal["postgresql"] = "postgresql"
 
 
 class StackSettings(Section):

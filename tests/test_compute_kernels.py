@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from compute.kernels import (
     BUCKET_MS,
+    EVENT_NAMES,
     F_DROP,
     F_GAP,
     F_REPLACED,
@@ -18,6 +19,7 @@ from compute.kernels import (
     F_WRAP,
     HOUR_MS,
     bucket_energy,
+    bucket_energy_many,
     event_counts,
 )
 from compute.reference import bucket_energy_ref
@@ -241,3 +243,53 @@ def test_rollup_sites_equals_per_meter_kernels_and_pandas() -> None:
     broken.kwh[1, 3] += 1e-3
     with pytest.raises(AssertionError):
         check_equal(broken, ref)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(counter_series(), st.integers(-2, 8), st.integers(0, 10), st.integers(0, 3)),
+        min_size=0,
+        max_size=6,
+    )
+)
+def test_many_segments_in_one_call_equal_the_reference_per_segment(
+    segments: list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray, float, int], int, int, int]],
+) -> None:
+    """The set-based recompute's single kernel call: each segment's kept buckets are those of the
+    plain-Python reference for that segment alone, within its window (windows need not align)."""
+    ts = [s[0][0] for s in segments]
+    bounds = np.cumsum([0, *(len(t) for t in ts)]).astype(np.int64)
+    base = T_BASE // BUCKET_MS * BUCKET_MS
+    keep_from = np.array([base + a * BUCKET_MS + odd for (_, a, _, odd) in segments], dtype=np.int64)
+    keep_to = np.array(
+        [f + n * BUCKET_MS for f, (_, _, n, _) in zip(keep_from, segments, strict=True)], dtype=np.int64
+    )
+    seg, starts, kwh, est, mms, flags, events, iflags = bucket_energy_many(
+        bounds,
+        np.concatenate([np.zeros(0, np.int64), *ts]),
+        np.concatenate([np.zeros(0), *(s[0][1] for s in segments)]),
+        np.concatenate([np.zeros(0, np.int64), *(s[0][2] for s in segments)]),
+        np.array([s[0][3] for s in segments], dtype=np.float64),
+        np.array([s[0][4] for s in segments], dtype=np.int64),
+        keep_from,
+        keep_to,
+        BUCKET_MS,
+        np.zeros(len(segments)),  # no per-meter bound (tests/test_quarantine_* cover max_kw)
+    )
+    assert np.all(np.diff(seg) >= 0)
+    for g, ((t, v, q, cmax, gap), *_rest) in enumerate(segments):
+        ref = bucket_energy_ref(t.tolist(), v.tolist(), q.tolist(), counter_max=cmax, max_gap_ms=gap)
+        keep = [k for k, b in enumerate(ref.starts) if keep_from[g] <= b < keep_to[g]]
+        mine = seg == g
+        scale = float(np.abs(v).max()) if len(v) else 1.0
+        assert starts[mine].tolist() == [ref.starts[k] for k in keep]
+        assert flags[mine].tolist() == [ref.flags[k] for k in keep]
+        assert mms[mine].tolist() == [ref.measured_ms[k] for k in keep]
+        assert all(_close(a, ref.kwh[k], scale) for a, k in zip(kwh[mine].tolist(), keep, strict=True))
+        assert all(
+            _close(a, ref.kwh_estimated[k], scale) for a, k in zip(est[mine].tolist(), keep, strict=True)
+        )
+        assert iflags[bounds[g] : bounds[g] + len(ref.interval_flags)].tolist() == ref.interval_flags
+        counts = event_counts(np.array(ref.interval_flags, dtype=np.int32))
+        assert dict(zip(EVENT_NAMES, events[g].tolist(), strict=True)) == counts

@@ -12,13 +12,15 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.errors import KafkaError
 
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from compute.recompute import recompute_all
 from compute.report import site_totals
 from compute.worker import coalesce, run_worker
-from ingest.events import DirtyRange
+from ingest.events import DirtyBatch, DirtyRange
 from ingest.writer import dirty_ranges
 from ops import metrics
 from ops.procs import ManagedProcess
@@ -165,3 +167,130 @@ def test_worker_recomputes_and_commits_offsets(broker: str, compute_dsn: str) ->
 def _snapshot(dsn: str) -> Any:
     with psycopg.connect(dsn) as conn:
         return snapshot(conn)
+
+
+SCALE_SITES = 8
+
+
+def _scale_fleet() -> str:
+    parts = ['[[suppliers]]\nid = "acme"\nname = "Acme"\n']
+    for s in range(SCALE_SITES):
+        parts.append(
+            f'[[sites]]\nid = "site-{s}"\nsupplier = "acme"\nname = "Site {s}"\n'
+            'grid_region = "CN"\ntimezone = "Asia/Shanghai"\n'
+        )
+        parts += [
+            f'[[meters]]\nid = "site-{s}-m{m}"\nsite = "site-{s}"\ncarrier = "electricity"\n'
+            'model = "eastron_sdm630"\n'
+            for m in range(2)
+        ]
+    return "\n".join(parts)
+
+
+def _scale_rows() -> list[Row]:
+    rows: list[Row] = []
+    for s in range(SCALE_SITES):
+        for m in range(2):
+            for k in range(121):
+                ts = T0 + timedelta(seconds=60 * k + s + m)
+                rows.append(
+                    (
+                        f"site-{s}-m{m}",
+                        "energy_import_kwh",
+                        ts,
+                        10.0 * s + (1 + m) * k / 7,
+                        0,
+                        f"site-{s}",
+                        "gw",
+                        0,
+                    )
+                )
+    return rows
+
+
+async def _members(settings: Settings) -> list[set[int]]:
+    """The partitions the compute group's members own, as the group coordinator reports them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([settings.kafka.compute_group])
+    except KafkaError:  # the coordinator is still being elected: no members yet
+        return []
+    finally:
+        await admin.close()
+    (group,) = response.groups
+    owned = []
+    for member in group[5]:
+        assignment = ConsumerProtocolMemberAssignment.decode(member[-1]) if member[-1] else None
+        owned.append({tp.partition for tp in assignment.partitions()} if assignment else set())
+    return owned
+
+
+def _run_group(broker: str, dsn: str, workers: int, messages: list[tuple[bytes, bytes]]) -> list[set[int]]:
+    """``workers`` compute workers in one consumer group over a 4-partition topic: once each owns
+    partitions, the messages are produced; returns when every offset is committed."""
+    topic = f"committed-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        kafka=KafkaSettings(bootstrap=broker, committed_topic=topic, compute_group=f"compute-{topic}"),
+        db=DbSettings(dsn=dsn),
+    )
+
+    async def scenario() -> list[set[int]]:
+        await _create_topic(broker, topic, partitions=4)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(run_worker(settings, stop)) for _ in range(workers)]
+        deadline = time.monotonic() + 90
+        try:
+            owned: list[set[int]] = []
+            while time.monotonic() < deadline and not any(t.done() for t in tasks):
+                owned = await _members(settings)
+                if len(owned) == workers and all(owned) and set().union(*owned) == {0, 1, 2, 3}:
+                    break
+                await asyncio.sleep(0.5)
+            await _produce(broker, topic, messages)
+            while time.monotonic() < deadline and not any(t.done() for t in tasks):
+                committed = await _committed(settings, 4)
+                if sum(v or 0 for v in committed.values()) == len(messages):
+                    break
+                await asyncio.sleep(0.2)
+            return owned
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    return asyncio.run(scenario())
+
+
+def test_two_workers_in_one_group_share_sites_and_equal_one(
+    broker: str, compute_dsn: str, tmp_path: Any
+) -> None:
+    """Scale-out: the dirty ranges are keyed by site (as the writer publishes them), so each site
+    lives in one partition; two workers of one group split the partitions and their rollups are
+    exactly those of one worker, and of a clean rebuild."""
+    rows = _scale_rows()
+    (tmp_path / "fleet.toml").write_text(_scale_fleet())
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        apply_fleet(conn, tmp_path / "fleet.toml")
+        apply_factors(conn, REPO / "config" / "factors.toml")
+        insert_rows(conn, rows)
+        recompute_all(conn)
+        expected = snapshot(conn)
+    batches = [rows[i : i + 50] for i in range(0, len(rows), 50)]
+    messages = []
+    for b in batches:
+        by_site: dict[str, list[DirtyRange]] = {}
+        for d in dirty_ranges(b):
+            by_site.setdefault(d.site_id, []).append(d)
+        messages += [(s.encode(), DirtyBatch(site_id=s, ranges=r).encode()) for s, r in by_site.items()]
+
+    results = []
+    for workers in (1, 2):
+        with psycopg.connect(compute_dsn) as conn:
+            conn.execute("TRUNCATE meter_energy_15m, site_rollups_15m, site_market_1h")
+            conn.commit()
+        owned = _run_group(broker, compute_dsn, workers, messages)
+        assert len(owned) == workers and all(owned)  # every worker owns partitions
+        results.append(_snapshot(compute_dsn))
+    assert results[0] == expected
+    assert results[1] == results[0]
