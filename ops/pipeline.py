@@ -32,6 +32,7 @@ from edge.config import load_edge_config
 from ops.errors import UserError
 from ops.kafka_client import client_kwargs
 from ops.mqtt_auth import BRIDGE_USER
+from ops.procs import free_port
 from ops.settings import Settings
 from ops.stack import client_settings
 from simulators.config import load_simulation
@@ -197,6 +198,21 @@ def _wait(what: str, condition: Callable[[], bool], timeout: float, log_hint: st
         time.sleep(0.25)
 
 
+def _on_free_port(gateway_file: Path, port: int, log_dir: Path) -> Path:
+    """A copy of the demo gateway's config in ``log_dir`` whose meters use a free Modbus port (the
+    simulator is started on it), so a run never meets another program on the demo's fixed port."""
+    text = gateway_file.read_text()
+    fixed = f"port = {port}"
+    lines = text.splitlines(keepends=True)
+    hits = sum(1 for line in lines if line.strip() == fixed)
+    if not hits:
+        raise UserError(f"{gateway_file}: no meter line '{fixed}' (the simulator's port) to move")
+    free = f"port = {free_port()}"
+    copy = log_dir / gateway_file.name
+    copy.write_text("".join(line.replace(fixed, free) if line.strip() == fixed else line for line in lines))
+    return copy
+
+
 def run_pipeline(
     settings: Settings,
     *,
@@ -214,9 +230,10 @@ def run_pipeline(
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     sim_path = settings.config_dir / DEMO_SIMULATION
-    edge_path = settings.config_dir / DEMO_GATEWAY
     simulation = load_simulation(sim_path)
+    edge_path = _on_free_port(settings.config_dir / DEMO_GATEWAY, simulation.server.port, log_dir)
     gateway = load_edge_config(edge_path)
+    modbus_port = gateway.meters[0].port
     site = gateway.site
     w0 = window_start(hours)
     w1 = w0 + timedelta(hours=hours)
@@ -243,7 +260,7 @@ def run_pipeline(
             procs.append(p)
             return p
 
-        sim = start("simulator", "sim", "run", str(sim_path))
+        sim = start("simulator", "sim", "run", str(sim_path), "--port", str(modbus_port))
         bridge = start("bridge", "ingest", "bridge", "--metrics-port", "0")
         start("writer", "ingest", "writer", "--metrics-port", "0")
         start("compute", "compute", "run", "--metrics-port", "0")
