@@ -1,19 +1,22 @@
 """A batch Kafka refuses as too large becomes a bounded dead letter instead of stopping the bridge.
 
-Uses a stand-in producer: the fault (a readings topic keeping Apache Kafka's 1 MB default
-``max.message.bytes`` refusing a valid 1.3 MB batch of 10,000 readings) cannot be produced by the
-suite's broker, which accepts records of any size (checked: 12 MB accepted).
+Against the session's real Apache Kafka, both ways a record can be too large:
+- the broker refuses it: the lane's readings topic keeps Apache Kafka's default ``max.message.bytes``
+  (1,048,588 bytes) while the producer may send 8 MiB, and a valid batch of 10,000 readings is 1.3 MB;
+- the producer refuses it before sending: its ``max_request_size`` is below the batch.
+The letter lands in the real DLQ topic with the payload's digest, and the MQTT message would be acked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
-from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from edge.wire import readings_topic
 from ingest.bridge import Incoming, _produce
@@ -22,46 +25,67 @@ from ingest.registry import MeterHome, Registry, RegistryCache
 from ops.settings import Settings
 from tests.helpers import make_batch
 
-
-class StandInProducer:
-    """Refuses every readings record the way the given error says; takes dead letters."""
-
-    def __init__(self, refusal: BaseException, *, at_send: bool) -> None:
-        self.refusal, self.at_send = refusal, at_send
-        self.letters: list[DeadLetter] = []
-
-    async def send(self, topic: str, value: bytes, key: bytes, headers: Any = None) -> asyncio.Future[object]:
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        if topic == "readings.v1":
-            if self.at_send:
-                raise self.refusal
-            fut.set_exception(self.refusal)
-        else:
-            self.letters.append(DeadLetter.model_validate_json(value))
-            fut.set_result("letter stored")
-        return fut
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # Apache Kafka's message.max.bytes default (KAFKA-4203)
 
 
-@pytest.mark.parametrize(
-    ("refusal", "at_send"),
-    [(RecordTooLargeError("broker: record too large"), False), (MessageSizeTooLargeError("client"), True)],
-)
-def test_a_batch_kafka_refuses_as_too_large_is_dead_lettered(refusal: BaseException, at_send: bool) -> None:
+async def _topics(bootstrap: str, readings: str, dlq: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        limit = {"max.message.bytes": str(KAFKA_DEFAULT_MAX_MESSAGE_BYTES)}
+        await admin.create_topics([NewTopic(readings, 1, 1, topic_configs=limit), NewTopic(dlq, 1, 1)])
+    finally:
+        await admin.close()
+
+
+async def _letters(bootstrap: str, dlq: str) -> list[DeadLetter]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tp = TopicPartition(dlq, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        got: list[DeadLetter] = []
+        for _ in range(50):
+            for msgs in (await consumer.getmany(tp, timeout_ms=200)).values():
+                got += [DeadLetter.model_validate_json(m.value or b"") for m in msgs]
+            if got:
+                break
+        return got
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize("refused_by", ["broker", "producer"])
+def test_a_batch_kafka_refuses_as_too_large_is_dead_lettered(settings: Settings, refused_by: str) -> None:
     now = datetime.now(UTC)
     batch = make_batch(0, meters=100, steps=100, start=now - timedelta(hours=2), step=timedelta(seconds=30))
     payload = batch.encode()
-    assert len(payload) > 1_048_588  # past Apache Kafka's default message.max.bytes
+    assert len(payload) > KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    tag = uuid.uuid4().hex[:8]
+    topics = {"readings_topic": f"readings-big-{tag}", "dlq_topic": f"dlq-big-{tag}"}
+    kafka = settings.kafka.model_copy(update=topics)
+    s = settings.model_copy(update={"kafka": kafka})
     cache = RegistryCache("postgresql://unused@127.0.0.1:1/none", refresh_s=3600)
     meters = {f"m{i}": MeterHome(batch.site, batch.gateway) for i in range(100)}
     cache.registry = Registry(1, {batch.site: batch.supplier}, {batch.gateway: batch.site}, meters)
-    cache._checked = float("inf")  # never look at the (absent) DB
-    producer = StandInProducer(refusal, at_send=at_send)
+    cache._checked = float("inf")  # never look at the (absent) DB: the registry is given
     item = Incoming(readings_topic(batch.supplier, batch.site, batch.gateway), payload, 1, 1, 1)
+    # The broker's refusal needs a producer allowed to send the batch; the producer's, one that is not.
+    max_request = 8 * 1024 * 1024 if refused_by == "broker" else KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
-    async def scenario() -> object:
-        fut = await _produce(producer, Settings(), item, cache)  # type: ignore[arg-type]
-        return await fut
+    async def scenario() -> list[DeadLetter]:
+        await _topics(kafka.bootstrap, kafka.readings_topic, kafka.dlq_topic)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True,
+                                    max_request_size=max_request)  # fmt: skip
+        await producer.start()
+        try:
+            fut = await _produce(producer, s, item, cache)
+            await fut  # the letter's Kafka ack: from here the bridge acks the MQTT message
+        finally:
+            await producer.stop()
+        return await _letters(kafka.bootstrap, kafka.dlq_topic)
 
-    assert asyncio.run(scenario()) == "letter stored"  # the MQTT message gets acked after the letter
-    [letter] = producer.letters
+    [letter] = asyncio.run(scenario())
     assert letter.reason is Reason.TOO_LARGE and letter.payload_sha256 == hashlib.sha256(payload).hexdigest()
+    assert letter.truncated and letter.payload_bytes == len(payload)
