@@ -343,6 +343,15 @@ def test_reissue_compares_figures_and_verify_recomputes_every_figure(
         [v] = verify_statement(conn, [forged], trusted, cfg)
         assert v.status == "invalid"
         assert [d["figure"] for d in v.differences] == ["figures.daily.2026-11-07.scope2_location"]
+        # An allocation's text changed and re-signed (a basis the supplier did not configure): no
+        # number moves, yet the recompute from the configuration does not state it.
+        doc = json.loads((v2.directory / "statement.json").read_text())
+        [lenovo] = [a for a in doc["allocation"] if a["customer"] == "lenovo"]
+        lenovo["basis"] = "mass" if lenovo["basis"] != "mass" else "revenue"
+        forged.write_text(json.dumps(sign(doc, load_private_key(cfg.key_path))))
+        [v] = verify_statement(conn, [forged], trusted, cfg)
+        assert v.status == "invalid" and v.differences == []
+        assert v.problems == ["stated fields do not reproduce: allocation.lenovo.basis"]
         [ok] = verify_statement(conn, [v2.directory / "statement.json"], trusted, cfg)
         assert (ok.status, ok.differences) == ("valid", [])
         # v1 in the outbox: superseded (the outbox index), and its figures do not reproduce.

@@ -351,27 +351,30 @@ _IDENTITY = (
 )
 
 
+def _items(node: dict[str, Any] | list[Any]) -> list[tuple[str, Any]]:
+    """A container's children by key: a dict's keys, a list's elements by their identity fields."""
+    if isinstance(node, dict):
+        return [(str(k), v) for k, v in node.items()]
+    items = []
+    used: set[str] = set()
+    for n, v in enumerate(node):
+        ident = [str(v[k]) for k in _IDENTITY if isinstance(v, dict) and k in v]
+        key = "|".join(ident) if ident else str(n)
+        if key in used:  # identity fields do not tell two elements apart: keep both
+            key = f"{key}#{n}"
+        used.add(key)
+        items.append((key, v))
+    return items
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, float]:
     """Every number in ``node`` by its dotted path (list elements by their identity fields)."""
-    out: dict[str, float] = {}
     if isinstance(node, bool) or node is None or isinstance(node, str):
-        return out
+        return {}
     if isinstance(node, int | float):
         return {prefix: float(node)}
-    items: list[tuple[str, Any]]
-    if isinstance(node, dict):
-        items = [(str(k), v) for k, v in node.items()]
-    else:
-        items = []
-        used: set[str] = set()
-        for n, v in enumerate(node):
-            ident = [str(v[k]) for k in _IDENTITY if isinstance(v, dict) and k in v]
-            key = "|".join(ident) if ident else str(n)
-            if key in used:  # identity fields do not tell two elements apart: keep both
-                key = f"{key}#{n}"
-            used.add(key)
-            items.append((key, v))
-    for k, v in items:
+    out: dict[str, float] = {}
+    for k, v in _items(node):
         out.update(flatten(v, f"{prefix}.{k}" if prefix else k))
     return out
 
@@ -393,6 +396,25 @@ PER_CUSTOMER: Final = ("allocation", "cdp_sc1_1")
 
 def stated(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: doc[k] for k in STATED if k in doc}
+
+
+def texts(node: Any, prefix: str = "") -> dict[str, str | bool]:
+    """Every text and flag in ``node`` by its dotted path (list elements by their identity fields):
+    what ``flatten`` leaves out, such as an allocation's basis or Scope 3 category."""
+    if isinstance(node, bool | str):
+        return {prefix: node}
+    if not isinstance(node, dict | list):
+        return {}
+    out: dict[str, str | bool] = {}
+    for k, v in _items(node):
+        out.update(texts(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def text_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The paths of stated texts and flags that differ (or exist on one side only)."""
+    a, b = texts(stated(old)), texts(stated(new))
+    return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:

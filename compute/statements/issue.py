@@ -33,6 +33,7 @@ from compute.statements.document import (
     load_private_key,
     new_document,
     sha256_hex,
+    text_differences,
 )
 from compute.statements.figures import month_bounds, month_figures, previous_month, supplier_name
 from ops.errors import UserError
@@ -113,6 +114,7 @@ def issue_one(
         and last["provisional"] == doc["provisional"]
         and last.get("incomplete_reasons", []) == doc["incomplete_reasons"]
         and not differences(last, doc)
+        and not text_differences(last, doc)
     ):
         d = outbox.month_dir(cfg.outbox, supplier, month) / f"v{last['version']}"
         return Issued(

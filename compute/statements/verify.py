@@ -43,6 +43,7 @@ from compute.statements.document import (
     differences,
     for_customer,
     sha256_hex,
+    text_differences,
 )
 from compute.statements.figures import month_figures, previous_month
 from ingest.events import DirtyRange
@@ -233,11 +234,15 @@ def verify_statement(
         doc = json.loads(v.path.read_bytes())
         content, inputs = recomputed(conn, doc, cfg)
         v.differences = differences(doc, content)
+        texts_changed = text_differences(doc, content)
         if sha256_hex(canonical(inputs)) != doc["inputs_digest"]:
             v.status = "outdated" if v.status == "valid" else v.status
             changed = sorted(k for k in inputs if canonical(inputs[k]) != canonical(doc["inputs"].get(k)))
             v.problems.append(f"inputs changed since issue: {', '.join(changed)}")
-        elif v.differences:
+        elif v.differences or texts_changed:
             v.status = "invalid"
-            v.problems.append("the signed figures do not reproduce from the same readings")
+            if v.differences:
+                v.problems.append("the signed figures do not reproduce from the same readings")
+            if texts_changed:
+                v.problems.append(f"stated fields do not reproduce: {', '.join(texts_changed[:8])}")
     return results
