@@ -77,3 +77,25 @@ def snapshot(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list
     ).fetchall()
     conn.commit()
     return energy, rollups
+
+
+def cn_grid_factor_toml(kg_per_kwh: float, factor_id: str = "cn-grid-v1") -> str:
+    """One ``[[factors]]`` entry: a China national grid factor with every field the loader requires,
+    valid 2022-2100, CO2 only. The statement tests' fixture factor, stated once."""
+    return f"""
+[[factors]]
+id = "{factor_id}"
+publisher = "China MEE / NBS"
+series = "national-power-average"
+region = "CN"
+carrier = "electricity"
+valid_from = 2022-01-01
+valid_to = 2100-01-01
+data_year = 2022
+kg_co2_per_unit = {kg_per_kwh}
+gases = "CO2"
+gwp_set = "none"
+unit = "kWh"
+version = 1
+source = "test grid factor"
+"""

@@ -32,7 +32,7 @@ from compute.statements.config import load_statements_config
 from compute.statements.document import keygen
 from compute.statements.issue import issue_month
 from ingest.events import DirtyRange
-from tests.test_compute_support import Row, compute_dsn, insert_rows, snapshot
+from tests.test_compute_support import Row, cn_grid_factor_toml, compute_dsn, insert_rows, snapshot
 
 __all__ = ["compute_dsn"]
 
@@ -70,23 +70,7 @@ carrier = "electricity"
 model = "eastron_sdm630"
 """
 
-FACTORS = f"""
-[[factors]]
-id = "cn-grid-v1"
-publisher = "China MEE / NBS"
-series = "national-power-average"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = {FACTOR}
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test grid factor"
-"""
+FACTORS = cn_grid_factor_toml(FACTOR)
 
 
 def rows() -> list[Row]:

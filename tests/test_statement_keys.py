@@ -32,7 +32,7 @@ from compute.statements.keys import ENV_PASSPHRASE, public_key_path, retired_pub
 from ops.cli import main
 from ops.errors import UserError
 from ops.settings import REPO_ROOT, Settings
-from tests.test_compute_support import compute_dsn
+from tests.test_compute_support import cn_grid_factor_toml, compute_dsn
 
 __all__ = ["compute_dsn"]
 
@@ -133,23 +133,7 @@ carrier = "electricity"
 model = "eastron_sdm630"
 """
 
-FACTORS = """
-[[factors]]
-id = "cn-grid-v1"
-publisher = "China MEE / NBS"
-series = "national-power-average"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = 0.5
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test grid factor"
-"""
+FACTORS = cn_grid_factor_toml(0.5)
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from ingest.events import DirtyRange
 from ops.cli import main
 from ops.errors import UserError
 from ops.procs import free_port
+from tests.test_compute_support import cn_grid_factor_toml
 
 FACTOR = 0.5  # kg CO2e/kWh, the only electricity factor below
 GAS_FACTOR = 2.0
@@ -110,23 +111,7 @@ carrier = "electricity"
 model = "eastron_sdm630"
 """
 
-FACTORS = f"""
-[[factors]]
-id = "cn-grid-v1"
-publisher = "China MEE / NBS"
-series = "national-power-average"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = {FACTOR}
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test grid factor"
-
+FACTORS = cn_grid_factor_toml(FACTOR) + f"""
 [[factors]]
 id = "ng-v1"
 publisher = "IPCC"

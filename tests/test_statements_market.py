@@ -31,6 +31,7 @@ from compute.statements.figures import month_figures
 from compute.statements.issue import issue_month
 from compute.statements.verify import Verification, verify_statement
 from ingest.db import drop_database, ensure_database, migrate
+from tests.test_compute_support import cn_grid_factor_toml
 
 FACTOR = 0.5  # kg CO2e/kWh
 KW = 100.0  # the site's one meter draws this constant power
@@ -59,23 +60,7 @@ carrier = "electricity"
 model = "eastron_sdm630"
 """
 
-FACTORS = f"""
-[[factors]]
-id = "cn-grid-v1"
-publisher = "China MEE / NBS"
-series = "national-power-average"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = {FACTOR}
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test grid factor"
-"""
+FACTORS = cn_grid_factor_toml(FACTOR)
 
 INSTRUMENTS = f"""
 [[instruments]]

@@ -33,6 +33,7 @@ from compute.statements.verify import verify_offline, verify_statement
 from ingest.db import drop_database, ensure_database, migrate
 from ops.cli import main
 from ops.procs import free_port
+from tests.test_compute_support import cn_grid_factor_toml
 
 FACTOR = 0.5
 MONTH = "2026-11"
@@ -107,23 +108,7 @@ carrier = "electricity"
 model = "eastron_sdm630"
 """
 
-FACTORS = f"""
-[[factors]]
-id = "cn-grid"
-publisher = "China MEE / NBS"
-series = "national-power-average"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = {FACTOR}
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test grid factor"
-"""
+FACTORS = cn_grid_factor_toml(FACTOR, "cn-grid")
 
 KW = {"gm": 100.0, "bdrop": 50.0, "bpart": 20.0, "bzz": 10.0}
 SITE = {"gm": "g1", "bdrop": "b1", "bpart": "b1", "bzz": "b2", "bgas": "b1"}
