@@ -172,6 +172,18 @@ class SaslListener:
     users: Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """An extra SSL listener: the broker's PEM key + certificate chain in one file (``keystore``, an
+    unencrypted PKCS#8 key), the CA bundle that signs client certificates (``truststore``), and
+    whether a client must present one (mutual TLS, the way a production cluster fences clients)."""
+
+    port: int
+    keystore: Path
+    truststore: Path
+    client_auth: bool = True
+
+
 def server_properties(
     *,
     node_id: int,
@@ -182,6 +194,7 @@ def server_properties(
     data_dir: Path,
     replication: int = 1,
     sasl: SaslListener | None = None,
+    tls: TlsListener | None = None,
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """server.properties of one combined broker + controller node of a static KRaft quorum."""
@@ -218,6 +231,17 @@ def server_properties(
         props["listener.name.sasl.plain.sasl.jaas.config"] = (
             f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
         )
+    if tls is not None:
+        listeners.append(f"SSL://{host}:{tls.port}")
+        advertised.append(f"SSL://{host}:{tls.port}")
+        protocols.append("SSL:SSL")
+        props.update({
+            "listener.name.ssl.ssl.keystore.type": "PEM",
+            "listener.name.ssl.ssl.keystore.location": str(tls.keystore),
+            "listener.name.ssl.ssl.truststore.type": "PEM",
+            "listener.name.ssl.ssl.truststore.location": str(tls.truststore),
+            "listener.name.ssl.ssl.client.auth": "required" if tls.client_auth else "none",
+        })
     props["listeners"] = ",".join(listeners)
     props["advertised.listeners"] = ",".join(advertised)
     props["listener.security.protocol.map"] = ",".join(protocols)
@@ -267,6 +291,7 @@ def prepare_node(
     cluster_id: str | None = None,
     replication: int = 1,
     sasl: SaslListener | None = None,
+    tls: TlsListener | None = None,
     extra: Mapping[str, str] | None = None,
     heap: str = "512m",
     java_bin: Path | None = None,
@@ -281,7 +306,7 @@ def prepare_node(
     props = server_properties(
         node_id=node_id, host=host, port=port, controller_port=controller_port,
         voters=voters or {node_id: controller_port}, data_dir=data, replication=replication,
-        sasl=sasl, extra=extra,
+        sasl=sasl, tls=tls, extra=extra,
     )
     conf = state_dir / "server.properties"
     conf.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -315,6 +340,7 @@ def start_kafka(
     host: str = "127.0.0.1",
     controller_port: int,
     sasl: SaslListener | None = None,
+    tls: TlsListener | None = None,
     heap: str = "512m",
     java_bin: Path | None = None,
     cache_dir: Path | None = None,
@@ -322,8 +348,8 @@ def start_kafka(
 ) -> ManagedProcess:
     """Start one broker + controller on ``host:port``; its log directory stays in ``state_dir``,
     so starting again on the same directory resumes every topic, record and committed offset."""
-    node = prepare_node(port, state_dir, host=host, controller_port=controller_port, sasl=sasl, heap=heap,
-                        java_bin=java_bin, cache_dir=cache_dir)  # fmt: skip
+    node = prepare_node(port, state_dir, host=host, controller_port=controller_port, sasl=sasl, tls=tls,
+                        heap=heap, java_bin=java_bin, cache_dir=cache_dir)  # fmt: skip
     proc = launch_node(node)
     wait_listening(proc, timeout)
     return proc

@@ -301,6 +301,28 @@ async def ensure_topics_async(kafka: KafkaSettings, timeout: float = 30.0) -> li
         await admin.close()
 
 
+def kafka_answers(kafka: KafkaSettings, timeout: float = 5.0) -> bool:
+    """True when the brokers answer a metadata request made the way every client connects (TLS,
+    SASL from the settings): a secured listener does not answer the plaintext port probe."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    from ops.kafka_client import client_kwargs
+
+    async def ask() -> bool:
+        admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **client_kwargs(kafka))
+        try:
+            await asyncio.wait_for(admin.start(), timeout)
+            await asyncio.wait_for(admin.describe_cluster(), timeout)
+            return True
+        except (KafkaError, OSError, TimeoutError):
+            return False
+        finally:
+            await admin.close()
+
+    return asyncio.run(ask())
+
+
 def ensure_topics(kafka: KafkaSettings, timeout: float = 30.0) -> list[str]:
     """Sync wrapper of :func:`ensure_topics_async` (call the async one from inside an event loop)."""
     return asyncio.run(ensure_topics_async(kafka, timeout))
@@ -558,9 +580,12 @@ def status(settings: Settings | None = None) -> StackStatus:
     pieces = []
     for b in _brokers(settings):
         proc = b.running()
+        if b.name == "kafka" and settings.kafka.security_protocol != "PLAINTEXT":
+            speaks = kafka_answers(settings.kafka)
+        else:
+            speaks = b.probe(b.host, b.port) is PortState.SPEAKS
         pieces.append(PieceStatus(
-            b.name, b.host, b.port, b.probe(b.host, b.port) is PortState.SPEAKS,
-            proc.pid if proc else None, proc is not None, b.log_path,
+            b.name, b.host, b.port, speaks, proc.pid if proc else None, proc is not None, b.log_path,
         ))
     pg_host, pg_port = _pg_address(settings.db.admin_dsn)
     pieces.append(PieceStatus(

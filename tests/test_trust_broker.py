@@ -337,7 +337,7 @@ def test_a_fleet_change_reaches_the_running_broker(settings: Settings, tmp_path:
 def test_mtls_option_binds_the_certificate_to_the_user(tmp_path: Path) -> None:
     """With ``MqttTls`` the listener takes only clients with a certificate of the CA, and the CN is the
     user the same generated ACLs apply to: gw-x's certificate cannot publish as gw-y."""
-    from tests.test_edge_mqtt_tls import make_pki
+    from tests.tls_support import make_pki
 
     pki = tmp_path / "pki"
     pki.mkdir()
