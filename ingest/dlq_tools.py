@@ -32,7 +32,8 @@ from aiokafka.errors import KafkaConnectionError
 
 from ingest.admit import Refused, admit, load_registry
 from ops.errors import UserError
-from ops.settings import Settings
+from ops.kafka_client import client_kwargs
+from ops.settings import KafkaSettings, Settings
 
 UNREADABLE = "(unreadable letter)"
 
@@ -80,12 +81,13 @@ def parse_letter(partition: int, offset: int, ts_ms: int, value: bytes | None) -
         return Letter(partition, offset, ts_ms, UNREADABLE, str(exc), "", "", raw, False, len(raw))
 
 
-async def _records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+async def _records(kafka: KafkaSettings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` up to its end as of now, read without a consumer group."""
+    bootstrap = kafka.bootstrap
     # Without a group, a subscribed consumer is assigned every partition of the topic by itself.
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=bootstrap,
+        **client_kwargs(kafka),
         enable_auto_commit=False,
         group_id=None,
         auto_offset_reset="earliest",
@@ -120,7 +122,7 @@ async def _records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, byt
 
 
 def read_records(settings: Settings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    return asyncio.run(_records(settings.kafka.bootstrap, topic))
+    return asyncio.run(_records(settings.kafka, topic))
 
 
 def read_letters(
@@ -207,7 +209,7 @@ async def replay(settings: Settings, letters: list[Letter], *, dry_run: bool = F
     producer: AIOKafkaProducer | None = None
     if not dry_run:
         producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap,
+            **client_kwargs(settings.kafka),
             acks="all",
             enable_idempotence=True,
             max_request_size=settings.kafka.max_message_bytes,

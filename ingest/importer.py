@@ -60,7 +60,7 @@ from ingest.admit import Registry, load_registry
 from ingest.events import DirtyBatch, DirtyRange
 from ingest.writer import ReadingStore, Row
 from ops.errors import UserError
-from ops.settings import REPO_ROOT
+from ops.settings import REPO_ROOT, KafkaSettings
 
 PRESETS_DIR = REPO_ROOT / "config" / "import"
 CHUNK_ROWS = 5_000  # readings per DB transaction
@@ -637,14 +637,16 @@ def _dirty_ranges(rows: list[Row]) -> list[DirtyRange]:
     ]
 
 
-async def notify_compute(bootstrap: str, topic: str, dirty: list[DirtyRange]) -> int:
+async def notify_compute(kafka: KafkaSettings, topic: str, dirty: list[DirtyRange]) -> int:
     """Publish the import's dirty ranges as the writer does after a commit; returns records sent."""
     from aiokafka import AIOKafkaProducer
 
     by_site: dict[str, list[DirtyRange]] = defaultdict(list)
     for d in dirty:
         by_site[d.site_id].append(d)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    from ops.kafka_client import client_kwargs
+
+    producer = AIOKafkaProducer(**client_kwargs(kafka), acks="all")
     await producer.start()
     try:
         for site, ranges in by_site.items():

@@ -139,7 +139,7 @@ def _import(args: Any) -> int:
         out.print(f"  every rejected row: {args.rejects}")
     if r.readings_stored and not args.no_notify:
         try:
-            asyncio.run(notify_compute(settings.kafka.bootstrap, settings.kafka.committed_topic, r.dirty))
+            asyncio.run(notify_compute(settings.kafka, settings.kafka.committed_topic, r.dirty))
             out.print(f"  compute notified ({len(r.dirty)} dirty ranges on {settings.kafka.committed_topic})")
         except Exception as exc:  # the readings are stored; only the notice failed
             out.print(f"  [yellow]compute not notified ({exc}); run `scopemeter compute rebuild`[/]")

@@ -178,3 +178,49 @@ def test_stack_status_sees_a_tls_only_broker_through_the_settings(
 
     assert kafka_up(good)
     assert not kafka_up(_tls_settings(port, pki / "ca.pem", None, None))
+
+
+def test_import_notice_and_dlq_reader_use_the_security_settings(
+    tls_broker: tuple[int, Path, Path], settings: Settings
+) -> None:
+    """The tools that talk to Kafka outside the bridge and writer (the importer's dirty-range notice,
+    the DLQ reader) connect with the same TLS settings: the notice the importer sends is read back
+    by the DLQ tools' reader over the mutual-TLS listener."""
+    import datetime as dt
+
+    from ingest.dlq_tools import read_records
+    from ingest.events import DirtyBatch, DirtyRange
+    from ingest.importer import notify_compute
+
+    port, pki, _foreign = tls_broker
+    kafka = _tls_settings(port, pki / "ca.pem", pki / "writer.pem", pki / "writer.key")
+    ensure_topics(kafka, timeout=30)
+    t0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    dirty = [DirtyRange(site_id="s-tls", meter_id="m-tls", quantity="energy_import_kwh",
+                        t_min=t0, t_max=t0 + dt.timedelta(hours=1), rows=5)]
+    assert asyncio.run(notify_compute(kafka, kafka.committed_topic, dirty)) == 1
+    records = read_records(settings.model_copy(update={"kafka": kafka}), kafka.committed_topic)
+    assert [DirtyBatch.model_validate_json(r.value or b"").ranges for r in records] == [dirty]
+
+
+def test_every_kafka_client_of_the_product_takes_the_security_settings() -> None:
+    """A producer, consumer or admin client built with ``bootstrap_servers=`` alone would ignore
+    TLS and SASL and fail against a secured cluster (the Sparkplug host, the importer and the DLQ
+    tools once did): each one in the product packages is given ``**client_kwargs(...)``."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    bare = []
+    for pkg in ("edge", "ingest", "compute", "ops"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+                if name not in {"AIOKafkaProducer", "AIOKafkaConsumer", "AIOKafkaAdminClient"}:
+                    continue
+                spread = [k.value for k in node.keywords if k.arg is None]
+                if not any(isinstance(v, ast.Call) and getattr(v.func, "id", "") == "client_kwargs"
+                           for v in spread):
+                    bare.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    assert not bare, bare

@@ -68,6 +68,7 @@ from ingest.dlq import Reason
 from ingest.sparkplug import sparkplug_b_pb2
 from ops import metrics
 from ops.errors import UserError
+from ops.kafka_client import client_kwargs
 from ops.settings import Settings
 
 log = logging.getLogger("scopemeter.sparkplug")
@@ -384,7 +385,7 @@ async def run_host(
     client.on_connect, client.on_subscribe = on_connect, on_subscribe
     client.on_message, client.on_disconnect = on_message, on_disconnect
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap, acks="all", enable_idempotence=True,
+        **client_kwargs(settings.kafka), acks="all", enable_idempotence=True,
         max_request_size=settings.kafka.max_message_bytes,
     )  # fmt: skip
     await producer.start()
