@@ -67,7 +67,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     spb = sub.add_parser("sparkplug", help="Sparkplug B host application (third-party gateways)")
     ssub = spb.add_subparsers(dest="sparkplug_command", required=True, metavar="PROCESS")
     host = ssub.add_parser("host", help="subscribe spBv1.0/GROUP/#, map metrics to meters, feed Kafka")
-    host.add_argument("--group", action="append", required=True, help="Sparkplug group id (repeatable)")
+    host.add_argument(
+        "--group", action="append", default=None,
+        help="Sparkplug group id (repeatable; default: every group the mapping names)",
+    )
     host.add_argument("--host-id", default="scopemeter", help="sparkplug_host_id of the STATE topic")
     host.add_argument(
         "--mapping", type=Path, default=None,
@@ -174,7 +177,7 @@ def _dlq_replay(args: Any) -> int:
 def _sparkplug_host(args: Any) -> int:
     import json
 
-    from ingest.sparkplug.host import load_map, run_host
+    from ingest.sparkplug.host import listen_groups, load_map, run_host
     from ops import metrics
     from ops.runtime import run_service, setup_logging
 
@@ -182,14 +185,14 @@ def _sparkplug_host(args: Any) -> int:
     settings = Settings()
     # The host is a bridge for Sparkplug traffic: it counts on the bridge's registry.
     metrics.serve(args.metrics_port, metrics.BRIDGE, bind=settings.metrics.bind)
-    mapping = load_map(args.mapping or settings.config_dir / "fleet.toml")
+    source = args.mapping or settings.config_dir / "fleet.toml"
+    mapping = load_map(source)
+    groups = listen_groups(mapping, args.group, source)
 
     def ready(_host: Any) -> None:
-        print(json.dumps({"event": "sparkplug.ready", "groups": args.group}), flush=True)
+        print(json.dumps({"event": "sparkplug.ready", "groups": groups}), flush=True)
 
     async def main(stop: asyncio.Event) -> None:
-        await run_host(
-            settings, stop, groups=args.group, host_id=args.host_id, mapping=mapping, on_ready=ready
-        )
+        await run_host(settings, stop, groups=groups, host_id=args.host_id, mapping=mapping, on_ready=ready)
 
     return run_service(main)

@@ -1,6 +1,7 @@
-"""The systemd units that supervise the server processes: bridge, writer and compute restart
-forever (the services are fail-stop), use the edge unit's install paths and user, run commands the
-CLI accepts, and pass ``systemd-analyze verify`` (apart from the install path missing here)."""
+"""The systemd units that supervise the server processes: bridge, writer, compute and the Sparkplug
+host restart forever (the services are fail-stop), use the edge unit's install paths and user, run
+commands the CLI accepts, and pass ``systemd-analyze verify`` (apart from the install path missing
+here)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ SERVER = {  # unit → (command, the handler it runs, metrics port)
     "scopemeter-bridge.service": ("ingest", "ingest.cli._bridge", 9101),
     "scopemeter-writer.service": ("ingest", "ingest.cli._writer", 9102),
     "scopemeter-compute.service": ("compute", "compute.cli._run", 9103),
+    "scopemeter-sparkplug.service": ("sparkplug", "ingest.tools_cli._sparkplug_host", 9104),
 }
 
 

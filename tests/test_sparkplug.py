@@ -446,3 +446,21 @@ def test_mapping_errors_name_the_file_and_entry(tmp_path: Path) -> None:
     path.write_text(fleet + node + metric.format(node="n", meter="x"))
     with pytest.raises(ConfigError, match=r"fleet.toml: \[sparkplug\] metric 'E': unknown meter 'x'"):
         load_map(path)
+
+
+def test_host_listens_for_the_mapped_groups_unless_told(tmp_path: Path) -> None:
+    """The systemd unit starts the host without --group: it listens for every group fleet.toml maps,
+    and a registry that maps none is refused, naming the file."""
+    from ingest.sparkplug.host import listen_groups
+    from ops.errors import UserError
+
+    nodes = SparkplugMap.model_validate({"nodes": [
+        {"group": "plant-b", "node": "n1", "gateway": "gw1"},
+        {"group": "plant-a", "node": "n2", "gateway": "gw2"},
+        {"group": "plant-b", "node": "n3", "gateway": "gw3"},
+    ]})  # fmt: skip
+    source = tmp_path / "fleet.toml"
+    assert listen_groups(nodes, None, source) == ["plant-a", "plant-b"]
+    assert listen_groups(nodes, ["plant-c"], source) == ["plant-c"]
+    with pytest.raises(UserError, match=r"fleet.toml: no \[\[sparkplug.nodes\]\]"):
+        listen_groups(SparkplugMap(), None, source)

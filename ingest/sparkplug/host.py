@@ -89,6 +89,15 @@ def load_map(path: Path) -> SparkplugMap:
     return load_fleet(path).sparkplug
 
 
+def listen_groups(mapping: SparkplugMap, given: list[str] | None, source: Path) -> list[str]:
+    """The Sparkplug groups to subscribe: those given, else every group the mapping's nodes name
+    (so a supervised host needs no arguments and follows ``fleet.toml``)."""
+    groups = given or sorted({n.group for n in mapping.nodes})
+    if not groups:
+        raise UserError(f"{source}: no [[sparkplug.nodes]] to listen for, and no --group given")
+    return groups
+
+
 @dataclass
 class Device:
     online: bool = True
