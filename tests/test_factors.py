@@ -3,13 +3,14 @@ and the shipped values equal the publishers' figures (typed here from the publis
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from compute.config import ConfigError
-from compute.factors import apply_factors, load_factors
+from compute.factors import Factor, apply_factors, load_factors
 from compute.recompute import FACTOR_LOOKUP
 from tests.test_compute_support import REPO, compute_dsn, reset
 
@@ -115,7 +116,7 @@ def test_repo_library_loads() -> None:
 )
 def test_bad_entry_named_in_error(tmp_path: Path, changes: dict[str, object], message: str) -> None:
     # Two comment lines first: the error must give the line of the entry's [[factors]] header.
-    path = write(tmp_path, "# library\n# of factors\n", entry(**changes))
+    path = write(tmp_path, "# library\n# of factors\n", entry(BASE, **changes))
     with pytest.raises(ConfigError, match=message) as err:
         load_factors(path)
     assert str(path) in str(err.value)
@@ -315,8 +316,8 @@ DESNZ = {
 
 
 def test_desnz_values_and_gwp_sets_are_the_published_ones() -> None:
-    lib = {
-        (f.data_year, f.carrier.value, f.unit, f.cv_basis or "", f.fuel_type): f
+    lib: dict[tuple[int, str, str, str, str], Factor] = {
+        (f.data_year, f.carrier.value, f.unit, str(f.cv_basis or ""), f.fuel_type): f
         for f in load_factors(LIBRARY)
         if f.publisher == "UK DESNZ"
     }
@@ -330,9 +331,52 @@ def test_desnz_values_and_gwp_sets_are_the_published_ones() -> None:
     assert lib[(2024, "coal", "kg", "net", "domestic")].kg_co2e_per_unit == pytest.approx(2.90495234)
     # Per-gas: DESNZ 2022 natural gas per m3 is CO2 2.01193 + CH4 0.00274 + N2O 0.00107 kg CO2e (AR4).
     m3 = lib[(2022, "natural_gas", "m3", "net", "")]
+    assert m3.kg_ch4_per_unit is not None and m3.kg_n2o_per_unit is not None
     assert (m3.kg_co2_per_unit, m3.kg_ch4_per_unit * 25, m3.kg_n2o_per_unit * 298) == pytest.approx(
         (2.01193, 0.00274, 0.00107)
     )
+
+
+# DESNZ 2025 flat file v1 and 2026 flat file v1.2, 'Factors by Category', as published (kg CO2e per
+# unit: total, CO2, CH4, N2O parts): (year, carrier, unit, basis, fuel type) -> values.
+DESNZ_2025_2026 = {
+    (2025, "electricity", "kWh", "", ""): (0.17700, 0.17489, 0.00090, 0.00122),  # 7_400_4000_5
+    (2025, "heat", "kWh", "", ""): (0.17529, 0.17355, 0.00122, 0.00052),  # 10_401_4003_5
+    (2025, "natural_gas", "kWh", "gross", ""): (0.18296, 0.18259, 0.00028, 0.00009),  # 1_100_1004_6
+    (2025, "natural_gas", "m3", "net", ""): (2.06672, 2.06270, 0.00307, 0.00095),  # 1_100_1004_1
+    (2025, "coal", "kg", "net", "industrial"): (2.39528994, 2.37072, 0.0076384, 0.01693154),  # per t / 1000
+    (2026, "electricity", "kWh", "", ""): (0.13096, 0.12943, 0.00067, 0.00086),
+    (2026, "natural_gas", "kWh", "gross", ""): (0.18231, 0.18194, 0.00028, 0.00009),
+    (2026, "natural_gas", "kWh", "net", ""): (0.20199, 0.20158, 0.00031, 0.00010),
+    (2026, "diesel", "l", "net", ""): (2.66155, 2.62818, 0.00029, 0.03308),
+}
+
+
+def test_desnz_2025_and_2026_are_the_published_ones_and_chain_to_2027() -> None:
+    """The per-gas parts are published as kg CO2e and stored as kg of gas under AR5 (CH4 28, N2O
+    265); 2024 ends where 2025 begins, 2025 where 2026 begins, and 2026 ends at 2027-01-01."""
+    lib: dict[tuple[int, str, str, str, str], Factor] = {
+        (f.data_year, f.carrier.value, f.unit, str(f.cv_basis or ""), f.fuel_type): f
+        for f in load_factors(LIBRARY)
+        if f.publisher == "UK DESNZ"
+    }
+    for key, (co2e, co2, ch4, n2o) in DESNZ_2025_2026.items():
+        f = lib[key]
+        assert f.kg_ch4_per_unit is not None and f.kg_n2o_per_unit is not None, key
+        got = (f.kg_co2e_per_unit, f.kg_co2_per_unit, f.kg_ch4_per_unit * 28, f.kg_n2o_per_unit * 265)
+        assert got == pytest.approx((co2e, co2, ch4, n2o), abs=6e-6), key
+        assert (f.gwp_set, f.gases, f.region) == ("AR5", "CO2e", "GB"), key
+    # Same 17 carriers/rows in every year from 2024 on.
+    per_year = {y: {k[1:] for k in lib if k[0] == y} for y in (2024, 2025, 2026)}
+    assert per_year[2025] == per_year[2024] == per_year[2026] and len(per_year[2025]) == 17
+    gas = {y: lib[(y, "natural_gas", "kWh", "gross", "")] for y in (2024, 2025, 2026)}
+    assert [(g.valid_from, g.valid_to) for g in gas.values()] == [
+        (date(2024, 1, 1), date(2025, 1, 1)),
+        (date(2025, 1, 1), date(2026, 1, 1)),
+        (date(2026, 1, 1), date(2027, 1, 1)),
+    ]
+    # 2025 was read from the publisher's workbook; 2026 only from a transcription of it.
+    assert "UNVERIFIED" not in gas[2025].source and "UNVERIFIED" in gas[2026].source
 
 
 def test_no_mixed_source_gas_factor_for_the_uk() -> None:
