@@ -259,8 +259,8 @@ def test_repo_library_applies_with_its_metadata(compute_dsn: str) -> None:
         assert row == ("CO2e", "AR4", "net", "15C-101.325kPa", "kWh (net CV) per m3")
 
 
-# The publishers' figures, typed from their documents (not read from the library):
-# MEE/NBS 2023 announcement (kgCO2/kWh), as reported by Guangming Daily / China Electric Power News.
+# The publishers' figures, typed from their documents (not read from the library): MEE/NBS 2023
+# announcement (公告2025年第47号), attachment "2023年电力二氧化碳排放因子", Tables 1, 2, 4, 5, kgCO2/kWh.
 CN_2023 = {
     ("national-power-average", "CN"): 0.5306,
     ("national-power-average-excl-market-nonfossil", "CN"): 0.6096,
@@ -273,15 +273,39 @@ CN_2023 = {
     ("national-power-average", "CN-South"): 0.4042,
     ("national-power-average", "CN-Southwest"): 0.2472,
 }
+# Table 3 of the same attachment (provincial averages, 30 provinces; Tibet is not published), by
+# ISO 3166-2 code.
+CN_2023_PROVINCES = {
+    "CN-BJ": 0.5554, "CN-TJ": 0.6796, "CN-HE": 0.6516, "CN-SX": 0.6634, "CN-NM": 0.6479,
+    "CN-LN": 0.4878, "CN-JL": 0.4671, "CN-HL": 0.5229, "CN-SH": 0.5737, "CN-JS": 0.5827,
+    "CN-ZJ": 0.4974, "CN-AH": 0.6553, "CN-FJ": 0.4211, "CN-JX": 0.5836, "CN-SD": 0.6191,
+    "CN-HA": 0.5897, "CN-HB": 0.4044, "CN-HN": 0.4976, "CN-GD": 0.4419, "CN-GX": 0.4476,
+    "CN-HI": 0.3648, "CN-CQ": 0.5581, "CN-SC": 0.1564, "CN-GZ": 0.5683, "CN-YN": 0.1333,
+    "CN-SN": 0.6335, "CN-GS": 0.4471, "CN-QH": 0.1796, "CN-NX": 0.6187, "CN-XJ": 0.6021,
+}  # fmt: skip
+# 2021 (公告2024年第12号) and 2022 (公告2024年第33号), as given by the transcriptions the library cites
+# (their attachments were not found, so these stay UNVERIFIED): a sample per table.
+CN_2021_2022 = {
+    (2021, "national-power-average", "CN-North"): 0.7120,
+    (2021, "national-power-average", "CN-Southwest"): 0.2113,
+    (2021, "national-power-average", "CN-HE"): 0.7901,
+    (2021, "national-power-average", "CN-YN"): 0.1235,
+    (2021, "national-fossil-power", "CN"): 0.8426,
+    (2022, "national-power-average", "CN-South"): 0.3869,
+    (2022, "national-power-average", "CN-GD"): 0.4403,
+    (2022, "national-power-average", "CN-YN"): 0.1073,
+    (2022, "national-power-average", "CN-SC"): 0.1404,
+    (2022, "national-fossil-power", "CN"): 0.8325,
+    (2022, "national-power-average-excl-market-nonfossil", "CN"): 0.5856,
+}
 
 
 def test_china_2023_series_is_the_published_one() -> None:
-    got = {
-        (f.series, f.region): f.kg_co2e_per_unit
-        for f in load_factors(LIBRARY)
-        if f.publisher == "China MEE / NBS" and f.data_year == 2023
-    }
-    assert got == CN_2023
+    lib = [f for f in load_factors(LIBRARY) if f.publisher == "China MEE / NBS" and f.data_year == 2023]
+    got = {(f.series, f.region): f.kg_co2e_per_unit for f in lib}
+    assert got == CN_2023 | {("national-power-average", r): v for r, v in CN_2023_PROVINCES.items()}
+    # All 2023 values were checked against the attachment itself.
+    assert not [f.id for f in lib if "UNVERIFIED" in f.source]
     # 2023 and later activity at a national-average site must use 2023, not 2022 (0.5366).
     national = {
         f.data_year: f
@@ -293,6 +317,55 @@ def test_china_2023_series_is_the_published_one() -> None:
         national[2023].valid_from,
     )
     assert all(f.gases == "CO2" and f.gwp_set == "none" for f in national.values())
+
+
+def test_china_2021_2022_regions_and_provinces_chain_into_2023() -> None:
+    """Every region and province has 2021, 2022 and 2023 (the newest version of 2022 ends where 2023
+    begins); values not read from the publisher's attachment say UNVERIFIED."""
+    cn = [f for f in load_factors(LIBRARY) if f.publisher == "China MEE / NBS"]
+    newest: dict[tuple[str, str, int], Factor] = {}
+    for f in sorted(cn, key=lambda f: f.version):
+        newest[(f.series, f.region, f.data_year)] = f
+    for (year, series, region), value in CN_2021_2022.items():
+        f = newest[(series, region, year)]
+        assert f.kg_co2_per_unit == value, (year, region)
+        assert "UNVERIFIED" in f.source
+    regions = [
+        f"CN-{g}" for g in ("North", "Northeast", "East", "Central", "Northwest", "South", "Southwest")
+    ]
+    for region in [*regions, *CN_2023_PROVINCES]:
+        years = [newest[("national-power-average", region, y)] for y in (2021, 2022, 2023)]
+        assert [(f.valid_from, f.valid_to) for f in years] == [
+            (date(2021, 1, 1), date(2022, 1, 1)),
+            (date(2022, 1, 1), date(2023, 1, 1)),
+            (date(2023, 1, 1), date(2027, 1, 1)),
+        ], region
+    assert newest[("national-power-average", "CN-YN", 2022)].version == 3
+    assert all("UNVERIFIED" in f.source for f in cn if f.data_year in (2021, 2022))
+
+
+def test_a_yunnan_site_gets_its_provinces_factor_of_the_year(compute_dsn: str) -> None:
+    """The 2022 Yunnan factor applied before 2023 was added (v2, valid to 2027) is still in the
+    database; the lookup must give 2023's value (0.1333) for 2024 activity and v3 for 2022."""
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        apply_factors(conn, LIBRARY)
+        lookup = (
+            "SELECT f.factor_id, f.kg_co2e_per_unit FROM (SELECT 'electricity'::text AS carrier,"
+            " 'kWh'::text AS unit, ''::text AS cv_basis, ''::text AS refc, ''::text AS fuel_type,"
+            " 2 AS scope) e, (SELECT 'CN-YN'::text AS grid_region, NULL::text AS factor_series,"
+            " NULL::text AS fuel_series) s,"
+            " LATERAL ({}) f"
+        )
+        sql = lookup.format(FACTOR_LOOKUP.format(day="%(day)s::date"))
+        args = {"series": "national-power-average", "fuel_series": "ipcc-2006-default"}
+        for day, expected in (
+            ("2021-06-01", ("cn-mee-stat-2021-yunnan-v1", 0.1235)),
+            ("2022-06-01", ("cn-mee-stat-2022-yunnan-v3", 0.1073)),
+            ("2024-06-01", ("cn-mee-stat-2023-yunnan-v1", 0.1333)),
+        ):
+            assert conn.execute(sql, {**args, "day": day}).fetchone() == expected
+        assert conn.execute(sql, {**args, "day": "2027-06-01"}).fetchone() is None
 
 
 # DESNZ/BEIS flat files, 'Factors by Category' (kg CO2e per unit): (year, carrier, unit, basis) → value.
