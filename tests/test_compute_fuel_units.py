@@ -198,9 +198,36 @@ def test_uk_site_without_desnz_fuel_series_is_refused_not_given_a_china_ncv(conn
     assert "natural_gas per m3 at 15C-101.325kPa in series 'ipcc-2006-default'" in refusals[0]
 
 
+def test_uk_activity_in_2025_and_2026_uses_that_years_desnz_set(conn: Any) -> None:
+    """Until issue 14 item 3, UK activity from 2025 was refused (no DESNZ 2025 set). DESNZ 2025 flat
+    file, natural gas kWh (Gross CV): 0.18296 kg CO2e = CO2 0.18259 + CH4 0.00028 + N2O 0.00009 kg
+    CO2e; DESNZ 2026 (v1.2) kWh (Net CV): 0.20199 kg CO2e = CO2 0.20158 + CH4 0.00031 + N2O 0.0001."""
+    run(
+        conn, readings("gas-gross", "uk", "energy_import_kwh", datetime(2025, 2, 3, 10, tzinfo=UTC), 10_000.0)
+    )
+    run(conn, readings("gas-net", "uk", "energy_import_kwh", datetime(2026, 2, 3, 10, tzinfo=UTC), 10_000.0))
+    got = {r[1]: r for r in totals(conn, "uk", "natural_gas")}
+    _, _, kwh, kg, co2, ch4, n2o, fids, refusals = got["gross"]
+    assert (kwh, fids, refusals) == (
+        pytest.approx(10_000.0),
+        ["gb-desnz-2025-natural-gas-kwh-gross-v1"],
+        [None],
+    )
+    assert (kg, co2, ch4, n2o) == pytest.approx(
+        (1_829.6, 1_825.9, 10_000 * 0.00028 / 28, 10_000 * 0.00009 / 265)
+    )
+    _, _, kwh, kg, co2, *_, fids, refusals = got["net"]
+    assert (kwh, fids, refusals) == (
+        pytest.approx(10_000.0),
+        ["gb-desnz-2026-natural-gas-kwh-net-v1"],
+        [None],
+    )
+    assert (kg, co2) == pytest.approx((2_019.9, 2_015.8))
+
+
 def test_activity_after_the_newest_vintage_is_refused(conn: Any) -> None:
-    """The DESNZ 2025 set is not in the library: 2025 gas gets no 2024 factor by default."""
-    run(conn, readings("gas-gross", "uk", "energy_import_kwh", datetime(2025, 2, 3, 10, tzinfo=UTC), 10.0))
+    """The newest DESNZ set (2026) is valid to 2027-01-01: 2027 gas gets no 2026 factor by default."""
+    run(conn, readings("gas-gross", "uk", "energy_import_kwh", datetime(2027, 2, 3, 10, tzinfo=UTC), 10.0))
     [(*_, kg, _co2, _ch4, _n2o, fids, refusals)] = totals(conn, "uk", "natural_gas")
     assert (kg, fids) == (None, [None]) and refusals[0]
 

@@ -3,13 +3,14 @@ and the shipped values equal the publishers' figures (typed here from the publis
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from compute.config import ConfigError
-from compute.factors import apply_factors, load_factors
+from compute.factors import Factor, apply_factors, load_factors
 from compute.recompute import FACTOR_LOOKUP
 from tests.test_compute_support import REPO, compute_dsn, reset
 
@@ -115,7 +116,7 @@ def test_repo_library_loads() -> None:
 )
 def test_bad_entry_named_in_error(tmp_path: Path, changes: dict[str, object], message: str) -> None:
     # Two comment lines first: the error must give the line of the entry's [[factors]] header.
-    path = write(tmp_path, "# library\n# of factors\n", entry(**changes))
+    path = write(tmp_path, "# library\n# of factors\n", entry(BASE, **changes))
     with pytest.raises(ConfigError, match=message) as err:
         load_factors(path)
     assert str(path) in str(err.value)
@@ -258,8 +259,8 @@ def test_repo_library_applies_with_its_metadata(compute_dsn: str) -> None:
         assert row == ("CO2e", "AR4", "net", "15C-101.325kPa", "kWh (net CV) per m3")
 
 
-# The publishers' figures, typed from their documents (not read from the library):
-# MEE/NBS 2023 announcement (kgCO2/kWh), as reported by Guangming Daily / China Electric Power News.
+# The publishers' figures, typed from their documents (not read from the library): MEE/NBS 2023
+# announcement (公告2025年第47号), attachment "2023年电力二氧化碳排放因子", Tables 1, 2, 4, 5, kgCO2/kWh.
 CN_2023 = {
     ("national-power-average", "CN"): 0.5306,
     ("national-power-average-excl-market-nonfossil", "CN"): 0.6096,
@@ -272,15 +273,39 @@ CN_2023 = {
     ("national-power-average", "CN-South"): 0.4042,
     ("national-power-average", "CN-Southwest"): 0.2472,
 }
+# Table 3 of the same attachment (provincial averages, 30 provinces; Tibet is not published), by
+# ISO 3166-2 code.
+CN_2023_PROVINCES = {
+    "CN-BJ": 0.5554, "CN-TJ": 0.6796, "CN-HE": 0.6516, "CN-SX": 0.6634, "CN-NM": 0.6479,
+    "CN-LN": 0.4878, "CN-JL": 0.4671, "CN-HL": 0.5229, "CN-SH": 0.5737, "CN-JS": 0.5827,
+    "CN-ZJ": 0.4974, "CN-AH": 0.6553, "CN-FJ": 0.4211, "CN-JX": 0.5836, "CN-SD": 0.6191,
+    "CN-HA": 0.5897, "CN-HB": 0.4044, "CN-HN": 0.4976, "CN-GD": 0.4419, "CN-GX": 0.4476,
+    "CN-HI": 0.3648, "CN-CQ": 0.5581, "CN-SC": 0.1564, "CN-GZ": 0.5683, "CN-YN": 0.1333,
+    "CN-SN": 0.6335, "CN-GS": 0.4471, "CN-QH": 0.1796, "CN-NX": 0.6187, "CN-XJ": 0.6021,
+}  # fmt: skip
+# 2021 (公告2024年第12号) and 2022 (公告2024年第33号), as given by the transcriptions the library cites
+# (their attachments were not found, so these stay UNVERIFIED): a sample per table.
+CN_2021_2022 = {
+    (2021, "national-power-average", "CN-North"): 0.7120,
+    (2021, "national-power-average", "CN-Southwest"): 0.2113,
+    (2021, "national-power-average", "CN-HE"): 0.7901,
+    (2021, "national-power-average", "CN-YN"): 0.1235,
+    (2021, "national-fossil-power", "CN"): 0.8426,
+    (2022, "national-power-average", "CN-South"): 0.3869,
+    (2022, "national-power-average", "CN-GD"): 0.4403,
+    (2022, "national-power-average", "CN-YN"): 0.1073,
+    (2022, "national-power-average", "CN-SC"): 0.1404,
+    (2022, "national-fossil-power", "CN"): 0.8325,
+    (2022, "national-power-average-excl-market-nonfossil", "CN"): 0.5856,
+}
 
 
 def test_china_2023_series_is_the_published_one() -> None:
-    got = {
-        (f.series, f.region): f.kg_co2e_per_unit
-        for f in load_factors(LIBRARY)
-        if f.publisher == "China MEE / NBS" and f.data_year == 2023
-    }
-    assert got == CN_2023
+    lib = [f for f in load_factors(LIBRARY) if f.publisher == "China MEE / NBS" and f.data_year == 2023]
+    got = {(f.series, f.region): f.kg_co2e_per_unit for f in lib}
+    assert got == CN_2023 | {("national-power-average", r): v for r, v in CN_2023_PROVINCES.items()}
+    # All 2023 values were checked against the attachment itself.
+    assert not [f.id for f in lib if "UNVERIFIED" in f.source]
     # 2023 and later activity at a national-average site must use 2023, not 2022 (0.5366).
     national = {
         f.data_year: f
@@ -292,6 +317,55 @@ def test_china_2023_series_is_the_published_one() -> None:
         national[2023].valid_from,
     )
     assert all(f.gases == "CO2" and f.gwp_set == "none" for f in national.values())
+
+
+def test_china_2021_2022_regions_and_provinces_chain_into_2023() -> None:
+    """Every region and province has 2021, 2022 and 2023 (the newest version of 2022 ends where 2023
+    begins); values not read from the publisher's attachment say UNVERIFIED."""
+    cn = [f for f in load_factors(LIBRARY) if f.publisher == "China MEE / NBS"]
+    newest: dict[tuple[str, str, int], Factor] = {}
+    for f in sorted(cn, key=lambda f: f.version):
+        newest[(f.series, f.region, f.data_year)] = f
+    for (year, series, region), value in CN_2021_2022.items():
+        f = newest[(series, region, year)]
+        assert f.kg_co2_per_unit == value, (year, region)
+        assert "UNVERIFIED" in f.source
+    regions = [
+        f"CN-{g}" for g in ("North", "Northeast", "East", "Central", "Northwest", "South", "Southwest")
+    ]
+    for region in [*regions, *CN_2023_PROVINCES]:
+        years = [newest[("national-power-average", region, y)] for y in (2021, 2022, 2023)]
+        assert [(f.valid_from, f.valid_to) for f in years] == [
+            (date(2021, 1, 1), date(2022, 1, 1)),
+            (date(2022, 1, 1), date(2023, 1, 1)),
+            (date(2023, 1, 1), date(2027, 1, 1)),
+        ], region
+    assert newest[("national-power-average", "CN-YN", 2022)].version == 3
+    assert all("UNVERIFIED" in f.source for f in cn if f.data_year in (2021, 2022))
+
+
+def test_a_yunnan_site_gets_its_provinces_factor_of_the_year(compute_dsn: str) -> None:
+    """The 2022 Yunnan factor applied before 2023 was added (v2, valid to 2027) is still in the
+    database; the lookup must give 2023's value (0.1333) for 2024 activity and v3 for 2022."""
+    with psycopg.connect(compute_dsn) as conn:
+        reset(conn)
+        apply_factors(conn, LIBRARY)
+        lookup = (
+            "SELECT f.factor_id, f.kg_co2e_per_unit FROM (SELECT 'electricity'::text AS carrier,"
+            " 'kWh'::text AS unit, ''::text AS cv_basis, ''::text AS refc, ''::text AS fuel_type,"
+            " 2 AS scope) e, (SELECT 'CN-YN'::text AS grid_region, NULL::text AS factor_series,"
+            " NULL::text AS fuel_series) s,"
+            " LATERAL ({}) f"
+        )
+        sql = lookup.format(FACTOR_LOOKUP.format(day="%(day)s::date"))
+        args = {"series": "national-power-average", "fuel_series": "ipcc-2006-default"}
+        for day, expected in (
+            ("2021-06-01", ("cn-mee-stat-2021-yunnan-v1", 0.1235)),
+            ("2022-06-01", ("cn-mee-stat-2022-yunnan-v3", 0.1073)),
+            ("2024-06-01", ("cn-mee-stat-2023-yunnan-v1", 0.1333)),
+        ):
+            assert conn.execute(sql, {**args, "day": day}).fetchone() == expected
+        assert conn.execute(sql, {**args, "day": "2027-06-01"}).fetchone() is None
 
 
 # DESNZ/BEIS flat files, 'Factors by Category' (kg CO2e per unit): (year, carrier, unit, basis) → value.
@@ -315,8 +389,8 @@ DESNZ = {
 
 
 def test_desnz_values_and_gwp_sets_are_the_published_ones() -> None:
-    lib = {
-        (f.data_year, f.carrier.value, f.unit, f.cv_basis or "", f.fuel_type): f
+    lib: dict[tuple[int, str, str, str, str], Factor] = {
+        (f.data_year, f.carrier.value, f.unit, str(f.cv_basis or ""), f.fuel_type): f
         for f in load_factors(LIBRARY)
         if f.publisher == "UK DESNZ"
     }
@@ -330,9 +404,52 @@ def test_desnz_values_and_gwp_sets_are_the_published_ones() -> None:
     assert lib[(2024, "coal", "kg", "net", "domestic")].kg_co2e_per_unit == pytest.approx(2.90495234)
     # Per-gas: DESNZ 2022 natural gas per m3 is CO2 2.01193 + CH4 0.00274 + N2O 0.00107 kg CO2e (AR4).
     m3 = lib[(2022, "natural_gas", "m3", "net", "")]
+    assert m3.kg_ch4_per_unit is not None and m3.kg_n2o_per_unit is not None
     assert (m3.kg_co2_per_unit, m3.kg_ch4_per_unit * 25, m3.kg_n2o_per_unit * 298) == pytest.approx(
         (2.01193, 0.00274, 0.00107)
     )
+
+
+# DESNZ 2025 flat file v1 and 2026 flat file v1.2, 'Factors by Category', as published (kg CO2e per
+# unit: total, CO2, CH4, N2O parts): (year, carrier, unit, basis, fuel type) -> values.
+DESNZ_2025_2026 = {
+    (2025, "electricity", "kWh", "", ""): (0.17700, 0.17489, 0.00090, 0.00122),  # 7_400_4000_5
+    (2025, "heat", "kWh", "", ""): (0.17529, 0.17355, 0.00122, 0.00052),  # 10_401_4003_5
+    (2025, "natural_gas", "kWh", "gross", ""): (0.18296, 0.18259, 0.00028, 0.00009),  # 1_100_1004_6
+    (2025, "natural_gas", "m3", "net", ""): (2.06672, 2.06270, 0.00307, 0.00095),  # 1_100_1004_1
+    (2025, "coal", "kg", "net", "industrial"): (2.39528994, 2.37072, 0.0076384, 0.01693154),  # per t / 1000
+    (2026, "electricity", "kWh", "", ""): (0.13096, 0.12943, 0.00067, 0.00086),
+    (2026, "natural_gas", "kWh", "gross", ""): (0.18231, 0.18194, 0.00028, 0.00009),
+    (2026, "natural_gas", "kWh", "net", ""): (0.20199, 0.20158, 0.00031, 0.00010),
+    (2026, "diesel", "l", "net", ""): (2.66155, 2.62818, 0.00029, 0.03308),
+}
+
+
+def test_desnz_2025_and_2026_are_the_published_ones_and_chain_to_2027() -> None:
+    """The per-gas parts are published as kg CO2e and stored as kg of gas under AR5 (CH4 28, N2O
+    265); 2024 ends where 2025 begins, 2025 where 2026 begins, and 2026 ends at 2027-01-01."""
+    lib: dict[tuple[int, str, str, str, str], Factor] = {
+        (f.data_year, f.carrier.value, f.unit, str(f.cv_basis or ""), f.fuel_type): f
+        for f in load_factors(LIBRARY)
+        if f.publisher == "UK DESNZ"
+    }
+    for key, (co2e, co2, ch4, n2o) in DESNZ_2025_2026.items():
+        f = lib[key]
+        assert f.kg_ch4_per_unit is not None and f.kg_n2o_per_unit is not None, key
+        got = (f.kg_co2e_per_unit, f.kg_co2_per_unit, f.kg_ch4_per_unit * 28, f.kg_n2o_per_unit * 265)
+        assert got == pytest.approx((co2e, co2, ch4, n2o), abs=6e-6), key
+        assert (f.gwp_set, f.gases, f.region) == ("AR5", "CO2e", "GB"), key
+    # Same 17 carriers/rows in every year from 2024 on.
+    per_year = {y: {k[1:] for k in lib if k[0] == y} for y in (2024, 2025, 2026)}
+    assert per_year[2025] == per_year[2024] == per_year[2026] and len(per_year[2025]) == 17
+    gas = {y: lib[(y, "natural_gas", "kWh", "gross", "")] for y in (2024, 2025, 2026)}
+    assert [(g.valid_from, g.valid_to) for g in gas.values()] == [
+        (date(2024, 1, 1), date(2025, 1, 1)),
+        (date(2025, 1, 1), date(2026, 1, 1)),
+        (date(2026, 1, 1), date(2027, 1, 1)),
+    ]
+    # 2025 was read from the publisher's workbook; 2026 only from a transcription of it.
+    assert "UNVERIFIED" not in gas[2025].source and "UNVERIFIED" in gas[2026].source
 
 
 def test_no_mixed_source_gas_factor_for_the_uk() -> None:
