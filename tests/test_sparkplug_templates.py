@@ -189,8 +189,8 @@ def test_tahu_template_edge_node_through_mosquitto_kafka_and_postgresql(
     lane = _lane(settings)
     tag = uuid.uuid4().hex[:8]
     group, node, host_id = f"plant-{tag}", f"edge-{tag}", f"scopemeter-{tag}"
-    energy, power, phase, serial = (f"{x}-{tag}" for x in ("spte", "sptp", "spta", "spts"))
-    meters = [energy, power, phase, serial]
+    energy, power, phase, serial, incomer = (f"{x}-{tag}" for x in ("spte", "sptp", "spta", "spts", "spti"))
+    meters = [energy, power, phase, serial, incomer]
     supplier, site, gateway = _register(lane.db.dsn, tag, meters)
     mapping_file = tmp_path / "fleet.toml"
     meter_entries = "".join(
@@ -244,6 +244,13 @@ metric = "Meter1"
 member = ["Phase A", "Energy kWh"]
 meter = "{phase}"
 
+[[sparkplug.metrics]]
+group = "{group}"
+node = "{node}"
+metric = "Incomer"
+member = "Energy kWh"
+meter = "{incomer}"
+
 # A string member mapped by mistake: refused as a sparkplug_metric letter, the rest is read.
 [[sparkplug.metrics]]
 group = "{group}"
@@ -268,6 +275,7 @@ meter = "{serial}"
         "01-DBIRTH-pm1.bin",
         "02-DDATA-pm1.bin",
         "03-DDATA-pm1.bin",
+        "04-NDATA.bin",
     ]
 
     with _host(lane, group, host_id, mapping) as box:
@@ -283,8 +291,8 @@ meter = "{serial}"
             edge.disconnect()
             edge.loop_stop()
         host = box["host"]
-        for _ in range(300):  # DBIRTH and two DDATA: three batches; the Serial letter
-            if host.produced >= 3 and host.refused >= 1:
+        for _ in range(300):  # NBIRTH, DBIRTH, two DDATA, NDATA: five batches; the Serial letter
+            if host.produced >= 5 and host.refused >= 1:
                 break
             threading.Event().wait(0.1)
         state: HostState = host.state
@@ -294,13 +302,14 @@ meter = "{serial}"
     (letter,) = read_letters(lane)
     assert letter.reason == "sparkplug_metric" and "'Meter1' / 'Serial' is String" in letter.detail
 
-    # The values TahuTemplateNode.java put in, at the times it gave them (base + 1 s, 2 s, 3 s).
-    stored = asyncio.run(_write_until(lane, meters, 6))
+    # The values TahuTemplateNode.java put in, at the times it gave them (base + 0 … 4 s).
+    stored = asyncio.run(_write_until(lane, meters, 8))
     assert stored == {
         energy: [("energy_import_kwh", base + 1000, 1234.5), ("energy_import_kwh", base + 2000, 1235.75)],
         power: [("power_w", base + 1000, -350.0), ("power_w", base + 2000, -420.0)],
         phase: [("energy_import_kwh", base + 1000, 400.25), ("energy_import_kwh", base + 3000, 401.5)],
         serial: [],
+        incomer: [("energy_import_kwh", base, 5000.5), ("energy_import_kwh", base + 4000, 5001.25)],
     }
 
 

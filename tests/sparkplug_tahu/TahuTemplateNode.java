@@ -7,7 +7,9 @@
  * Usage: java -cp <tahu jars>:<classes> TahuTemplateNode OUT_DIR BDSEQ BASE_MS
  *
  * Writes OUT_DIR/NN-KIND[-DEVICE].bin:
- *   00-NBIRTH       seq 0: bdSeq, Node Control/Rebirth, and two Template definitions:
+ *   00-NBIRTH       seq 0: bdSeq, Node Control/Rebirth, an instance "Incomer" of "Phase" (alias
+ *                   200, member alias 201, Energy kWh = 5000.5 at BASE_MS) listed before the two
+ *                   Template definitions:
  *                   "Phase" {Energy kWh: Float} and
  *                   "PowerMeter" {Energy Import kWh: Double, Power W: Int32, Serial: String,
  *                                 Phase A: Template instance of "Phase"}
@@ -17,6 +19,7 @@
  *                   and Power W (alias only) = -420, at BASE_MS + 2000
  *   03-DDATA-pm1    seq 3: Meter1 by alias only, the nested Phase A / Energy kWh (aliases only)
  *                   = 401.5, at BASE_MS + 3000
+ *   04-NDATA        seq 4: Incomer by alias only, Energy kWh (alias only) = 5001.25, at BASE_MS + 4000
  */
 
 import java.nio.file.Files;
@@ -75,9 +78,12 @@ public final class TahuTemplateNode {
                 .addMetric(metric("Serial", null, MetricDataType.String, "", base))
                 .addMetric(metric("Phase A", null, MetricDataType.Template, phaseInDef, base))
                 .createTemplate();
+        Template incomer = new TemplateBuilder().templateRef("Phase").definition(false)
+                .addMetric(metric("Energy kWh", 201L, MetricDataType.Float, 5000.5f, base)).createTemplate();
         write(dir, "00-NBIRTH.bin", 0, base,
                 metric("bdSeq", null, MetricDataType.Int64, bdSeq, base),
                 metric("Node Control/Rebirth", null, MetricDataType.Boolean, false, base),
+                metric("Incomer", 200L, MetricDataType.Template, incomer, base),
                 metric("Phase", null, MetricDataType.Template, phaseDef, base),
                 metric("PowerMeter", null, MetricDataType.Template, meterDef, base));
 
@@ -108,5 +114,11 @@ public final class TahuTemplateNode {
         Template change2 = new TemplateBuilder().templateRef("PowerMeter").definition(false)
                 .addMetric(byAlias(104L, MetricDataType.Template, phaseChange, t3)).createTemplate();
         write(dir, "03-DDATA-pm1.bin", 3, t3, byAlias(100L, MetricDataType.Template, change2, t3));
+
+        // NDATA: the node's own instance.
+        long t4 = base + 4000;
+        Template incomerChange = new TemplateBuilder().templateRef("Phase").definition(false)
+                .addMetric(byAlias(201L, MetricDataType.Float, 5001.25f, t4)).createTemplate();
+        write(dir, "04-NDATA.bin", 4, t4, byAlias(200L, MetricDataType.Template, incomerChange, t4));
     }
 }
