@@ -475,6 +475,12 @@ def test_members_are_read_by_name_and_alias_and_signed_types_sign_extended() -> 
             id="birth-lacks-a-member",
         ),
         pytest.param(
+            [(DBIRTH, _payload(1, ("M1", 10, TEMPLATE, _instance(energy=(None, 11, DOUBLE, 10.0)))))],
+            "a member of 'M1' has no name in a birth [tck-id-payloads-alias-birth-requirement]",
+            [("m1", -5.0), ("m2", 3.0)],
+            id="birth-member-without-name",
+        ),
+        pytest.param(
             [(DBIRTH, _payload(1, ("D", None, TEMPLATE, METER_DEF)))],
             "template definition 'D' in DBIRTH, not at the top of an NBIRTH "
             "[tck-id-payloads-template-definition-nbirth-only]",

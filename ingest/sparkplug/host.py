@@ -36,6 +36,18 @@ the bridge checks an MQTT batch plus the registry (``ingest.admit``), then produ
 replay`` can send it again after the fix. A payload that is not a Sparkplug B protobuf goes to the
 DLQ as ``sparkplug_decode`` with its bytes.
 
+Templates (UDTs; spec §6.4 "Template"): the NBIRTH's definitions (``is_definition``) give each
+member's datatype; an instance (``template_ref``) in a birth is checked against its definition and
+teaches the host its aliases, members' included, so data may name instance and members by alias
+and carry a subset of the members [tck-id-payloads-template-instance-members-data]. A member is
+mapped as ``metric`` (the instance) + ``member`` (a name, or a list down nested instances). What
+the spec forbids — an instance of a template the NBIRTH does not define [tck-id-payloads-template-
+definition-nbirth], a member not in the definition or of another datatype [tck-id-payloads-
+template-instance-members], a definition outside the NBIRTH [tck-id-payloads-template-definition-
+nbirth-only], a birth without every member [tck-id-payloads-template-instance-members-birth] — is
+one ``sparkplug_metric`` letter per message (a rebirth would repeat the gateway's mistake), as is a
+mapped metric that is no number: DataSets are not read, since a row has no timestamp of its own.
+
 Loss: Sparkplug publishes NDATA/DDATA at QoS 0, so a message the broker drops is gone; the seq gap
 then triggers a rebirth, whose births carry the current values (counters lose nothing but
 resolution). A Kafka send that fails ends the process, as in the bridge.
@@ -458,6 +470,10 @@ class HostState:
         seen: set[str] = set()
         for mm in t.metrics:
             name = mm.name
+            if not name and birth:
+                walk.problems.append(f"a member of {_show(path)} has no name in a birth "
+                                     "[tck-id-payloads-alias-birth-requirement]")  # fmt: skip
+                continue
             if not name:
                 target = node.aliases.get(mm.alias) if mm.HasField("alias") else None
                 if target is None:
