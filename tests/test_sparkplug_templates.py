@@ -16,8 +16,9 @@ relies on or checks, by id:
 - tck-id-payloads-template-definition-nbirth-only ("Template Definitions MUST only be included in
   NBIRTH messages"): a definition elsewhere is a ``sparkplug_metric`` letter.
 - tck-id-payloads-template-definition-nbirth ("A Template Definition MUST be included in the NBIRTH
-  for all Template Instances that are included in the NBIRTH and DBIRTH messages"): an instance of
-  an undefined template is a letter, its members are not read.
+  for all Template Instances that are included in the NBIRTH and DBIRTH messages"), and
+  tck-id-topics-nbirth-templates (Sparkplug_4_Topics.adoc, the same rule for the NBIRTH topic): an
+  instance of an undefined template is a letter, its members are not read.
 - tck-id-payloads-template-definition-is-definition, -instance-is-definition: is_definition tells
   the two apart. tck-id-payloads-template-definition-ref: a definition with a template_ref is a letter.
 - tck-id-payloads-template-instance-ref, tck-id-payloads-template-ref-instance ("A Template Instance
@@ -479,6 +480,26 @@ def test_members_are_read_by_name_and_alias_and_signed_types_sign_extended() -> 
             "a member of 'M1' has no name in a birth [tck-id-payloads-alias-birth-requirement]",
             [("m1", -5.0), ("m2", 3.0)],
             id="birth-member-without-name",
+        ),
+        pytest.param(
+            [
+                (
+                    "spBv1.0/g/NBIRTH/n",
+                    _payload(
+                        0,
+                        ("bdSeq", None, INT64, 2),
+                        (
+                            "Bad",
+                            None,
+                            TEMPLATE,
+                            {"definition": True, "ref": "Meter", "members": [("E", None, DOUBLE, 0.0)]},
+                        ),
+                    ),
+                )
+            ],
+            "template definition 'Bad' has a template_ref [tck-id-payloads-template-definition-ref]",
+            [],
+            id="definition-with-template-ref",
         ),
         pytest.param(
             [(DBIRTH, _payload(1, ("D", None, TEMPLATE, METER_DEF)))],
