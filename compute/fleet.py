@@ -162,21 +162,44 @@ class NodeMap(BaseModel):
     gateway: str  # fleet-registry gateway id
 
 
+MemberName = Annotated[str, StringConstraints(min_length=1)]
+
+
 class MetricMap(BaseModel):
+    """One Sparkplug metric → one meter quantity. ``metric`` is the name the node or device gives in
+    its birth. For a Template (UDT) instance, ``metric`` names the instance and ``member`` the member:
+    a name, or for a member of a nested instance the list of names from the outer instance inwards
+    (``member = ["Phase A", "Energy kWh"]``). A separate key, not ``"Meter1/Energy"``, because '/' is
+    also the folder separator inside Sparkplug metric names, so a joined path would be ambiguous."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     group: str
     node: str
     device: str | None = None  # None: a metric of the node itself
-    metric: str
+    metric: Annotated[str, StringConstraints(min_length=1)]
+    member: MemberName | Annotated[list[MemberName], Field(min_length=1)] | None = None
     meter: str
     quantity: Quantity = Quantity.ENERGY_IMPORT_KWH
     scale: Annotated[float, Field(gt=0)] = 1.0
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """The metric, then the member names down to the value: the host's key for this entry."""
+        if self.member is None:
+            return (self.metric,)
+        return (self.metric, *([self.member] if isinstance(self.member, str) else self.member))
+
+    @property
+    def label(self) -> str:
+        """How errors name the entry: ``'Meter1' member 'Phase A' / 'Energy kWh'``."""
+        if self.member is None:
+            return repr(self.metric)
+        return f"{self.metric!r} member " + " / ".join(repr(n) for n in self.path[1:])
 
 
 class SparkplugMap(BaseModel):
     """Sparkplug B edge nodes as fleet gateways, and their metrics as meter quantities
     (``scopemeter sparkplug host``)."""
-
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     nodes: list[NodeMap] = []
@@ -187,14 +210,21 @@ class SparkplugMap(BaseModel):
         nodes = [(n.group, n.node) for n in self.nodes]
         if len(set(nodes)) != len(nodes):
             raise ValueError("an edge node (group, node) is listed twice in [[nodes]]")
-        seen: set[tuple[str, str, str | None, str]] = set()
-        for m in self.metrics:
+        seen: set[tuple[str, str, str | None, tuple[str, ...]]] = set()
+        scalars = {(m.group, m.node, m.device, m.metric) for m in self.metrics if m.member is None}
+        for i, m in enumerate(self.metrics):
+            where = f"[[sparkplug.metrics]] #{i + 1} (metric {m.label})"
             if (m.group, m.node) not in nodes:
-                raise ValueError(f"metric {m.metric!r}: edge node {m.group}/{m.node} is not in [[nodes]]")
-            key = (m.group, m.node, m.device, m.metric)
+                raise ValueError(f"{where}: edge node {m.group}/{m.node} is not in [[nodes]]")
+            key = (m.group, m.node, m.device, m.path)
             if key in seen:
-                raise ValueError(f"metric {m.metric!r} of {m.group}/{m.node}/{m.device} is mapped twice")
+                raise ValueError(f"{where} of {m.group}/{m.node}/{m.device} is mapped twice")
             seen.add(key)
+            if m.member is not None and (m.group, m.node, m.device, m.metric) in scalars:
+                raise ValueError(
+                    f"{where}: {m.metric!r} of {m.group}/{m.node}/{m.device} is mapped both as a number "
+                    "(no member) and as a Template instance (with member); it is one or the other"
+                )
         return self
 
 
@@ -256,7 +286,7 @@ def load_fleet(path: Path) -> Fleet:
             raise ConfigError(f"{path}: [sparkplug] node {n.group}/{n.node}: unknown gateway {n.gateway!r}")
     for sm in fleet.sparkplug.metrics:
         if sm.meter not in meters:
-            raise ConfigError(f"{path}: [sparkplug] metric {sm.metric!r}: unknown meter {sm.meter!r}")
+            raise ConfigError(f"{path}: [sparkplug] metric {sm.label}: unknown meter {sm.meter!r}")
     return fleet
 
 

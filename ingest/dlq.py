@@ -38,6 +38,7 @@ class Reason(StrEnum):
     UNREGISTERED_METER = "unregistered_meter"  # a reading's meter is not in the fleet registry
     METER_SITE_MISMATCH = "meter_site_mismatch"  # the meter is registered to another site or gateway
     SPARKPLUG_DECODE = "sparkplug_decode"  # a Sparkplug B topic whose payload is no Sparkplug protobuf
+    SPARKPLUG_METRIC = "sparkplug_metric"  # a malformed Template, or a mapped metric that is no number
     DB_REFUSED = "db_refused"  # the writer: PostgreSQL refused the record's rows (data, not an outage)
 
 

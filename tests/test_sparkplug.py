@@ -405,6 +405,20 @@ def test_no_payload_can_raise_out_of_the_host_state_machine() -> None:
 
     birth = payload(0, 1_700_000_000_000, [("bdSeq", None, 3), ("E", 1, 5.0)])
 
+    def templated(kind_seq: int, definition: bool, ref: str | None, member_alias: int | None) -> bytes:
+        """A Template metric (datatype 19) "E", whose one member is itself a Template (cases for
+        tests/test_sparkplug_templates.py's rules reached through this test's scalar mapping)."""
+        p = pb.Payload.FromString(payload(kind_seq, 1_700_000_000_000, [("bdSeq", None, 3)]))
+        m = p.metrics.add(name="E", alias=1, datatype=19)
+        m.template_value.is_definition = definition
+        if ref is not None:
+            m.template_value.template_ref = ref
+        inner = m.template_value.metrics.add(datatype=19)
+        if member_alias is not None:
+            inner.alias = member_alias
+        inner.template_value.template_ref = "E"
+        return bytes(p.SerializeToString())
+
     @hsettings(max_examples=400, deadline=None)
     @given(kinds, st.sampled_from(["pm1", None]), st.one_of(st.binary(max_size=64), wellformed))
     @example("NBIRTH", None, payload(0, 1, [("bdSeq", None, math.nan)]))
@@ -412,6 +426,9 @@ def test_no_payload_can_raise_out_of_the_host_state_machine() -> None:
     @example("NDEATH", None, payload(None, 1, [("bdSeq", None, math.nan)]))
     @example("NBIRTH", None, payload(0, 2**64 - 1, [("bdSeq", None, 1), ("E", 1, 5.0)]))
     @example("DDEATH", "pm1", payload(1, 2**64 - 1, []))
+    @example("NBIRTH", None, templated(0, True, None, None))  # a definition containing itself
+    @example("DBIRTH", "pm1", templated(1, False, "E", 2**64 - 1))  # the mapped scalar as an instance
+    @example("DDATA", "pm1", templated(2, False, None, 1))  # a member alias naming the instance itself
     def check(kind: str, device: str | None, raw: bytes) -> None:
         topic = f"spBv1.0/g/{kind}/n" + (f"/{device}" if device else "")
         state._handle("spBv1.0/g/NBIRTH/n", birth)  # often a node is alive, so data paths run too

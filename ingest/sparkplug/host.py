@@ -36,6 +36,18 @@ the bridge checks an MQTT batch plus the registry (``ingest.admit``), then produ
 replay`` can send it again after the fix. A payload that is not a Sparkplug B protobuf goes to the
 DLQ as ``sparkplug_decode`` with its bytes.
 
+Templates (UDTs; spec §6.4 "Template"): the NBIRTH's definitions (``is_definition``) give each
+member's datatype; an instance (``template_ref``) in a birth is checked against its definition and
+teaches the host its aliases, members' included, so data may name instance and members by alias
+and carry a subset of the members [tck-id-payloads-template-instance-members-data]. A member is
+mapped as ``metric`` (the instance) + ``member`` (a name, or a list down nested instances). What
+the spec forbids — an instance of a template the NBIRTH does not define [tck-id-payloads-template-
+definition-nbirth], a member not in the definition or of another datatype [tck-id-payloads-
+template-instance-members], a definition outside the NBIRTH [tck-id-payloads-template-definition-
+nbirth-only], a birth without every member [tck-id-payloads-template-instance-members-birth] — is
+one ``sparkplug_metric`` letter per message (a rebirth would repeat the gateway's mistake), as is a
+mapped metric that is no number: DataSets are not read, since a row has no timestamp of its own.
+
 Loss: Sparkplug publishes NDATA/DDATA at QoS 0, so a message the broker drops is gone; the seq gap
 then triggers a rebirth, whose births carry the current values (counters lose nothing but
 resolution). A Kafka send that fails ends the process, as in the bridge.
@@ -78,7 +90,14 @@ NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 BD_SEQ = "bdSeq"
 DECODE_REASON = Reason.SPARKPLUG_DECODE.value
-BOOLEAN = 11  # Sparkplug DataType Boolean (sparkplug_b.proto)
+METRIC_REASON = Reason.SPARKPLUG_METRIC.value
+# Sparkplug DataType values (sparkplug_b.proto, enum DataType; spec §6.4.16 "Datatypes").
+SIGNED_32 = frozenset({1, 2, 3})  # Int8, Int16, Int32: carried in uint32 int_value
+INT64 = 4  # carried in uint64 long_value
+BOOLEAN = 11
+DATASET = 16
+TEMPLATE = 19
+NUMERIC_FIELDS = ("int_value", "long_value", "float_value", "double_value")
 REGISTRY_REFRESH_S = 10.0
 REBIRTH_EVERY_S = 5.0
 
@@ -104,13 +123,28 @@ class Device:
     stale_at: datetime | None = None
 
 
+MetricPath = tuple[str, ...]  # a metric's name, then member names down into Template instances
+Where = tuple[str | None, MetricPath]  # (device or None for the node, path)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member of a Template definition: its datatype, and for a nested instance its template."""
+
+    datatype: int
+    template_ref: str | None = None
+
+
 @dataclass
 class Node:
     """What the host knows of one edge node since its last NBIRTH."""
 
     bd_seq: int
     seq: int
-    aliases: dict[int, tuple[str | None, str]] = field(default_factory=dict)  # alias → (device, name)
+    aliases: dict[int, Where] = field(default_factory=dict)  # alias → where it points, births only
+    types: dict[Where, int] = field(default_factory=dict)  # datatype declared at birth
+    instances: dict[Where, str] = field(default_factory=dict)  # Template instance → its definition
+    templates: dict[str, dict[str, Member]] = field(default_factory=dict)  # NBIRTH's definitions
     devices: dict[str, Device] = field(default_factory=dict)
     online: bool = True
     stale_at: datetime | None = None  # when NDEATH made its metrics stale
@@ -161,9 +195,85 @@ def _instant(ms: int) -> datetime | None:
 
 def _number(m: Any) -> float | None:
     which = m.WhichOneof("value")
-    if m.is_null or which not in ("int_value", "long_value", "float_value", "double_value"):
+    if m.is_null or which not in NUMERIC_FIELDS:
         return None
     return float(getattr(m, which))
+
+
+def _type_name(datatype: int | None) -> str:
+    if datatype is None:
+        return "of no declared datatype"
+    try:
+        return str(pb.DataType.Name(datatype))
+    except ValueError:
+        return f"datatype {datatype}"
+
+
+def _value(m: Any, datatype: int | None) -> tuple[float | None, str | None]:
+    """(the metric's number, None), (None, None) for a null value, or (None, why it is no number).
+
+    Signed types travel in unsigned protobuf fields (spec §6.4.16: Int8..Int32 as uint32, Int64 as
+    uint64); Eclipse Tahu writes them in two's complement, so they are sign-extended here."""
+    which = m.WhichOneof("value")
+    if datatype == DATASET or which == "dataset_value":
+        return None, "is a DataSet: DataSets are not read (a row has no timestamp of its own)"
+    if m.is_null:
+        return None, None
+    if which not in NUMERIC_FIELDS:
+        return None, f"is {_type_name(datatype)} ({which or 'no value'}), not a number"
+    v = getattr(m, which)
+    if datatype in SIGNED_32 and which == "int_value" and v >= 2**31:
+        v -= 2**32
+    elif datatype == INT64 and which == "long_value" and v >= 2**63:
+        v -= 2**64
+    return float(v), None
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A value-carrying metric of a payload: a plain metric or a member of a Template instance."""
+
+    path: MetricPath
+    datatype: int | None
+    metric: Any
+    ts_ms: int
+
+
+@dataclass
+class Walk:
+    """A payload's metrics flattened through Template instances, with what was wrong on the way."""
+
+    leaves: list[Leaf] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    instances: list[MetricPath] = field(default_factory=list)
+    unknown_alias: int | None = None
+
+
+def _show(path: MetricPath) -> str:
+    return " / ".join(repr(n) for n in path)
+
+
+def _definitions(metrics: Iterable[Any], problems: list[str]) -> dict[str, dict[str, Member]]:
+    """The Template definitions of an NBIRTH: metric name → member name → Member."""
+    found: dict[str, dict[str, Member]] = {}
+    for m in metrics:
+        if m.WhichOneof("value") != "template_value" or not m.template_value.is_definition:
+            continue
+        t = m.template_value
+        if t.HasField("template_ref"):
+            problems.append(f"template definition {m.name!r} has a template_ref "
+                            "[tck-id-payloads-template-definition-ref]")  # fmt: skip
+            continue
+        members: dict[str, Member] = {}
+        for mm in t.metrics:
+            if not mm.name:
+                problems.append(f"template definition {m.name!r} has a member without a name "
+                                "[tck-id-payloads-name-requirement]")  # fmt: skip
+                continue
+            nested = mm.template_value.template_ref if mm.WhichOneof("value") == "template_value" else None
+            members[mm.name] = Member(mm.datatype, nested or None)
+        found[m.name] = members
+    return found
 
 
 @dataclass
@@ -184,7 +294,11 @@ class HostState:
         self.settings = settings
         self.nodes: dict[tuple[str, str], Node] = {}
         self.gateways = {(n.group, n.node): n.gateway for n in mapping.nodes}
-        self.meters = {(m.group, m.node, m.device, m.metric): m for m in mapping.metrics}
+        self.meters = {(m.group, m.node, m.device, m.path): m for m in mapping.metrics}
+        # Every proper prefix of a mapped member path: such a metric must be a Template instance.
+        self.instance_prefixes = {
+            (m.group, m.node, m.device, m.path[:k]) for m in mapping.metrics for k in range(1, len(m.path))
+        }
         self.rebirths: list[tuple[str, str, str]] = []  # (group, node, why), in order
         self._wire_seq = 0
         self._asked: dict[tuple[str, str], float] = {}  # node → when a rebirth was last requested
@@ -218,8 +332,11 @@ class HostState:
             node = Node(bd_seq=bd_seq, seq=0)
             self.nodes[key] = node
             self._asked.pop(key, None)
-            self._learn(node, None, p.metrics)
-            self._readings(out, topic, t, None, p)
+            problems: list[str] = []
+            node.templates = _definitions(p.metrics, problems)
+            walk = self._walk(node, None, p, t.kind)
+            walk.problems[:0] = problems
+            self._readings(out, topic, t, None, p, payload, walk)
             return out
         if t.kind == "NDEATH":
             if node is not None and _bd_seq(p.metrics) == node.bd_seq:
@@ -238,8 +355,7 @@ class HostState:
         node.seq = p.seq
         if t.kind == "DBIRTH" and t.device is not None:
             node.devices[t.device] = Device()
-            self._learn(node, t.device, p.metrics)
-            self._readings(out, topic, t, t.device, p)
+            self._readings(out, topic, t, t.device, p, payload, self._walk(node, t.device, p, t.kind))
         elif t.kind == "DDEATH" and t.device is not None:
             dev = node.devices.setdefault(t.device, Device())
             stamp = _instant(p.timestamp) if p.HasField("timestamp") else None
@@ -248,10 +364,10 @@ class HostState:
             if t.kind == "DDATA" and (t.device is None or t.device not in node.devices):
                 self._rebirth(out, key, f"DDATA from device {t.device} without a DBIRTH")
                 return out
-            unknown = [m.alias for m in p.metrics if not m.name and m.alias not in node.aliases]
-            if unknown:
-                self._rebirth(out, key, f"{t.kind} with unknown alias {unknown[0]}")
-            self._readings(out, topic, t, t.device, p, node)
+            walk = self._walk(node, t.device, p, t.kind)
+            if walk.unknown_alias is not None:
+                self._rebirth(out, key, f"{t.kind} with unknown alias {walk.unknown_alias}")
+            self._readings(out, topic, t, t.device, p, payload, walk)
         return out
 
     def _rebirth(self, out: Outcome, key: tuple[str, str], why: str) -> None:
@@ -269,31 +385,150 @@ class HostState:
         out.rebirth = key
         log.warning("rebirth requested from %s/%s: %s", key[0], key[1], why)
 
-    @staticmethod
-    def _learn(node: Node, device: str | None, ms: Iterable[Any]) -> None:
-        for m in ms:
-            if m.HasField("alias") and m.name:
-                node.aliases[m.alias] = (device, m.name)
+    def _walk(self, node: Node, device: str | None, p: Any, kind: str) -> Walk:
+        """Flatten ``p``'s metrics through Template instances; births also teach the node's aliases,
+        datatypes and instances, which later data messages (by alias, often without datatype or
+        template_ref) are read with."""
+        walk = Walk()
+        for m in p.metrics:
+            if m.name:
+                path: MetricPath = (m.name,)
+            elif m.HasField("alias") and m.alias in node.aliases:
+                path = node.aliases[m.alias][1]
+                if len(path) != 1:
+                    walk.problems.append(f"alias {m.alias} names member {_show(path)}, outside its instance")
+                    continue
+            else:
+                if m.HasField("alias"):
+                    walk.unknown_alias = m.alias if walk.unknown_alias is None else walk.unknown_alias
+                continue
+            self._metric(node, device, m, path, kind, walk, p.timestamp, None)
+        return walk
+
+    def _metric(
+        self, node: Node, device: str | None, m: Any, path: MetricPath, kind: str, walk: Walk, ts_ms: int,
+        member: Member | None,
+    ) -> None:  # fmt: skip
+        """One metric (``member``: its definition when it is a member of an instance), recursively."""
+        birth = kind in ("NBIRTH", "DBIRTH")
+        ts_ms = m.timestamp if m.HasField("timestamp") else ts_ms
+        declared = m.datatype if m.HasField("datatype") and m.datatype else None
+        where = (device, path)
+        if member is not None:
+            if declared is not None and declared != member.datatype:
+                walk.problems.append(
+                    f"member {_show(path)} is {_type_name(declared)}, its template definition says "
+                    f"{_type_name(member.datatype)} [tck-id-payloads-template-definition-members]"
+                )
+                return
+            datatype: int | None = member.datatype
+        else:
+            datatype = declared or node.types.get(where)
+        if birth:
+            if datatype is not None:
+                node.types[where] = datatype
+            if m.HasField("alias"):
+                node.aliases[m.alias] = where
+        if datatype != TEMPLATE and m.WhichOneof("value") != "template_value":
+            walk.leaves.append(Leaf(path, datatype, m, ts_ms))
+            return
+        if m.is_null:
+            return
+        t = m.template_value
+        if t.is_definition:
+            if kind != "NBIRTH" or member is not None:
+                walk.problems.append(f"template definition {_show(path)} in {kind}, not at the top of an "
+                                     "NBIRTH [tck-id-payloads-template-definition-nbirth-only]")  # fmt: skip
+            return
+        walk.instances.append(path)
+        if member is not None:
+            ref = member.template_ref
+        elif birth:
+            ref = t.template_ref if t.HasField("template_ref") else None
+            if not ref:
+                walk.problems.append(f"template instance {_show(path)} has no template_ref "
+                                     "[tck-id-payloads-template-instance-ref]")  # fmt: skip
+                return
+        else:
+            ref = node.instances.get(where)
+            if ref is None:
+                walk.problems.append(f"{_show(path)} is no Template instance of a birth")
+                return
+        if t.HasField("template_ref") and t.template_ref != ref:
+            walk.problems.append(f"template instance {_show(path)} refers to {t.template_ref!r}, "
+                                 f"its birth or definition to {ref!r}")  # fmt: skip
+            return
+        definition = node.templates.get(ref) if ref else None
+        if definition is None:
+            walk.problems.append(
+                f"template instance {_show(path)} refers to template {ref!r}, which the NBIRTH does not "
+                "define [tck-id-payloads-template-definition-nbirth]"
+            )
+            return
+        if birth and ref:
+            node.instances[where] = ref
+        seen: set[str] = set()
+        for mm in t.metrics:
+            name = mm.name
+            if not name and birth:
+                walk.problems.append(f"a member of {_show(path)} has no name in a birth "
+                                     "[tck-id-payloads-alias-birth-requirement]")  # fmt: skip
+                continue
+            if not name:
+                target = node.aliases.get(mm.alias) if mm.HasField("alias") else None
+                if target is None:
+                    if mm.HasField("alias"):
+                        walk.unknown_alias = mm.alias if walk.unknown_alias is None else walk.unknown_alias
+                    else:
+                        walk.problems.append(f"a member of {_show(path)} has neither name nor alias "
+                                             "[tck-id-payloads-name-requirement]")  # fmt: skip
+                    continue
+                if target[0] != device or target[1][:-1] != path:
+                    walk.problems.append(f"alias {mm.alias} in {_show(path)} names {_show(target[1])}")
+                    continue
+                name = target[1][-1]
+            if name not in definition:
+                walk.problems.append(f"member {name!r} of {_show(path)} is not in template {ref!r} "
+                                     "[tck-id-payloads-template-instance-members]")  # fmt: skip
+                continue
+            seen.add(name)
+            self._metric(node, device, mm, (*path, name), kind, walk, ts_ms, definition[name])
+        if birth and seen != set(definition):
+            missing = sorted(set(definition) - seen)
+            walk.problems.append(f"the birth of template instance {_show(path)} lacks members {missing} of "
+                                 f"{ref!r} [tck-id-payloads-template-instance-members-birth]")  # fmt: skip
 
     def _readings(
-        self, out: Outcome, topic: str, t: Topic, device: str | None, p: Any, node: Node | None = None
+        self, out: Outcome, topic: str, t: Topic, device: str | None, p: Any, payload: bytes, walk: Walk
     ) -> None:
-        """The mapped numeric metrics of ``p`` as one wire batch of the node's gateway."""
+        """The mapped numeric metrics and members of ``p`` as one wire batch of the node's gateway;
+        what is wrong with the payload's templates or mapped values as one ``sparkplug_metric`` letter
+        (the rest of the message is still read)."""
         gateway = self.gateways.get((t.group, t.node))
         if gateway is None:
             return  # a node the mapping does not name: not ours to ingest
         site = self.registry.gateways.get(gateway, "")
         supplier = self.registry.sites.get(site, "")
+        problems = list(walk.problems)
+        for path in walk.instances:
+            if (t.group, t.node, device, path) in self.meters:
+                problems.append(f"mapped metric {_show(path)} is a Template instance: map its members "
+                                "(member = ...)")  # fmt: skip
         readings = []
-        for m in p.metrics:
-            name = m.name
-            if not name and node is not None and m.alias in node.aliases:
-                name = node.aliases[m.alias][1]
-            target = self.meters.get((t.group, t.node, device, name))
-            value = _number(m)
-            if target is None or value is None:
+        for leaf in walk.leaves:
+            key = (t.group, t.node, device, leaf.path)
+            target = self.meters.get(key)
+            if target is None:
+                if key in self.instance_prefixes:
+                    problems.append(f"mapped {_show(leaf.path)} is {_type_name(leaf.datatype)}, "
+                                    "not a Template instance")  # fmt: skip
                 continue
-            stamp = _instant(m.timestamp if m.HasField("timestamp") else p.timestamp)
+            value, why = _value(leaf.metric, leaf.datatype)
+            if why is not None:
+                problems.append(f"mapped metric {_show(leaf.path)} {why}")
+            if value is None:
+                continue
+            stamp = _instant(leaf.ts_ms)
             try:
                 if stamp is None:
                     raise ValueError("timestamp beyond any date")
@@ -303,7 +538,10 @@ class HostState:
                     )
                 )
             except (ValidationError, ValueError) as exc:
-                out.letters.append(("schema", f"metric {name!r}: {exc}"[:2000], topic, p.SerializeToString()))
+                out.letters.append(("schema", f"metric {_show(leaf.path)}: {exc}"[:2000], topic, payload))
+        if problems:
+            log.warning("sparkplug %s: %s", topic, "; ".join(problems)[:500])
+            out.letters.append((METRIC_REASON, "; ".join(problems)[:2000], topic, payload))
         if not readings:
             return
         self._wire_seq = max(self._wire_seq + 1, time.time_ns() // 1000)
@@ -313,7 +551,7 @@ class HostState:
                 seq=self._wire_seq, sent_at=datetime.now(UTC), readings=readings,
             )  # fmt: skip
         except ValidationError as exc:  # an unregistered gateway id the mapping got wrong
-            out.letters.append(("schema", str(exc)[:2000], topic, p.SerializeToString()))
+            out.letters.append(("schema", str(exc)[:2000], topic, payload))
             return
         out.batches.append((readings_topic(batch.supplier, batch.site, batch.gateway), batch.encode()))
 
