@@ -11,8 +11,6 @@ for replication tests.
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -21,10 +19,11 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ops import maven_jars
 from ops.errors import UserError
 from ops.procs import ManagedProcess, launch, wait_listening
 
@@ -51,60 +50,9 @@ def kafka_version() -> str:
 # --- jars ----------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_lock(lock: Path = LOCK) -> dict[str, str]:
     """jar file name → sha256, from ``sha256sum``-style lines."""
-    entries: dict[str, str] = {}
-    for n, line in enumerate(lock.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name:
-            raise UserError(f"kafka: {lock}:{n}: expected '<sha256>  <jar>', got {line!r}")
-        entries[name] = digest
-    return entries
-
-
-def _mvn_copy(pom: Path, out: Path, mvn: str) -> None:
-    argv = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-            f"-DoutputDirectory={out}", "-DincludeScope=runtime"]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise UserError(f"kafka: cannot run Maven ({' '.join(argv)}): {exc}") from exc
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
-        raise UserError(f"kafka: Maven could not fetch the broker jars from {pom}: {' | '.join(tail)}")
-
-
-def _verify(libs: Path, lock: Mapping[str, str]) -> None:
-    present = {p.name for p in libs.glob("*.jar")}
-    missing = sorted(set(lock) - present)
-    extra = sorted(present - set(lock))
-    wrong = sorted(n for n in set(lock) & present if _sha256(libs / n) != lock[n])
-    if missing or extra or wrong:
-        parts = [f"{label}: {', '.join(names)}" for label, names in
-                 (("missing", missing), ("not in the lock", extra), ("sha256 differs", wrong)) if names]
-        raise UserError(f"kafka: the jars in {libs} do not match {LOCK} ({'; '.join(parts)})")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return maven_jars.read_lock(lock, "kafka")
 
 
 def kafka_libs(cache_dir: Path | None = None, *, mvn: str | None = None) -> Path:
@@ -114,38 +62,16 @@ def kafka_libs(cache_dir: Path | None = None, *, mvn: str | None = None) -> Path
     tests, two stacks) wait for one fetch."""
     cache = (cache_dir or default_cache_dir()).expanduser()
     key = hashlib.sha256(POM.read_bytes() + LOCK.read_bytes()).hexdigest()[:12]
-    libs = cache / f"{kafka_version()}-{key}" / "libs"
-    if (libs / ".verified").exists():
-        return libs
-    with _file_lock(cache / ".fetch.lock"):
-        if (libs / ".verified").exists():
-            return libs
-        exe = mvn or shutil.which("mvn")
-        if exe is None:
-            raise UserError("kafka: Maven (mvn) is needed to fetch the broker once; `apt-get install maven`")
-        staging = Path(tempfile.mkdtemp(prefix="libs-", dir=cache))
-        try:
-            _mvn_copy(POM, staging, exe)
-            _verify(staging, read_lock())
-            (staging / ".verified").write_text(f"kafka {kafka_version()} verified against {LOCK.name}\n")
-            if libs.exists():
-                shutil.rmtree(libs)
-            libs.parent.mkdir(parents=True, exist_ok=True)
-            staging.rename(libs)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return libs
+    return maven_jars.verified_jars(POM, LOCK, cache / f"{kafka_version()}-{key}" / "libs", "kafka", mvn=mvn)
 
 
 def write_lock(cache_dir: Path | None = None, *, mvn: str | None = None) -> Path:
     """Fetch the jars the pom resolves to and record them in ``jars.lock`` (after a version change)."""
     cache = (cache_dir or default_cache_dir()).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    exe = mvn or shutil.which("mvn") or "mvn"
     with tempfile.TemporaryDirectory(prefix="lock-", dir=cache) as tmp:
-        _mvn_copy(POM, Path(tmp), exe)
-        lines = [f"{_sha256(p)}  {p.name}" for p in sorted(Path(tmp).glob("*.jar"))]
+        maven_jars.mvn_copy(POM, Path(tmp), "kafka", mvn)
+        lines = maven_jars.lock_lines(Path(tmp))
     header = (f"# Jars of Apache Kafka {kafka_version()} as ops/kafka/pom.xml resolves them (sha256  file).\n"
               "# Regenerate after changing the pom: scopemeter stack kafka-lock\n")
     LOCK.write_text(header + "\n".join(lines) + "\n")

@@ -42,8 +42,6 @@ mapped DataSet metric is a ``sparkplug_metric`` letter, an unmapped one is ignor
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -52,7 +50,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +64,9 @@ from edge.wire import Batch
 from ingest.admit import Registry
 from ingest.dlq_tools import read_letters
 from ingest.sparkplug.host import HostState, Outcome, load_map, pb
-from ingest.writer import run_writer
+from ops import maven_jars
 from ops.settings import Settings
-from tests.test_sparkplug import _host, _lane, _register
+from tests.test_sparkplug import _host, _lane, _register, _write_until
 
 TAHU = Path(__file__).parent / "sparkplug_tahu"
 JAVA_SOURCE = TAHU / "TahuTemplateNode.java"
@@ -78,76 +75,30 @@ JAVA_SOURCE = TAHU / "TahuTemplateNode.java"
 # --- Eclipse Tahu, built once -------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _lock() -> dict[str, str]:
-    lines = [x.split("  ", 1) for x in (TAHU / "jars.lock").read_text().splitlines() if x and x[0] != "#"]
-    return {name: digest for digest, name in lines}
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="session")
 def tahu_classpath() -> str:
-    """Tahu's jars (Maven, checked against jars.lock) and TahuTemplateNode compiled against them,
-    cached by the hash of the pom, the lock and the source (like ops/kafka_broker.py's jars)."""
+    """Tahu's jars (Maven, checked against jars.lock by ``ops.maven_jars``, as Kafka's are) and
+    TahuTemplateNode compiled against them, cached by the hash of the pom, the lock and the source."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scopemeter" / "sparkplug-tahu"
     key = hashlib.sha256(
         b"".join(p.read_bytes() for p in (TAHU / "pom.xml", TAHU / "jars.lock", JAVA_SOURCE))
     )
     root = cache / key.hexdigest()[:12]
-    if not (root / ".built").exists():
-        with _file_lock(cache / ".build.lock"):
-            if not (root / ".built").exists():
-                staging = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+    libs = maven_jars.verified_jars(TAHU / "pom.xml", TAHU / "jars.lock", root / "libs", "Tahu")
+    classes = root / "classes"
+    if not (classes / ".built").exists():
+        with maven_jars.file_lock(root / ".build.lock"):
+            if not (classes / ".built").exists():
+                staging = Path(tempfile.mkdtemp(prefix="classes-", dir=root))
                 try:
-                    subprocess.run(
-                        [
-                            "mvn",
-                            "-q",
-                            "-B",
-                            "-f",
-                            str(TAHU / "pom.xml"),
-                            "dependency:copy-dependencies",
-                            f"-DoutputDirectory={staging / 'libs'}",
-                            "-DincludeScope=runtime",
-                        ],
-                        check=True,
-                        capture_output=True,
-                        timeout=900,
-                    )
-                    got = {p.name: _sha256(p) for p in (staging / "libs").glob("*.jar")}
-                    assert got == _lock(), f"Tahu's jars differ from {TAHU / 'jars.lock'}: {got}"
-                    subprocess.run(
-                        [
-                            "javac",
-                            "-d",
-                            str(staging / "classes"),
-                            "-cp",
-                            f"{staging / 'libs'}/*",
-                            str(JAVA_SOURCE),
-                        ],
-                        check=True,
-                        capture_output=True,
-                        timeout=300,
-                    )
-                    (staging / ".built").write_text("tahu-core 1.0.12, verified against jars.lock\n")
-                    shutil.rmtree(root, ignore_errors=True)
-                    staging.rename(root)
+                    subprocess.run(["javac", "-d", str(staging), "-cp", f"{libs}/*", str(JAVA_SOURCE)],
+                                   check=True, capture_output=True, timeout=300)  # fmt: skip
+                    (staging / ".built").write_text(f"{JAVA_SOURCE.name} compiled against {libs}\n")
+                    shutil.rmtree(classes, ignore_errors=True)
+                    staging.rename(classes)
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
-    return f"{root / 'libs'}/*:{root / 'classes'}"
+    return f"{libs}/*:{classes}"
 
 
 # --- through Mosquitto, Kafka and PostgreSQL ----------------------------------------------------
@@ -165,23 +116,6 @@ def _rows(dsn: str, meters: list[str]) -> dict[str, list[tuple[str, int, float]]
     for meter, quantity, ts, value in rows:
         out[meter].append((quantity, round(ts.timestamp() * 1000), value))
     return out
-
-
-async def _write_until(
-    settings: Settings, meters: list[str], want: int
-) -> dict[str, list[tuple[str, int, float]]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_writer(settings, stop, linger_s=0.1))
-    try:
-        for _ in range(600):
-            if sum(map(len, _rows(settings.db.dsn, meters).values())) >= want or task.done():
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
-    return _rows(settings.db.dsn, meters)
 
 
 def test_tahu_template_edge_node_through_mosquitto_kafka_and_postgresql(
@@ -304,7 +238,8 @@ meter = "{serial}"
     assert letter.reason == "sparkplug_metric" and "'Meter1' / 'Serial' is String" in letter.detail
 
     # The values TahuTemplateNode.java put in, at the times it gave them (base + 0 … 4 s).
-    stored = asyncio.run(_write_until(lane, meters, 8))
+    asyncio.run(_write_until(lane, lambda: sum(map(len, _rows(lane.db.dsn, meters).values())) >= 8))
+    stored = _rows(lane.db.dsn, meters)
     assert stored == {
         energy: [("energy_import_kwh", base + 1000, 1234.5), ("energy_import_kwh", base + 2000, 1235.75)],
         power: [("power_w", base + 1000, -350.0), ("power_w", base + 2000, -420.0)],
