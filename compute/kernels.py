@@ -323,6 +323,63 @@ def bucket_energy_many(
     return seg, starts, kwh, est, mms, flags, events, iflags
 
 
+@njit(cache=True)
+def window_order(win: I64, ts: I64, n_windows: int) -> tuple[I64, I64]:
+    """Rows loaded in any order → (permutation sorting them by window, then time; window offsets).
+    A stable counting sort by window, then only a window whose rows are out of time order is
+    sorted (a scan of a time-partitioned table already yields each series in order)."""
+    n = win.shape[0]
+    bounds = np.zeros(n_windows + 1, dtype=np.int64)
+    for r in range(n):
+        bounds[win[r] + 1] += 1
+    for g in range(n_windows):
+        bounds[g + 1] += bounds[g]
+    pos = bounds[:-1].copy()
+    perm = np.empty(n, dtype=np.int64)
+    for r in range(n):
+        perm[pos[win[r]]] = r
+        pos[win[r]] += 1
+    for g in range(n_windows):
+        a = bounds[g]
+        b = bounds[g + 1]
+        for k in range(a + 1, b):
+            if ts[perm[k]] < ts[perm[k - 1]]:
+                sub = perm[a:b].copy()
+                perm[a:b] = sub[np.argsort(ts[sub], kind="mergesort")]
+                break
+    return perm, bounds
+
+
+@njit(cache=True)
+def ordered_group_sums(key: I64, kwh: F64, est: F64, mms: I64) -> tuple[I64, F64, F64, I64]:
+    """Rows sorted by ``key`` → per run of equal keys: (first row, sum of kwh, of est, of mms).
+    Each sum is a left fold in row order starting from the run's first value, exactly what
+    PostgreSQL's ``sum(float8 ORDER BY …)`` computes (``float8pl`` with a NULL initial state), so
+    sums folded here and sums folded by the database in the same order are bit-identical."""
+    n = key.shape[0]
+    runs = 0
+    for r in range(n):
+        if r == 0 or key[r] != key[r - 1]:
+            runs += 1
+    first = np.empty(runs, dtype=np.int64)
+    s_kwh = np.empty(runs, dtype=np.float64)
+    s_est = np.empty(runs, dtype=np.float64)
+    s_mms = np.empty(runs, dtype=np.int64)
+    g = -1
+    for r in range(n):
+        if r == 0 or key[r] != key[r - 1]:
+            g += 1
+            first[g] = r
+            s_kwh[g] = kwh[r]
+            s_est[g] = est[r]
+            s_mms[g] = mms[r]
+        else:
+            s_kwh[g] += kwh[r]
+            s_est[g] += est[r]
+            s_mms[g] += mms[r]
+    return first, s_kwh, s_est, s_mms
+
+
 class BucketEnergy(NamedTuple):
     starts: I64  # bucket start, epoch ms, multiples of bucket_ms
     kwh: F64  # energy per bucket, measured + estimated (counter units: kWh, m3, …)
