@@ -58,7 +58,7 @@ from psycopg import sql as pgsql
 from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
 from compute.kernels import BUCKET_MS, EVENT_NAMES, bucket_energy_many, ordered_group_sums, window_order
-from compute.market import rebuild_market, recompute_market
+from compute.market import rebuild_market, recompute_market_set
 from compute.quarantine import Series, record_many
 from edge.wire import Quantity
 from ingest.events import DirtyRange
@@ -665,6 +665,9 @@ def recompute_set(
                     [d.t_max for _, d, _ in todo],
                 ),
             )
+            cur.execute(
+                "ANALYZE compute_windows"
+            )  # a few rows: index scans per window, not a hash of readings
             windows = {
                 int(i): (b0, b1)
                 for i, b0, b1 in cur.execute("SELECT i, b0, b1 FROM compute_windows").fetchall()
@@ -700,9 +703,7 @@ def recompute_set(
                 for g, (_, _, m) in enumerate(todo)
                 if g in windows and m.registered and CARRIERS[m.carrier].scope == 2
             }
-            for site, b0, b1 in site_ranges:
-                if site in scope2:
-                    recompute_market(cur, site, b0, b1)
+            recompute_market_set(cur, [r for r in site_ranges if r[0] in scope2])
             for g, (k, d, m) in enumerate(todo):
                 if g not in windows:  # a lone reading on a boundary: no interval, nothing to change
                     results[k] = RecomputeResult(
@@ -897,6 +898,7 @@ def recompute_all(
             " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u(m, q, i)",
             ([c[0] for c in chosen], [c[1] for c in chosen]),
         )
+        cur.execute("ANALYZE compute_windows")  # else the planner hashes every reading, spilling to disk
         # Both tables are bulk-loaded (``bulk_load``): meter rows COPYed with FREEZE into the table
         # truncated in this transaction; all of it rolls back with the transaction.
         cur.execute("TRUNCATE meter_energy_15m")
@@ -925,7 +927,7 @@ def recompute_all(
             t = time.perf_counter()
         _lap(phases, "site rollups (keys)", t)
         t = time.perf_counter()
-        rebuild_market(cur)
+        rebuild_market(cur, bulk=True)
         _lap(phases, "market-based hours", t)
         t = time.perf_counter()
     _lap(phases, "commit", t)
