@@ -305,33 +305,33 @@ def apply_instruments(conn: psycopg.Connection[Any], path: Path) -> ApplyResult:
     return ApplyResult(len(ledger.instruments), retracted, sites)
 
 
-def rebuild_market(
-    cur: psycopg.Cursor[Any], sites: Iterable[str] | None = None, *, bulk: bool = False
-) -> int:
+def rebuild_market(cur: psycopg.Cursor[Any], sites: Iterable[str] | None = None) -> int:
     """Re-allocate ``sites`` (default: all) over everything they have, from scratch, set-based
     (``recompute_market_set``). The caller holds the site locks (or a table lock) inside its
-    transaction. ``bulk`` (the full rebuild): both tables are bulk-loaded
+    transaction. All sites (the full rebuild): both tables are emptied by TRUNCATE and bulk-loaded
     (``compute.recompute.bulk_load``). Returns the hours written."""
     from compute.recompute import bulk_load  # compute.recompute imports this module
 
-    if sites is None:
-        sites = [r[0] for r in cur.execute("SELECT site_id FROM sites ORDER BY 1").fetchall()]
-    sites = sorted(sites)
+    whole = sites is None
+    chosen = sorted(sites) if sites is not None else []
+    if whole:
+        chosen = [r[0] for r in cur.execute("SELECT site_id FROM sites ORDER BY 1").fetchall()]
+        cur.execute("TRUNCATE site_market_1h, instrument_claims")
+    else:
+        cur.execute("DELETE FROM instrument_claims WHERE site_id = ANY(%s)", (chosen,))
+        cur.execute("DELETE FROM site_market_1h WHERE site_id = ANY(%s)", (chosen,))
+    spans = cur.execute(  # two primary-key descents per site, not a scan of its rollups
+        "SELECT s, (SELECT min(bucket) FROM site_rollups_15m WHERE site_id = s AND scope = 2"
+        " AND method = 'location'), (SELECT max(bucket) FROM site_rollups_15m WHERE site_id = s"
+        " AND scope = 2 AND method = 'location') FROM unnest(%s::text[]) AS s",
+        (chosen,),
+    ).fetchall()
+    ranges = [(s, b0, b1 + timedelta(minutes=15)) for s, b0, b1 in spans if b0 is not None]
     with (
-        bulk_load(cur, "site_market_1h") if bulk else nullcontext(),
-        bulk_load(cur, "instrument_claims") if bulk else nullcontext(),
+        bulk_load(cur, "site_market_1h") if whole else nullcontext(),
+        bulk_load(cur, "instrument_claims") if whole else nullcontext(),
     ):
-        cur.execute("DELETE FROM instrument_claims WHERE site_id = ANY(%s)", (sites,))
-        cur.execute("DELETE FROM site_market_1h WHERE site_id = ANY(%s)", (sites,))
-        spans = cur.execute(  # two primary-key descents per site, not a scan of its rollups
-            "SELECT s, (SELECT min(bucket) FROM site_rollups_15m WHERE site_id = s AND scope = 2"
-            " AND method = 'location'), (SELECT max(bucket) FROM site_rollups_15m WHERE site_id = s"
-            " AND scope = 2 AND method = 'location') FROM unnest(%s::text[]) AS s",
-            (sites,),
-        ).fetchall()
-        return recompute_market_set(
-            cur, [(s, b0, b1 + timedelta(minutes=15)) for s, b0, b1 in spans if b0 is not None]
-        )
+        return recompute_market_set(cur, ranges)
 
 
 @dataclass

@@ -193,6 +193,7 @@ _SITE_RANGES = (
 # All sites and buckets (the rebuild), or only the poll's merged site ranges: each (site, bucket)
 # is deleted and rebuilt once per poll.
 _DELETE_ROLLUPS_ALL = "DELETE FROM site_rollups_15m WHERE method IN ('location', 'direct')"
+_OTHER_ROLLUPS = "SELECT EXISTS (SELECT 1 FROM site_rollups_15m WHERE method NOT IN ('location', 'direct'))"
 _DELETE_ROLLUPS = (
     "DELETE FROM site_rollups_15m r USING " + _SITE_RANGES + " WHERE r.method IN ('location', 'direct')"
     " AND r.site_id = sr.site_id AND r.bucket >= sr.b0 AND r.bucket < sr.b1"
@@ -920,14 +921,17 @@ def recompute_all(
         _lap(phases, "meter rows (primary key)", t)
         t = time.perf_counter()
         args = _rollup_args(params)
+        # Only compute writes location and direct rows; rows of other methods (none are written
+        # since market-based hours moved to site_market_1h) are kept by a DELETE instead.
+        (foreign,) = cur.execute(_OTHER_ROLLUPS).fetchone() or (True,)
+        cur.execute(_DELETE_ROLLUPS_ALL if foreign else "TRUNCATE site_rollups_15m")
         with bulk_load(cur, "site_rollups_15m"):
-            cur.execute(_DELETE_ROLLUPS_ALL)
             _lap(phases, "site rollups (delete)", t)
             rollups = _rebuild_rollups(cur, [c[0] for c in chosen], done, args, phases)
             t = time.perf_counter()
         _lap(phases, "site rollups (keys)", t)
         t = time.perf_counter()
-        rebuild_market(cur, bulk=True)
+        rebuild_market(cur)
         _lap(phases, "market-based hours", t)
         t = time.perf_counter()
     _lap(phases, "commit", t)
