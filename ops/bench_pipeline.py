@@ -22,19 +22,29 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import os
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 
 from ingest.loadgen import Fleet, LoadGenerator, forget_session
-from ops.bench_ingest import lane_settings, raw_copy_seconds, vacuum, wait_assigned, wait_inserted
+from ops.bench_ingest import (
+    CpuMeter,
+    CpuUse,
+    broker_pids,
+    lane_settings,
+    raw_copy_seconds,
+    vacuum,
+    wait_assigned,
+    wait_inserted,
+)
 from ops.errors import UserError
 from ops.mqtt_auth import BRIDGE_USER
 from ops.pipeline import _Proc, settings_env
@@ -56,6 +66,7 @@ class PipelineBenchResult:
     p50_s: float
     p99_s: float
     compute_workers: int
+    cpu: CpuUse = field(default_factory=lambda: CpuUse({}, 0.0, 0.0))  # of the sustained phase
 
     @property
     def copy_rate(self) -> float:
@@ -68,6 +79,22 @@ class PipelineBenchResult:
     @property
     def ratio(self) -> float:
         return self.e2e_rate / self.copy_rate
+
+    def cpu_lines(self) -> list[str]:
+        """Where the sustained phase's CPU went: core-seconds per 100k readings, per piece."""
+        cpu = self.cpu
+        if cpu.machine_total <= 0:  # no /proc here
+            return []
+        per = 100_000 / self.readings
+        out = [
+            f"CPU in the sustained phase: machine {cpu.machine_busy / cpu.machine_total:.0%} busy;"
+            " core-seconds per 100k readings:"
+        ]
+        for name, sec in sorted(cpu.seconds.items(), key=lambda kv: -kv[1]):
+            out.append(f"  {name:<15} {sec * per:6.2f}  ({sec / self.e2e_s:.0%} of a core)")
+        other = cpu.machine_busy - sum(cpu.seconds.values())
+        out.append(f"  {'(rest)':<15} {other * per:6.2f}  ({other / self.e2e_s:.0%} of a core)")
+        return out
 
 
 def fleet_kwh(conn: psycopg.Connection[tuple[float]], fleet: Fleet) -> float:
@@ -196,10 +223,19 @@ def run(
 
         # Sustained: everything published at once; the clock stops when the rollups hold it all.
         encoded = [gen.encode_round(start) for start in starts]
+        groups = {
+            "load generator": [os.getpid()],
+            "bridge": [bridge.popen.pid],
+            "writer": [writer.popen.pid],
+            "compute": [p.popen.pid for p in procs if p.name.startswith("bench-compute")],
+            **{name: [pid] for name, pid in broker_pids(s).items()},
+        }
+        cpu = CpuMeter(groups)
         started = time.time()
         for start, payloads in zip(starts, encoded, strict=True):
             gen.publish_round(start, payloads)
         done_at = wait_rollups(s.db.dsn, fleet, expected_kwh(fleet, (1 + rounds) * steps), timeout, procs)
+        cpu_use = cpu.stop()
         e2e_s = done_at - started
         progress("end to end", 1.0)
 
@@ -241,7 +277,7 @@ def run(
         vacuum(s.db.dsn)
         return PipelineBenchResult(
             readings=n, copy_s=copy_s, e2e_s=e2e_s, latency_rate=rate, latency_rounds=len(latencies),
-            p50_s=q[49], p99_s=q[98], compute_workers=compute_workers,
+            p50_s=q[49], p99_s=q[98], compute_workers=compute_workers, cpu=cpu_use,
         )  # fmt: skip
     finally:
         gen.close()
