@@ -150,6 +150,17 @@ def quarantine_intervals(ts: I64, value: F64, delta: F64, flags: I32, max_kw: fl
 @njit(cache=True)
 def apportion(ts: I64, delta: F64, flags: I32, bucket_ms: int) -> tuple[I64, F64, F64, I64, I32]:
     """Spread ``delta[i]`` linearly over buckets: (starts, kwh, kwh_estimated, measured_ms, flags)."""
+    return apportion_from(ts, delta, flags, bucket_ms, 0.0, 0.0, 0, 0)
+
+
+@njit(cache=True)
+def apportion_from(
+    ts: I64, delta: F64, flags: I32, bucket_ms: int, kwh0: float, est0: float, ms0: int, flags0: int
+) -> tuple[I64, F64, F64, I64, I32]:
+    """``apportion`` with the first bucket's sums starting from (``kwh0``, ``est0``, ``ms0``,
+    ``flags0``) instead of zero: the first bucket's fold CONTINUED. Given that bucket's stored sums
+    over every interval before ``ts[0]``, the result is bit-identical to apportioning all of them
+    (the same additions in the same order); zeros give ``apportion`` exactly (0.0 + x == x)."""
     n = ts.shape[0]
     if n < 2:
         z = np.zeros(0, dtype=np.float64)
@@ -170,6 +181,11 @@ def apportion(ts: I64, delta: F64, flags: I32, bucket_ms: int) -> tuple[I64, F64
     estimated = np.zeros(nb, dtype=np.float64)
     measured_ms = np.zeros(nb, dtype=np.int64)
     bflags = np.zeros(nb, dtype=np.int32)
+    if nb > 0:
+        energy[0] = kwh0
+        estimated[0] = est0
+        measured_ms[0] = ms0
+        bflags[0] = flags0
     for i in range(n - 1):
         s = ts[i]
         e = ts[i + 1]
@@ -248,7 +264,15 @@ EVENT_BITS: Final = (F_WRAP, F_RESET, F_REPLACED, F_DROP, F_GAP, F_ESTIMATED, F_
 EVENT_NAMES: Final = ("wraps", "resets", "replacements", "drops", "gaps", "estimated", "implausible")
 
 
-@njit(cache=True)
+class Seeds(NamedTuple):
+    """Per segment: the stored sums its first bucket's fold continues from (``apportion_from``)."""
+
+    kwh: F64
+    est: F64
+    measured_ms: I64
+    flags: I64
+
+
 def bucket_energy_many(
     bounds: I64,
     ts: I64,
@@ -260,6 +284,35 @@ def bucket_energy_many(
     keep_to: I64,
     bucket_ms: int,
     max_kw: F64,
+    seeds: Seeds | None = None,
+) -> tuple[I64, I64, F64, F64, I64, I32, I64, I32]:
+    """See ``_bucket_energy_many``; ``seeds`` (default: zeros) continue each segment's first bucket."""
+    g_n = bounds.shape[0] - 1
+    if seeds is None:
+        seeds = Seeds(
+            np.zeros(g_n), np.zeros(g_n), np.zeros(g_n, dtype=np.int64), np.zeros(g_n, dtype=np.int64)
+        )
+    return _bucket_energy_many(
+        bounds, ts, value, quality, counter_max, max_gap_ms, keep_from, keep_to, bucket_ms, max_kw, *seeds
+    )
+
+
+@njit(cache=True)
+def _bucket_energy_many(
+    bounds: I64,
+    ts: I64,
+    value: F64,
+    quality: I64,
+    counter_max: F64,
+    max_gap_ms: I64,
+    keep_from: I64,
+    keep_to: I64,
+    bucket_ms: int,
+    max_kw: F64,
+    seed_kwh: F64,
+    seed_est: F64,
+    seed_ms: I64,
+    seed_flags: I64,
 ) -> tuple[I64, I64, F64, F64, I64, I32, I64, I32]:
     """Many counter series in ONE call (the set-based recompute): segment ``g`` is
     ``ts[bounds[g]:bounds[g+1]]`` (sorted) with its own ``counter_max`` and ``max_gap_ms``; of its
@@ -310,7 +363,9 @@ def bucket_energy_many(
             for j in range(n_events):
                 if f[i] & EVENT_BITS[j]:
                     events[g, j] += 1
-        s, e, x, ms, bf = apportion(t, d, f, bucket_ms)
+        s, e, x, ms, bf = apportion_from(
+            t, d, f, bucket_ms, seed_kwh[g], seed_est[g], seed_ms[g], seed_flags[g]
+        )
         for k in range(s.shape[0]):
             if keep_from[g] <= s[k] < keep_to[g]:
                 seg[out] = g

@@ -57,7 +57,14 @@ from psycopg import sql as pgsql
 
 from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
-from compute.kernels import BUCKET_MS, EVENT_NAMES, bucket_energy_many, ordered_group_sums, window_order
+from compute.kernels import (
+    BUCKET_MS,
+    EVENT_NAMES,
+    Seeds,
+    bucket_energy_many,
+    ordered_group_sums,
+    window_order,
+)
 from compute.market import rebuild_market, recompute_market_set
 from compute.quarantine import Series, record_many
 from edge.wire import Quantity
@@ -140,41 +147,47 @@ class RecomputeResult:
 _TEMP_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS compute_windows (i bigint PRIMARY KEY, meter_id text NOT NULL,"
     " quantity text NOT NULL, b0 timestamptz NOT NULL, b1 timestamptz NOT NULL, lo timestamptz NOT NULL,"
-    " hi timestamptz NOT NULL) ON COMMIT DELETE ROWS"
+    " hi timestamptz NOT NULL, prev_ts timestamptz, has_next boolean) ON COMMIT DELETE ROWS"
 )
 # One query for the whole poll: B from the neighbours of every dirty range (see the module doc),
 # then the readings just outside B that bound its intervals. Epoch-ms arithmetic as in ``to_ms``.
 _WINDOWS = f"""
-INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi)
+INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi, prev_ts, has_next)
 SELECT i, meter_id, quantity, b0, b1,
        coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
                  AND x.ts <= w.b0 ORDER BY x.ts DESC LIMIT 1), w.b0),
        coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
-                 AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1)
+                 AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1),
+       prev_ts, next_ts IS NOT NULL
 FROM (
-    SELECT i, meter_id, quantity,
-           to_timestamp((p_ms / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b0,
-           to_timestamp(((n_ms + {BUCKET_MS - 1}) / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b1
+    SELECT i, meter_id, quantity, prev_ts, next_ts,
+           to_timestamp((floor(extract(epoch FROM coalesce(prev_ts, t_min)) * 1000)::bigint
+                         / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b0,
+           to_timestamp(((floor(extract(epoch FROM coalesce(next_ts, t_max)) * 1000)::bigint
+                          + {BUCKET_MS - 1}) / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b1
     FROM (
-        SELECT r.i, r.meter_id, r.quantity,
-               floor(extract(epoch FROM coalesce(
-                   (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
-                    AND x.ts < r.t_min ORDER BY x.ts DESC LIMIT 1), r.t_min)) * 1000)::bigint AS p_ms,
-               floor(extract(epoch FROM coalesce(
-                   (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
-                    AND x.ts > r.t_max ORDER BY x.ts LIMIT 1), r.t_max)) * 1000)::bigint AS n_ms
+        SELECT r.i, r.meter_id, r.quantity, r.t_min, r.t_max,
+               (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
+                AND x.ts < r.t_min ORDER BY x.ts DESC LIMIT 1) AS prev_ts,
+               (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
+                AND x.ts > r.t_max ORDER BY x.ts LIMIT 1) AS next_ts
         FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])
              AS r(i, meter_id, quantity, t_min, t_max)
+        OFFSET 0  -- not pulled up: each neighbour query runs once, not once per reference
     ) p
 ) w
 WHERE b1 > b0
 """
 # Every reading of every window as fixed-width binary rows, unordered: numpy sorts them by window
 # and time faster than PostgreSQL does (and the rebuild's plan becomes a plain scan).
+# Each window is one primary-key range scan (the LATERAL subquery is kept apart by OFFSET 0), so
+# the cost follows the rows loaded: joined by hash, a poll read every reading of the table.
 _LOAD_WINDOWS = """
 COPY (SELECT w.i, x.ts, x.value, x.quality
-      FROM compute_windows w JOIN readings x
-        ON x.meter_id = w.meter_id AND x.quantity = w.quantity AND x.ts >= w.lo AND x.ts <= w.hi)
+      FROM compute_windows w CROSS JOIN LATERAL (
+          SELECT r.ts, r.value, r.quality FROM readings r
+          WHERE r.meter_id = w.meter_id AND r.quantity = w.quantity AND r.ts >= w.lo AND r.ts <= w.hi
+          OFFSET 0) x)
 TO STDOUT (FORMAT BINARY)
 """
 # JIT compiling these plans costs more than running them (hundreds of ms per poll).
@@ -503,6 +516,8 @@ class _Computed:
     kwh: np.ndarray
     est: np.ndarray
     mms: np.ndarray
+    flags: np.ndarray
+    last_us: np.ndarray  # per window: its last loaded reading (PostgreSQL µs), -1 if none
 
 
 def _lap(phases: dict[str, float] | None, name: str, since: float) -> None:
@@ -520,6 +535,7 @@ def _compute_windows(
     copy_sql: str = _COPY_ENERGY,
     *,
     whole: bool = False,
+    seeds: Seeds | None = None,
 ) -> _Computed:
     """Load every reading of the staged windows (one COPY), run ONE kernel call over all of them,
     record their quarantine (two statements) and COPY the meter rows into ``meter_energy_15m``
@@ -531,10 +547,14 @@ def _compute_windows(
     g_n = len(meter_ids)
     ts_raw = raw["ts"].astype(np.int64)
     order, bounds = window_order(raw["i"].astype(np.int64), ts_raw, g_n)  # by window, then time
-    ts = (ts_raw[order] + _PG_EPOCH_US) // 1000  # epoch ms, floored as ``to_ms``
+    ts_us = ts_raw[order]
+    ts = (ts_us + _PG_EPOCH_US) // 1000  # epoch ms, floored as ``to_ms``
+    last_us = np.full(g_n, -1, dtype=np.int64)
+    filled = np.flatnonzero(bounds[1:] > bounds[:-1])
+    last_us[filled] = ts_us[bounds[filled + 1] - 1]
     value = raw["v"][order].astype(np.float64)
     quality = raw["q"][order].astype(np.int64)
-    del raw, ts_raw, order
+    del raw, ts_raw, order, ts_us
     _lap(phases, "sort", t)
     t = time.perf_counter()
     max_kw = np.array([m.max_kw for m in meters], dtype=np.float64)
@@ -549,6 +569,7 @@ def _compute_windows(
         keep[1],
         BUCKET_MS,
         max_kw,
+        seeds,
     )
     _lap(phases, "kernel", t)
     t = time.perf_counter()
@@ -562,7 +583,9 @@ def _compute_windows(
     with cur.copy(copy_sql) as copy:
         copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
     _lap(phases, "meter rows (COPY in)", t)
-    return _Computed(np.diff(bounds), np.bincount(seg, minlength=g_n), events, seg, starts, kwh, est, mms)
+    return _Computed(
+        np.diff(bounds), np.bincount(seg, minlength=g_n), events, seg, starts, kwh, est, mms, flags, last_us
+    )
 
 
 def _merge_ranges(ranges: list[tuple[str, datetime, datetime]]) -> list[tuple[str, datetime, datetime]]:
@@ -666,13 +689,11 @@ def recompute_set(
                     [d.t_max for _, d, _ in todo],
                 ),
             )
-            cur.execute(
-                "ANALYZE compute_windows"
-            )  # a few rows: index scans per window, not a hash of readings
-            windows = {
-                int(i): (b0, b1)
-                for i, b0, b1 in cur.execute("SELECT i, b0, b1 FROM compute_windows").fetchall()
-            }
+            cur.execute("ANALYZE compute_windows")  # a few rows: index scans per window, not a hash
+            rows = cur.execute("SELECT i, b0, b1, prev_ts, has_next FROM compute_windows").fetchall()
+            windows = {int(i): (b0, b1) for i, b0, b1, _, _ in rows}
+            tails = {int(i): not has_next for i, _, _, _, has_next in rows}
+            seeds = _continued(cur, todo, rows)
             keep_from = np.array([to_ms(windows[g][0]) if g in windows else 0 for g in range(len(todo))])
             keep_to = np.array([to_ms(windows[g][1]) if g in windows else 0 for g in range(len(todo))])
             cur.execute(_DELETE_WINDOWS)
@@ -682,7 +703,9 @@ def recompute_set(
                 [d.quantity for _, d, _ in todo],
                 [m for _, _, m in todo],
                 (keep_from, keep_to),
+                seeds=seeds,
             )
+            new_tails = _tails_after(todo, tails, done)
             site_ranges = _merge_ranges(
                 [
                     (m.site_id, *windows[g])
@@ -721,7 +744,104 @@ def recompute_set(
                     dict(zip(EVENT_NAMES, (int(v) for v in done.events[g]), strict=True)),
                     registered=m.registered,
                 )
+        else:
+            new_tails = {}
+    _TAILS.update(new_tails)  # only once the recompute committed (or joined the caller's transaction)
     return [results[k] for k in range(len(spans))]
+
+
+# The fold state at the end of each (meter, counter) series this process last recomputed: where
+# new readings only APPEND to a series, its first bucket's fold is continued from the stored row
+# instead of re-reading every reading of that bucket (``_continued``). A bucket holding n readings
+# then costs O(new readings) per poll, not O(n).
+@dataclass(frozen=True)
+class _Tail:
+    ts_us: int  # the series' last reading when the fold was computed (PostgreSQL µs)
+    params: tuple[float, int, float]  # counter_max, max_gap_ms, max_kw it was computed with
+    bucket_ms: int  # the bucket holding that reading (epoch ms)
+    row: tuple[float, float, int, int] | None  # (kwh, kwh_estimated, measured_ms, flags); None: on a boundary
+
+
+_TAILS: dict[tuple[str, str], _Tail] = {}
+_PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+_US: Final = timedelta(microseconds=1)
+
+
+def _meter_params(m: _Meter) -> tuple[float, int, float]:
+    return (m.counter_max, m.max_gap_ms, m.max_kw)
+
+
+def _continued(
+    cur: psycopg.Cursor[Any], todo: list[tuple[int, DirtyRange, _Meter]], rows: list[tuple[Any, ...]]
+) -> Seeds:
+    """Seeds for the windows that only append to their series, whose load then starts at the last
+    reading before them (``lo = prev_ts``) instead of at the start of its bucket.
+
+    A window appends when nothing follows its range (``has_next`` false), the reading just before
+    it is the one this process last folded the series to, with the same meter parameters, and the
+    stored row of that reading's bucket is bit for bit the fold this process computed through it
+    (no row when the reading lies on a bucket boundary). Then the stored sums are exactly the fold
+    over every interval before the new readings, and continuing it (``kernels.apportion_from``)
+    gives what re-reading the bucket would. Anything else (another worker's or an uncommitted
+    write, late data, a restart) fails a check, and the window is recomputed from its bucket."""
+    g_n = len(todo)
+    seeds = Seeds(np.zeros(g_n), np.zeros(g_n), np.zeros(g_n, dtype=np.int64), np.zeros(g_n, dtype=np.int64))
+    candidates: dict[int, _Tail] = {}
+    for i, b0, _, prev_ts, has_next in rows:
+        _, d, m = todo[int(i)]
+        tail = _TAILS.get((d.meter_id, d.quantity))
+        if (
+            tail is not None
+            and prev_ts is not None
+            and not has_next
+            and tail.ts_us == (prev_ts - _PG_EPOCH) // _US
+            and tail.params == _meter_params(m)
+            and tail.bucket_ms == to_ms(b0)
+        ):
+            candidates[int(i)] = tail
+    if not candidates:
+        return seeds
+    stored = {
+        int(i): (kwh, est, ms, flags)
+        for i, kwh, est, ms, flags in cur.execute(
+            "SELECT w.i, me.kwh, me.kwh_estimated, me.measured_ms, me.flags FROM compute_windows w"
+            " JOIN meter_energy_15m me ON me.meter_id = w.meter_id AND me.bucket = w.b0 WHERE w.i = ANY(%s)",
+            (list(candidates),),
+        ).fetchall()
+    }
+    confirmed = [i for i, tail in candidates.items() if stored.get(i) == tail.row]
+    if confirmed:
+        cur.execute("UPDATE compute_windows SET lo = prev_ts WHERE i = ANY(%s)", (confirmed,))
+    for i in confirmed:
+        row = candidates[i].row
+        if row is not None:
+            seeds.kwh[i], seeds.est[i], seeds.measured_ms[i], seeds.flags[i] = row
+    return seeds
+
+
+def _tails_after(
+    todo: list[tuple[int, DirtyRange, _Meter]], tails: dict[int, bool], done: _Computed
+) -> dict[tuple[str, str], _Tail]:
+    """The fold state at the end of every window that reached its series' last reading; the
+    others' states are forgotten."""
+    out: dict[tuple[str, str], _Tail] = {}
+    cuts = np.searchsorted(done.seg, np.arange(len(todo) + 1))
+    for g, (_, d, m) in enumerate(todo):
+        key = (d.meter_id, d.quantity)
+        _TAILS.pop(key, None)
+        last_us = int(done.last_us[g])
+        if not tails.get(g) or last_us < 0:
+            continue
+        last_ms = (last_us + _PG_EPOCH_US) // 1000
+        bucket = last_ms // BUCKET_MS * BUCKET_MS
+        row = None
+        if last_ms != bucket:  # else the fold continues in a bucket not started yet
+            j = int(cuts[g + 1]) - 1
+            if j < int(cuts[g]) or int(done.starts[j]) != bucket:
+                continue
+            row = (float(done.kwh[j]), float(done.est[j]), int(done.mms[j]), int(done.flags[j]))
+        out[key] = _Tail(last_us, _meter_params(m), bucket, row)
+    return out
 
 
 @dataclass(frozen=True)
@@ -880,6 +1000,7 @@ def recompute_all(
     TRUNCATEd (rolled back with the transaction)."""
     params = _params(params, factor_series)
     phases: dict[str, float] = {}
+    _TAILS.clear()
     t = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_TEMP_DDL)
