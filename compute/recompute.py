@@ -40,6 +40,7 @@ missing from the registry get ``meter_energy_15m`` rows (as electricity) but no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import time
@@ -156,8 +157,9 @@ INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi, prev_ts, has
 SELECT i, meter_id, quantity, b0, b1,
        coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
                  AND x.ts <= w.b0 ORDER BY x.ts DESC LIMIT 1), w.b0),
-       coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
-                 AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1),
+       CASE WHEN next_ts IS NULL THEN w.b1  -- nothing after the range: nothing at or after b1 either
+            ELSE coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id
+                           AND x.quantity = w.quantity AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1) END,
        prev_ts, next_ts IS NOT NULL
 FROM (
     SELECT i, meter_id, quantity, prev_ts, next_ts,
@@ -479,24 +481,7 @@ def _energy_copy(
         if a == b:
             continue
         name = mid.encode()
-        dt = np.dtype(
-            [
-                ("n", ">i2"),
-                ("l0", ">i4"),
-                ("m", f"S{len(name)}"),
-                ("l1", ">i4"),
-                ("b", ">i8"),
-                ("l2", ">i4"),
-                ("k", ">f8"),
-                ("l3", ">i4"),
-                ("e", ">f8"),
-                ("l4", ">i4"),
-                ("ms", ">i8"),
-                ("l5", ">i4"),
-                ("f", ">i4"),
-            ]
-        )
-        block = np.empty(b - a, dtype=dt)
+        block = np.empty(b - a, dtype=_energy_row(len(name)))
         block["n"], block["l0"], block["m"] = 6, len(name), name
         block["l1"], block["l2"], block["l3"], block["l4"], block["l5"] = 8, 8, 8, 8, 4
         block["b"] = starts[a:b] * 1000 - _PG_EPOCH_US
@@ -504,6 +489,28 @@ def _energy_copy(
         parts.append(block.tobytes())
     parts.append(_COPY_TRAILER)
     return b"".join(parts)
+
+
+@functools.cache
+def _energy_row(name_len: int) -> np.dtype[Any]:
+    """One ``meter_energy_15m`` binary COPY tuple for a meter id of ``name_len`` bytes."""
+    return np.dtype(
+        [
+            ("n", ">i2"),
+            ("l0", ">i4"),
+            ("m", f"S{name_len}"),
+            ("l1", ">i4"),
+            ("b", ">i8"),
+            ("l2", ">i4"),
+            ("k", ">f8"),
+            ("l3", ">i4"),
+            ("e", ">f8"),
+            ("l4", ">i4"),
+            ("ms", ">i8"),
+            ("l5", ">i4"),
+            ("f", ">i4"),
+        ]
+    )
 
 
 @dataclass(frozen=True)
