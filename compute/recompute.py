@@ -699,7 +699,9 @@ def recompute_set(
             cur.execute("ANALYZE compute_windows")  # a few rows: index scans per window, not a hash
             rows = cur.execute("SELECT i, b0, b1, prev_ts, has_next FROM compute_windows").fetchall()
             windows = {int(i): (b0, b1) for i, b0, b1, _, _ in rows}
-            tails = {int(i): not has_next for i, _, _, _, has_next in rows}
+            # Whether a window loads its series' last reading: nothing follows the range, or what
+            # follows lies before b1 (the first reading at or after b1 is loaded when there is one).
+            tails = {int(i): (not has_next, to_ms(b1)) for i, _, b1, _, has_next in rows}
             seeds = _continued(cur, todo, rows)
             keep_from = np.array([to_ms(windows[g][0]) if g in windows else 0 for g in range(len(todo))])
             keep_to = np.array([to_ms(windows[g][1]) if g in windows else 0 for g in range(len(todo))])
@@ -784,23 +786,23 @@ def _continued(
     """Seeds for the windows that only append to their series, whose load then starts at the last
     reading before them (``lo = prev_ts``) instead of at the start of its bucket.
 
-    A window appends when nothing follows its range (``has_next`` false), the reading just before
-    it is the one this process last folded the series to, with the same meter parameters, and the
-    stored row of that reading's bucket is bit for bit the fold this process computed through it
-    (no row when the reading lies on a bucket boundary). Then the stored sums are exactly the fold
-    over every interval before the new readings, and continuing it (``kernels.apportion_from``)
-    gives what re-reading the bucket would. Anything else (another worker's or an uncommitted
-    write, late data, a restart) fails a check, and the window is recomputed from its bucket."""
+    A window continues when the reading just before its range is the one this process last
+    folded the series to, with the same meter parameters, and the stored row of that reading's
+    bucket is bit for bit the fold this process computed through it (no row when the reading lies
+    on a bucket boundary). Then the stored sums are exactly the fold over every interval before
+    it, and continuing it over every loaded reading from there (``kernels.apportion_from``; readings
+    after the range, committed meanwhile, are loaded as before) gives what re-reading would.
+    Anything else (another worker's or an uncommitted write, late data, a restart) fails a check,
+    and the window is recomputed from its bucket."""
     g_n = len(todo)
     seeds = Seeds(np.zeros(g_n), np.zeros(g_n), np.zeros(g_n, dtype=np.int64), np.zeros(g_n, dtype=np.int64))
     candidates: dict[int, _Tail] = {}
-    for i, b0, _, prev_ts, has_next in rows:
+    for i, b0, _, prev_ts, _ in rows:
         _, d, m = todo[int(i)]
         tail = _TAILS.get((d.meter_id, d.quantity))
         if (
             tail is not None
             and prev_ts is not None
-            and not has_next
             and tail.ts_us == (prev_ts - _PG_EPOCH) // _US
             and tail.params == _meter_params(m)
             and tail.bucket_ms == to_ms(b0)
@@ -827,7 +829,7 @@ def _continued(
 
 
 def _tails_after(
-    todo: list[tuple[int, DirtyRange, _Meter]], tails: dict[int, bool], done: _Computed
+    todo: list[tuple[int, DirtyRange, _Meter]], tails: dict[int, tuple[bool, int]], done: _Computed
 ) -> dict[tuple[str, str], _Tail]:
     """The fold state at the end of every window that reached its series' last reading; the
     others' states are forgotten."""
@@ -837,9 +839,12 @@ def _tails_after(
         key = (d.meter_id, d.quantity)
         _TAILS.pop(key, None)
         last_us = int(done.last_us[g])
-        if not tails.get(g) or last_us < 0:
+        if g not in tails or last_us < 0:
             continue
         last_ms = (last_us + _PG_EPOCH_US) // 1000
+        alone, b1_ms = tails[g]
+        if not (alone or last_ms < b1_ms):  # a reading at or after b1 was loaded: not the series' end
+            continue
         bucket = last_ms // BUCKET_MS * BUCKET_MS
         row = None
         if last_ms != bucket:  # else the fold continues in a bucket not started yet

@@ -90,10 +90,15 @@ class PipelineBenchResult:
             f"CPU in the sustained phase: machine {cpu.machine_busy / cpu.machine_total:.0%} busy;"
             " core-seconds per 100k readings:"
         ]
-        for name, sec in sorted(cpu.seconds.items(), key=lambda kv: -kv[1]):
-            out.append(f"  {name:<15} {sec * per:6.2f}  ({sec / self.e2e_s:.0%} of a core)")
-        other = cpu.machine_busy - sum(cpu.seconds.values())
-        out.append(f"  {'(rest)':<15} {other * per:6.2f}  ({other / self.e2e_s:.0%} of a core)")
+        seconds = dict(cpu.seconds)
+        backends = [k for k in seconds if k.endswith("'s DB")]
+        if "postgresql" in seconds:  # every postgres process, the pieces' own backends included
+            seconds["postgresql"] = max(0.0, seconds.pop("postgresql") - sum(seconds[k] for k in backends))
+            seconds["postgresql (rest)"] = seconds.pop("postgresql")
+        for name, sec in sorted(seconds.items(), key=lambda kv: -kv[1]):
+            out.append(f"  {name:<17} {sec * per:6.2f}  ({sec / self.e2e_s:.0%} of a core)")
+        other = cpu.machine_busy - sum(seconds.values())
+        out.append(f"  {'(other processes)':<17} {other * per:6.2f}  ({other / self.e2e_s:.0%} of a core)")
         return out
 
 
@@ -105,6 +110,19 @@ def fleet_kwh(conn: psycopg.Connection[tuple[float]], fleet: Fleet) -> float:
     ).fetchone()
     conn.commit()
     return float(row[0]) if row else 0.0
+
+
+def backend_pids(dsn: str, names: dict[str, str]) -> dict[str, list[int]]:
+    """PostgreSQL backend pids per piece, by the application_name its sessions carry."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT application_name, pid FROM pg_stat_activity WHERE application_name = ANY(%s)",
+            (list(names),),
+        ).fetchall()
+    out: dict[str, list[int]] = {label: [] for label in names.values()}
+    for app, pid in rows:
+        out[names[app]].append(int(pid))
+    return out
 
 
 def expected_kwh(fleet: Fleet, steps: int) -> float:
@@ -183,12 +201,22 @@ def run(
     procs: list[_Proc] = []
     try:
         writer_port = free_port()
-        writer = _Proc("bench-writer", ["ingest", "writer", "--metrics-port", str(writer_port)], env, log_dir)
+        # Each piece's PostgreSQL sessions carry its name (libpq's PGAPPNAME), so the CPU of its
+        # backends can be told apart from the rest of the server's.
+        writer = _Proc(
+            "bench-writer",
+            ["ingest", "writer", "--metrics-port", str(writer_port)],
+            {**env, "PGAPPNAME": f"{tag}-writer"},
+            log_dir,
+        )
         procs.append(writer)
         for w in range(compute_workers):  # one consumer group: sites are split by partition
             procs.append(
                 _Proc(
-                    f"bench-compute-{w}", ["compute", "run", "--metrics-port", str(free_port())], env, log_dir
+                    f"bench-compute-{w}",
+                    ["compute", "run", "--metrics-port", str(free_port())],
+                    {**env, "PGAPPNAME": f"{tag}-compute"},
+                    log_dir,
                 )
             )
         bridge = _Proc(
@@ -229,6 +257,7 @@ def run(
             "writer": [writer.popen.pid],
             "compute": [p.popen.pid for p in procs if p.name.startswith("bench-compute")],
             **{name: [pid] for name, pid in broker_pids(s).items()},
+            **backend_pids(s.db.dsn, {f"{tag}-writer": "writer's DB", f"{tag}-compute": "compute's DB"}),
         }
         cpu = CpuMeter(groups)
         started = time.time()
