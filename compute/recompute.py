@@ -11,7 +11,12 @@ all its meters.
 Why replays, duplicates, out-of-order and late data give exactly a clean run's result:
 - a bucket's energy depends only on the intervals overlapping it, added in time order from 0.0
   (see ``compute.kernels``), so a sub-range recompute is bit-identical to a full one;
-- the site sum is ``sum(kwh ORDER BY meter_id)``, independent of physical row order;
+- the site sum is ``sum(kwh ORDER BY meter_id COLLATE "C")``, independent of physical row order
+  and of the database's collation; the rebuild folds the same sums in numba in the same
+  (code-point) order (``kernels.ordered_group_sums``), so both paths are bit-identical;
+- where new readings only append to a series, the first bucket's fold is continued from its
+  stored row instead of re-reading the bucket, only after checking that the row is bit for bit the
+  fold through the reading before them (``_continued``): the same additions in the same order;
 - every change to a meter's rows in a bucket is followed, in the same transaction, by rebuilding
   that bucket's site rollup; recomputes of one site are serialised by an advisory lock, so the last
   rollup of a bucket always sees every meter's final rows.
