@@ -218,17 +218,17 @@ def load_year(
 
 def copy_out_seconds(conn: psycopg.Connection[Any]) -> tuple[float, int]:
     """Binary COPY-out of the counter readings a rebuild reads, to the client: the ceiling."""
+    from compute.recompute import copy_out  # the reader the rebuild itself uses
+
     started = time.perf_counter()
-    size = 0
-    with (
-        conn.cursor() as cur,
-        cur.copy(
-            "COPY (SELECT meter_id, quantity, ts, value, quality FROM readings"
-            " WHERE quantity = 'energy_import_kwh') TO STDOUT (FORMAT BINARY)"
-        ) as copy,
-    ):
-        for chunk in copy:
-            size += len(chunk)
+    with conn.cursor() as cur:
+        size = len(
+            copy_out(
+                cur,
+                "COPY (SELECT meter_id, quantity, ts, value, quality FROM readings"
+                " WHERE quantity = 'energy_import_kwh') TO STDOUT (FORMAT BINARY)",
+            )
+        )
     conn.commit()
     return time.perf_counter() - started, size
 

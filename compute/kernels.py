@@ -150,6 +150,17 @@ def quarantine_intervals(ts: I64, value: F64, delta: F64, flags: I32, max_kw: fl
 @njit(cache=True)
 def apportion(ts: I64, delta: F64, flags: I32, bucket_ms: int) -> tuple[I64, F64, F64, I64, I32]:
     """Spread ``delta[i]`` linearly over buckets: (starts, kwh, kwh_estimated, measured_ms, flags)."""
+    return apportion_from(ts, delta, flags, bucket_ms, 0.0, 0.0, 0, 0)
+
+
+@njit(cache=True)
+def apportion_from(
+    ts: I64, delta: F64, flags: I32, bucket_ms: int, kwh0: float, est0: float, ms0: int, flags0: int
+) -> tuple[I64, F64, F64, I64, I32]:
+    """``apportion`` with the first bucket's sums starting from (``kwh0``, ``est0``, ``ms0``,
+    ``flags0``) instead of zero: the first bucket's fold CONTINUED. Given that bucket's stored sums
+    over every interval before ``ts[0]``, the result is bit-identical to apportioning all of them
+    (the same additions in the same order); zeros give ``apportion`` exactly (0.0 + x == x)."""
     n = ts.shape[0]
     if n < 2:
         z = np.zeros(0, dtype=np.float64)
@@ -170,6 +181,11 @@ def apportion(ts: I64, delta: F64, flags: I32, bucket_ms: int) -> tuple[I64, F64
     estimated = np.zeros(nb, dtype=np.float64)
     measured_ms = np.zeros(nb, dtype=np.int64)
     bflags = np.zeros(nb, dtype=np.int32)
+    if nb > 0:
+        energy[0] = kwh0
+        estimated[0] = est0
+        measured_ms[0] = ms0
+        bflags[0] = flags0
     for i in range(n - 1):
         s = ts[i]
         e = ts[i + 1]
@@ -248,7 +264,15 @@ EVENT_BITS: Final = (F_WRAP, F_RESET, F_REPLACED, F_DROP, F_GAP, F_ESTIMATED, F_
 EVENT_NAMES: Final = ("wraps", "resets", "replacements", "drops", "gaps", "estimated", "implausible")
 
 
-@njit(cache=True)
+class Seeds(NamedTuple):
+    """Per segment: the stored sums its first bucket's fold continues from (``apportion_from``)."""
+
+    kwh: F64
+    est: F64
+    measured_ms: I64
+    flags: I64
+
+
 def bucket_energy_many(
     bounds: I64,
     ts: I64,
@@ -260,6 +284,35 @@ def bucket_energy_many(
     keep_to: I64,
     bucket_ms: int,
     max_kw: F64,
+    seeds: Seeds | None = None,
+) -> tuple[I64, I64, F64, F64, I64, I32, I64, I32]:
+    """See ``_bucket_energy_many``; ``seeds`` (default: zeros) continue each segment's first bucket."""
+    g_n = bounds.shape[0] - 1
+    if seeds is None:
+        seeds = Seeds(
+            np.zeros(g_n), np.zeros(g_n), np.zeros(g_n, dtype=np.int64), np.zeros(g_n, dtype=np.int64)
+        )
+    return _bucket_energy_many(
+        bounds, ts, value, quality, counter_max, max_gap_ms, keep_from, keep_to, bucket_ms, max_kw, *seeds
+    )
+
+
+@njit(cache=True)
+def _bucket_energy_many(
+    bounds: I64,
+    ts: I64,
+    value: F64,
+    quality: I64,
+    counter_max: F64,
+    max_gap_ms: I64,
+    keep_from: I64,
+    keep_to: I64,
+    bucket_ms: int,
+    max_kw: F64,
+    seed_kwh: F64,
+    seed_est: F64,
+    seed_ms: I64,
+    seed_flags: I64,
 ) -> tuple[I64, I64, F64, F64, I64, I32, I64, I32]:
     """Many counter series in ONE call (the set-based recompute): segment ``g`` is
     ``ts[bounds[g]:bounds[g+1]]`` (sorted) with its own ``counter_max`` and ``max_gap_ms``; of its
@@ -310,7 +363,9 @@ def bucket_energy_many(
             for j in range(n_events):
                 if f[i] & EVENT_BITS[j]:
                     events[g, j] += 1
-        s, e, x, ms, bf = apportion(t, d, f, bucket_ms)
+        s, e, x, ms, bf = apportion_from(
+            t, d, f, bucket_ms, seed_kwh[g], seed_est[g], seed_ms[g], seed_flags[g]
+        )
         for k in range(s.shape[0]):
             if keep_from[g] <= s[k] < keep_to[g]:
                 seg[out] = g
@@ -321,6 +376,63 @@ def bucket_energy_many(
                 flags[out] = bf[k]
                 out += 1
     return seg, starts, kwh, est, mms, flags, events, iflags
+
+
+@njit(cache=True)
+def window_order(win: I64, ts: I64, n_windows: int) -> tuple[I64, I64]:
+    """Rows loaded in any order → (permutation sorting them by window, then time; window offsets).
+    A stable counting sort by window, then only a window whose rows are out of time order is
+    sorted (a scan of a time-partitioned table already yields each series in order)."""
+    n = win.shape[0]
+    bounds = np.zeros(n_windows + 1, dtype=np.int64)
+    for r in range(n):
+        bounds[win[r] + 1] += 1
+    for g in range(n_windows):
+        bounds[g + 1] += bounds[g]
+    pos = bounds[:-1].copy()
+    perm = np.empty(n, dtype=np.int64)
+    for r in range(n):
+        perm[pos[win[r]]] = r
+        pos[win[r]] += 1
+    for g in range(n_windows):
+        a = bounds[g]
+        b = bounds[g + 1]
+        for k in range(a + 1, b):
+            if ts[perm[k]] < ts[perm[k - 1]]:
+                sub = perm[a:b].copy()
+                perm[a:b] = sub[np.argsort(ts[sub], kind="mergesort")]
+                break
+    return perm, bounds
+
+
+@njit(cache=True)
+def ordered_group_sums(key: I64, kwh: F64, est: F64, mms: I64) -> tuple[I64, F64, F64, I64]:
+    """Rows sorted by ``key`` → per run of equal keys: (first row, sum of kwh, of est, of mms).
+    Each sum is a left fold in row order starting from the run's first value, exactly what
+    PostgreSQL's ``sum(float8 ORDER BY …)`` computes (``float8pl`` with a NULL initial state), so
+    sums folded here and sums folded by the database in the same order are bit-identical."""
+    n = key.shape[0]
+    runs = 0
+    for r in range(n):
+        if r == 0 or key[r] != key[r - 1]:
+            runs += 1
+    first = np.empty(runs, dtype=np.int64)
+    s_kwh = np.empty(runs, dtype=np.float64)
+    s_est = np.empty(runs, dtype=np.float64)
+    s_mms = np.empty(runs, dtype=np.int64)
+    g = -1
+    for r in range(n):
+        if r == 0 or key[r] != key[r - 1]:
+            g += 1
+            first[g] = r
+            s_kwh[g] = kwh[r]
+            s_est[g] = est[r]
+            s_mms[g] = mms[r]
+        else:
+            s_kwh[g] += kwh[r]
+            s_est[g] += est[r]
+            s_mms[g] += mms[r]
+    return first, s_kwh, s_est, s_mms
 
 
 class BucketEnergy(NamedTuple):

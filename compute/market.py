@@ -39,6 +39,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -304,21 +305,33 @@ def apply_instruments(conn: psycopg.Connection[Any], path: Path) -> ApplyResult:
     return ApplyResult(len(ledger.instruments), retracted, sites)
 
 
-def rebuild_market(cur: psycopg.Cursor[Any], sites: Iterable[str] | None = None) -> None:
-    """Re-allocate ``sites`` (default: all) over everything they have, from scratch. The caller
-    holds the site locks (or a table lock) inside its transaction."""
-    if sites is None:
-        sites = [r[0] for r in cur.execute("SELECT site_id FROM sites ORDER BY 1").fetchall()]
-    for site in sites:
-        cur.execute("DELETE FROM instrument_claims WHERE site_id = %s", (site,))
-        cur.execute("DELETE FROM site_market_1h WHERE site_id = %s", (site,))
-        span = cur.execute(
-            "SELECT min(bucket), max(bucket) FROM site_rollups_15m WHERE site_id = %s AND scope = 2"
-            " AND method = 'location'",
-            (site,),
-        ).fetchone()
-        if span is not None and span[0] is not None:
-            recompute_market(cur, site, span[0], span[1] + timedelta(minutes=15))
+def rebuild_market(cur: psycopg.Cursor[Any], sites: Iterable[str] | None = None) -> int:
+    """Re-allocate ``sites`` (default: all) over everything they have, from scratch, set-based
+    (``recompute_market_set``). The caller holds the site locks (or a table lock) inside its
+    transaction. All sites (the full rebuild): both tables are emptied by TRUNCATE and bulk-loaded
+    (``compute.recompute.bulk_load``). Returns the hours written."""
+    from compute.recompute import bulk_load  # compute.recompute imports this module
+
+    whole = sites is None
+    chosen = sorted(sites) if sites is not None else []
+    if whole:
+        chosen = [r[0] for r in cur.execute("SELECT site_id FROM sites ORDER BY 1").fetchall()]
+        cur.execute("TRUNCATE site_market_1h, instrument_claims")
+    else:
+        cur.execute("DELETE FROM instrument_claims WHERE site_id = ANY(%s)", (chosen,))
+        cur.execute("DELETE FROM site_market_1h WHERE site_id = ANY(%s)", (chosen,))
+    spans = cur.execute(  # two primary-key descents per site, not a scan of its rollups
+        "SELECT s, (SELECT min(bucket) FROM site_rollups_15m WHERE site_id = s AND scope = 2"
+        " AND method = 'location'), (SELECT max(bucket) FROM site_rollups_15m WHERE site_id = s"
+        " AND scope = 2 AND method = 'location') FROM unnest(%s::text[]) AS s",
+        (chosen,),
+    ).fetchall()
+    ranges = [(s, b0, b1 + timedelta(minutes=15)) for s, b0, b1 in spans if b0 is not None]
+    with (
+        bulk_load(cur, "site_market_1h") if whole else nullcontext(),
+        bulk_load(cur, "instrument_claims") if whole else nullcontext(),
+    ):
+        return recompute_market_set(cur, ranges)
 
 
 @dataclass
@@ -387,104 +400,161 @@ def allocate(hours: dict[tuple[str, datetime], _Hour], insts: list[_Inst]) -> No
             left -= take
 
 
-def _fallback_factors(
-    cur: psycopg.Cursor[Any], region: str, carrier: str
-) -> list[tuple[str, str, date, date, float]]:
-    """Candidate (basis, factor id, valid from, valid to, kg/kWh), best first: residual mix, then the
-    non-fossil-excluded average; each for the region, then its country."""
-    regions = [region] + ([region.split("-")[0]] if "-" in region else [])
-    out = []
-    for basis, series in FALLBACKS:
-        for r in regions:
-            out += [
-                (basis, *row)
-                for row in cur.execute(
-                    "SELECT factor_id, valid_from, valid_to, kg_co2e_per_unit FROM emission_factors"
-                    " WHERE series = %s AND region = %s AND carrier = %s AND unit = 'kWh'"
-                    # Disclosure-grade factors only, as compute.recompute.FACTOR_LOOKUP: newest
-                    # vintage, then the highest revision of it.
-                    " AND gases IS NOT NULL AND data_year IS NOT NULL"
-                    " ORDER BY data_year DESC, version DESC, factor_id",
-                    (series, r, carrier),
-                ).fetchall()
-            ]
+# Per-call staging (emptied at each call and at commit): the hours to rebuild per site, their
+# location-based sums, the instruments' claims on them and the fallback factor per region,
+# carrier and site-local day.
+_TEMP_DDL: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS market_ranges (site_id text, h0 timestamptz, h1 timestamptz)"
+    " ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS market_hours (site_id text, carrier text, bucket timestamptz, day date,"
+    " region text, kwh float8, location_kg float8, location_factor text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS market_claimed (site_id text, carrier text, bucket timestamptz,"
+    " claimed float8, instrument_kg float8, instrument_ids text[]) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS market_fallbacks (region text, carrier text, day date, basis text,"
+    " factor_id text, kg float8) ON COMMIT DELETE ROWS",
+)
+# Location-based Scope 2 per site, carrier and hour: the quarter hours summed in time order.
+_STAGE_HOURS = """
+INSERT INTO market_hours
+SELECT r.site_id, r.carrier, date_trunc('hour', r.bucket) AS h,
+       (date_trunc('hour', r.bucket) AT TIME ZONE s.timezone)::date, s.grid_region,
+       sum(r.kwh ORDER BY r.bucket),
+       CASE WHEN count(*) = count(r.kg_co2e) THEN sum(r.kg_co2e ORDER BY r.bucket) END, min(r.factor_id)
+FROM market_ranges w
+JOIN site_rollups_15m r ON r.site_id = w.site_id AND r.bucket >= w.h0 AND r.bucket < w.h1
+ AND r.scope = 2 AND r.method = 'location'
+JOIN sites s ON s.site_id = w.site_id
+GROUP BY 1, 2, 3, 4, 5
+"""
+# The fallback for uncovered consumption (``FALLBACKS``, best first; each for the region, then its
+# country), once per (region, carrier, site-local day): disclosure-grade factors only, as
+# compute.recompute.FACTOR_LOOKUP, newest vintage, then the highest revision, valid on that day.
+_STAGE_FALLBACKS = """
+INSERT INTO market_fallbacks
+SELECT d.region, d.carrier, d.day, f.basis, f.factor_id, f.kg
+FROM (SELECT DISTINCT region, carrier, day FROM market_hours) d
+JOIN LATERAL (
+    SELECT b.basis, ef.factor_id, ef.kg_co2e_per_unit AS kg
+    FROM unnest(%(bases)s::text[], %(series)s::text[]) WITH ORDINALITY AS b(basis, series, rank)
+    JOIN emission_factors ef ON ef.series = b.series
+    WHERE ef.region IN (d.region, split_part(d.region, '-', 1)) AND ef.carrier = d.carrier AND ef.unit = 'kWh'
+      AND ef.gases IS NOT NULL AND ef.data_year IS NOT NULL AND ef.valid_from <= d.day AND d.day < ef.valid_to
+    ORDER BY b.rank, (ef.region = d.region) DESC, ef.data_year DESC, ef.version DESC, ef.factor_id
+    LIMIT 1
+) f ON true
+"""
+# Every hour at once: instruments' claims first, the fallback factor for the rest; where there is
+# none, the location-based emissions of the rest; else unknown (NULL) unless nothing is left.
+# ``rest`` is max(0, kWh - claimed) exactly as Python's ``max(0.0, x)`` (0 unless x > 0).
+_INSERT_HOURS = """
+INSERT INTO site_market_1h (site_id, bucket, carrier, kwh, kwh_instruments, kg_co2e, residual_factor_id,
+                            instrument_ids, residual_basis)
+SELECT h.site_id, h.bucket, h.carrier, h.kwh, coalesce(c.claimed, 0),
+       CASE WHEN f.factor_id IS NOT NULL THEN coalesce(c.instrument_kg, 0) + x.rest * f.kg
+            WHEN h.location_kg IS NOT NULL AND h.kwh > 0
+                THEN coalesce(c.instrument_kg, 0) + h.location_kg * (x.rest / h.kwh)
+            WHEN x.rest <= 0 THEN coalesce(c.instrument_kg, 0) END,
+       CASE WHEN f.factor_id IS NOT NULL THEN f.factor_id
+            WHEN h.location_kg IS NOT NULL AND h.kwh > 0 THEN h.location_factor END,
+       coalesce(c.instrument_ids, '{}'),
+       CASE WHEN f.factor_id IS NOT NULL THEN f.basis
+            WHEN h.location_kg IS NOT NULL AND h.kwh > 0 THEN %(location)s END
+FROM market_hours h
+LEFT JOIN market_claimed c ON c.site_id = h.site_id AND c.carrier = h.carrier AND c.bucket = h.bucket
+LEFT JOIN market_fallbacks f ON f.region = h.region AND f.carrier = h.carrier AND f.day = h.day
+CROSS JOIN LATERAL (SELECT CASE WHEN h.kwh - coalesce(c.claimed, 0) > 0
+                                THEN h.kwh - coalesce(c.claimed, 0) ELSE 0::float8 END AS rest) x
+"""
+_RANGES = "unnest(%s::text[], %s::timestamptz[], %s::timestamptz[]) AS w(site_id, h0, h1)"
+
+
+def _instruments(cur: psycopg.Cursor[Any], sites: list[str]) -> dict[str, tuple[ZoneInfo, list[_Inst]]]:
+    """Per site: its time zone and the instruments that may claim its hours, in allocation order
+    (hourly first, then by period start and id). One query each for sites and instruments."""
+    info = {
+        site: (ZoneInfo(tz), region)
+        for site, tz, region in cur.execute(
+            "SELECT site_id, timezone, grid_region FROM sites WHERE site_id = ANY(%s)", (sites,)
+        ).fetchall()
+    }
+    out: dict[str, tuple[ZoneInfo, list[_Inst]]] = {site: (tz, []) for site, (tz, _) in info.items()}
+    for site, iid, carrier, mwh, p0, p1, kg, hourly, boundary in cur.execute(
+        "SELECT site_id, instrument_id, carrier, mwh, period_start, period_end, kg_co2e_per_kwh, hourly,"
+        " market_boundary FROM contractual_instruments WHERE site_id = ANY(%s)"
+        " ORDER BY site_id, hourly DESC, period_start, instrument_id",
+        (sites,),
+    ).fetchall():
+        tz, region = info[site]
+        if boundary and not within(region, boundary):  # the site moved grid region since it was applied
+            log.warning(
+                "instrument %s: site %s is on %s, outside market boundary %s: no claims",
+                iid,
+                site,
+                region,
+                boundary,
+            )
+            continue
+        out[site][1].append(
+            _Inst(iid, carrier, mwh * 1000.0, kg, hourly, _local_midnight(p0, tz), _local_midnight(p1, tz))
+        )
     return out
 
 
-def recompute_market(cur: psycopg.Cursor[Any], site: str, b0: datetime, b1: datetime) -> int:
-    """Rebuild ``site_market_1h`` and ``instrument_claims`` for the connected hull of ``[b0, b1)``.
-    Call inside the recompute transaction (the site lock is held). Returns the hours written."""
-    row = cur.execute("SELECT timezone, grid_region FROM sites WHERE site_id = %s", (site,)).fetchone()
-    if row is None:
+def recompute_market_set(cur: psycopg.Cursor[Any], ranges: list[tuple[str, datetime, datetime]]) -> int:
+    """Rebuild ``site_market_1h`` and ``instrument_claims`` for the connected hull of each
+    ``(site, b0, b1)``, every site at once: one query each for sites, instruments and hourly sums,
+    one DELETE per table, and one INSERT of every hour; only the sites with instruments have their
+    hours fetched, for the claims (``allocate``, whose greedy order is sequential by nature). Call
+    inside the recompute transaction (the site locks are held). Returns the hours written."""
+    if not ranges:
         return 0
-    tz, region = ZoneInfo(row[0]), row[1]
-    insts = []
-    for r in cur.execute(
-        "SELECT instrument_id, carrier, mwh, period_start, period_end, kg_co2e_per_kwh, hourly,"
-        " market_boundary FROM contractual_instruments WHERE site_id = %s"
-        " ORDER BY hourly DESC, period_start, instrument_id",
-        (site,),
-    ).fetchall():
-        if r[7] and not within(region, r[7]):  # the site moved grid region since the ledger was applied
-            log.warning(
-                "instrument %s: site %s is on %s, outside market boundary %s: no claims",
-                r[0],
-                site,
-                region,
-                r[7],
-            )
-            continue
-        insts.append(
-            _Inst(r[0], r[1], r[2] * 1000.0, r[5], r[6], _local_midnight(r[3], tz), _local_midnight(r[4], tz))
-        )
-    h0, h1 = connected_hull(insts, _floor_hour(b0), _ceil_hour(b1))
-    hours: dict[tuple[str, datetime], _Hour] = {}
-    for carrier, bucket, kwh, location_kg, factor in cur.execute(
-        "SELECT carrier, date_trunc('hour', bucket), sum(kwh ORDER BY bucket),"
-        " CASE WHEN count(*) = count(kg_co2e) THEN sum(kg_co2e ORDER BY bucket) END,"
-        " min(factor_id) FROM site_rollups_15m WHERE site_id = %s AND scope = 2 AND method = 'location'"
-        " AND bucket >= %s AND bucket < %s GROUP BY 1, 2 ORDER BY 1, 2",
-        (site, h0, h1),
-    ).fetchall():
-        hours[(carrier, bucket)] = _Hour(kwh, location_kg, factor)
-    allocate(hours, insts)
+    for ddl in _TEMP_DDL:
+        cur.execute(ddl)
+    cur.execute("TRUNCATE market_ranges, market_hours, market_claimed, market_fallbacks")
+    sites = _instruments(cur, sorted({r[0] for r in ranges}))
+    hulls: list[tuple[str, datetime, datetime]] = []
+    for site, b0, b1 in ranges:
+        if site in sites:
+            hulls.append((site, *connected_hull(sites[site][1], _floor_hour(b0), _ceil_hour(b1))))
+    if not hulls:
+        return 0
+    args = ([h[0] for h in hulls], [h[1] for h in hulls], [h[2] for h in hulls])
     cur.execute(
-        "DELETE FROM instrument_claims WHERE site_id = %s AND bucket >= %s AND bucket < %s", (site, h0, h1)
+        "DELETE FROM instrument_claims c USING " + _RANGES + " WHERE c.site_id = w.site_id"
+        " AND c.bucket >= w.h0 AND c.bucket < w.h1",
+        args,
     )
     cur.execute(
-        "DELETE FROM site_market_1h WHERE site_id = %s AND bucket >= %s AND bucket < %s", (site, h0, h1)
+        "DELETE FROM site_market_1h m USING " + _RANGES + " WHERE m.site_id = w.site_id"
+        " AND m.bucket >= w.h0 AND m.bucket < w.h1",
+        args,
     )
-    fallbacks = {c: _fallback_factors(cur, region, c) for c in {k[0] for k in hours}}
-    rows, claims = [], []
-    for (carrier, bucket), h in sorted(hours.items()):
-        rest = max(0.0, h.kwh - h.claimed)
-        day = bucket.astimezone(tz).date()
-        chosen = next((f for f in fallbacks[carrier] if f[2] <= day < f[3]), None)
-        basis: str | None
-        kg: float | None
-        if chosen is not None:
-            basis, factor, kg = chosen[0], chosen[1], h.instrument_kg + rest * chosen[4]
-        elif h.location_kg is not None and h.kwh > 0:
-            basis, factor, kg = (
-                LOCATION_BASIS,
-                h.location_factor,
-                h.instrument_kg + h.location_kg * (rest / h.kwh),
-            )
-        elif rest <= 0:
-            basis, factor, kg = None, None, h.instrument_kg
-        else:
-            basis, factor, kg = None, None, None
-        rows.append((site, bucket, carrier, h.kwh, h.claimed, kg, factor, [c[0] for c in h.claims], basis))
-        claims += [(iid, site, carrier, bucket, kwh) for iid, kwh in h.claims]
-    cur.executemany(
-        "INSERT INTO site_market_1h (site_id, bucket, carrier, kwh, kwh_instruments, kg_co2e,"
-        " residual_factor_id, instrument_ids, residual_basis) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        rows,
-    )
-    if claims:
+    cur.execute("INSERT INTO market_ranges SELECT * FROM " + _RANGES, args)
+    cur.execute(_STAGE_HOURS)
+    claiming = sorted(site for site, (_, insts) in sites.items() if insts)
+    hours: dict[str, dict[tuple[str, datetime], _Hour]] = defaultdict(dict)
+    if claiming:
+        for site, carrier, bucket, kwh in cur.execute(
+            "SELECT site_id, carrier, bucket, kwh FROM market_hours WHERE site_id = ANY(%s)", (claiming,)
+        ).fetchall():
+            hours[site][(carrier, bucket)] = _Hour(kwh, None, None)
+    claimed, claims = [], []
+    for site in claiming:
+        allocate(hours[site], sites[site][1])
+        for (carrier, bucket), h in sorted(hours[site].items()):
+            if h.claims:
+                claimed.append((site, carrier, bucket, h.claimed, h.instrument_kg, [c[0] for c in h.claims]))
+                claims += [(iid, site, carrier, bucket, kwh) for iid, kwh in h.claims]
+    if claimed:
+        with cur.copy("COPY market_claimed FROM STDIN") as cp:
+            for row in claimed:
+                cp.write_row(row)
         with cur.copy(
             "COPY instrument_claims (instrument_id, site_id, carrier, bucket, kwh) FROM STDIN"
         ) as cp:
             for c in claims:
                 cp.write_row(c)
-    return len(rows)
+    cur.execute("ANALYZE market_hours")
+    cur.execute(_STAGE_FALLBACKS, {"bases": [f[0] for f in FALLBACKS], "series": [f[1] for f in FALLBACKS]})
+    cur.execute(_INSERT_HOURS, {"location": LOCATION_BASIS})
+    return cur.rowcount

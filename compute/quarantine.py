@@ -16,7 +16,6 @@ Statements list them in their data-quality section, and a month with any is not 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -38,13 +37,13 @@ class Held:
 
 
 def held_readings(ts: np.ndarray, value: np.ndarray, interval_flags: np.ndarray, max_kw: float) -> list[Held]:
-    """The readings to quarantine, given the kernel's interval flags (one reading per cause)."""
+    """The readings to quarantine, given the kernel's interval flags (one reading per cause).
+    Only the flagged positions are visited (numpy finds them), not every loaded reading."""
     held: dict[int, Held] = {}
-    for j, v in enumerate(value.tolist()):
-        if not math.isfinite(v):
-            held[j] = Held(j, NON_FINITE, f"value {v} is not a finite number")
-    for i, f in enumerate(interval_flags.tolist()):
-        if not f & F_IMPLAUSIBLE or i in held or i + 1 in held:
+    for j in np.flatnonzero(~np.isfinite(value)).tolist():
+        held[j] = Held(j, NON_FINITE, f"value {float(value[j])} is not a finite number")
+    for i in np.flatnonzero(interval_flags & F_IMPLAUSIBLE).tolist():
+        if i in held or i + 1 in held:
             continue  # a non-finite neighbour already explains it
         a, b = float(value[i]), float(value[i + 1])
         seconds = (int(ts[i + 1]) - int(ts[i])) / 1000
@@ -105,6 +104,74 @@ def record(
             ),
         )
     return len(held)
+
+
+# The same, for many series at once (the set-based recompute): one DELETE, one INSERT.
+_DELETE_MANY = """
+DELETE FROM quarantined_readings q
+USING unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[]) AS w(meter_id, quantity, first_ms, last_ms)
+WHERE q.meter_id = w.meter_id AND q.quantity = w.quantity
+  AND (w.first_ms IS NULL OR q.ts >= to_timestamp(w.first_ms::float8 / 1000) + interval '1 millisecond')
+  AND (w.last_ms IS NULL OR q.ts < to_timestamp(w.last_ms::float8 / 1000) + interval '1 millisecond')
+"""
+_INSERT_MANY = """
+INSERT INTO quarantined_readings (meter_id, quantity, ts, value, reason, detail)
+SELECT DISTINCT ON (r.meter_id, r.quantity, r.ts) r.meter_id, r.quantity, r.ts, r.value, h.reason, h.detail
+FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[])
+     AS h(meter_id, quantity, ms, reason, detail)
+JOIN readings r ON r.meter_id = h.meter_id AND r.quantity = h.quantity
+ AND r.ts >= to_timestamp(h.ms::float8 / 1000)
+ AND r.ts < to_timestamp(h.ms::float8 / 1000) + interval '1 millisecond'
+ORDER BY r.meter_id, r.quantity, r.ts
+ON CONFLICT (meter_id, quantity, ts) DO UPDATE SET reason = EXCLUDED.reason, detail = EXCLUDED.detail
+"""
+
+
+@dataclass(frozen=True)
+class Series:
+    """One loaded series for ``record_many``: its readings ``ts[a:b]`` of a shared array."""
+
+    meter_id: str
+    quantity: str
+    a: int
+    b: int
+    max_kw: float
+
+
+def record_many(
+    cur: psycopg.Cursor[Any],
+    series: list[Series],
+    ts: np.ndarray,
+    value: np.ndarray,
+    interval_flags: np.ndarray,
+    *,
+    whole: bool = False,
+) -> int:
+    """``record`` for many series in two statements. ``interval_flags[i]`` is interval ``i`` of
+    the series holding reading ``i`` (``compute.kernels.bucket_energy_many``). ``whole``: these
+    are all the series' readings and the caller emptied the table already (the rebuild)."""
+    series = [s for s in series if s.b > s.a]
+    if not whole and series:
+        cur.execute(
+            _DELETE_MANY,
+            (
+                [s.meter_id for s in series],
+                [s.quantity for s in series],
+                [int(ts[s.a]) for s in series],
+                [int(ts[s.b - 1]) for s in series],
+            ),
+        )
+    hits = np.flatnonzero(~np.isfinite(value) | ((interval_flags & F_IMPLAUSIBLE) != 0))
+    rows: list[tuple[str, str, int, str, str]] = []
+    for s in series:
+        lo, hi = np.searchsorted(hits, [s.a, s.b])
+        if lo == hi:
+            continue
+        for h in held_readings(ts[s.a : s.b], value[s.a : s.b], interval_flags[s.a : s.b - 1], s.max_kw):
+            rows.append((s.meter_id, s.quantity, int(ts[s.a + h.index]), h.reason, h.detail))
+    if rows:
+        cur.execute(_INSERT_MANY, tuple(list(c) for c in zip(*rows, strict=True)))
+    return len(rows)
 
 
 @dataclass(frozen=True)

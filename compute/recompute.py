@@ -11,7 +11,12 @@ all its meters.
 Why replays, duplicates, out-of-order and late data give exactly a clean run's result:
 - a bucket's energy depends only on the intervals overlapping it, added in time order from 0.0
   (see ``compute.kernels``), so a sub-range recompute is bit-identical to a full one;
-- the site sum is ``sum(kwh ORDER BY meter_id)``, independent of physical row order;
+- the site sum is ``sum(kwh ORDER BY meter_id COLLATE "C")``, independent of physical row order
+  and of the database's collation; the rebuild folds the same sums in numba in the same
+  (code-point) order (``kernels.ordered_group_sums``), so both paths are bit-identical;
+- where new readings only append to a series, the first bucket's fold is continued from its
+  stored row instead of re-reading the bucket, only after checking that the row is bit for bit the
+  fold through the reading before them (``_continued``): the same additions in the same order;
 - every change to a meter's rows in a bucket is followed, in the same transaction, by rebuilding
   that bucket's site rollup; recomputes of one site are serialised by an advisory lock, so the last
   rollup of a bucket always sees every meter's final rows.
@@ -40,21 +45,36 @@ missing from the registry get ``meter_energy_15m`` rows (as electricity) but no 
 
 from __future__ import annotations
 
+import functools
 import logging
+import select
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import numpy as np
 import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg import sql as pgsql
 
 from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
-from compute.kernels import BUCKET_MS, EVENT_NAMES, bucket_energy_many
-from compute.market import rebuild_market, recompute_market
-from compute.quarantine import record as record_quarantine
+from compute.kernels import (
+    BUCKET_MS,
+    EVENT_NAMES,
+    Seeds,
+    ordered_group_sums,
+    window_order,
+)
+from compute.kernels import (
+    bucket_energy_many as bucket_energy_many,  # re-exported: tests count its calls here
+)
+from compute.market import rebuild_market, recompute_market_set
+from compute.quarantine import Series, record_many
 from edge.wire import Quantity
 from ingest.events import DirtyRange
 from ops.settings import ComputeSettings
@@ -135,41 +155,48 @@ class RecomputeResult:
 _TEMP_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS compute_windows (i bigint PRIMARY KEY, meter_id text NOT NULL,"
     " quantity text NOT NULL, b0 timestamptz NOT NULL, b1 timestamptz NOT NULL, lo timestamptz NOT NULL,"
-    " hi timestamptz NOT NULL) ON COMMIT DELETE ROWS"
+    " hi timestamptz NOT NULL, prev_ts timestamptz, has_next boolean) ON COMMIT DELETE ROWS"
 )
 # One query for the whole poll: B from the neighbours of every dirty range (see the module doc),
 # then the readings just outside B that bound its intervals. Epoch-ms arithmetic as in ``to_ms``.
 _WINDOWS = f"""
-INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi)
+INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi, prev_ts, has_next)
 SELECT i, meter_id, quantity, b0, b1,
        coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
                  AND x.ts <= w.b0 ORDER BY x.ts DESC LIMIT 1), w.b0),
-       coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
-                 AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1)
+       CASE WHEN next_ts IS NULL THEN w.b1  -- nothing after the range: nothing at or after b1 either
+            ELSE coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id
+                           AND x.quantity = w.quantity AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1) END,
+       prev_ts, next_ts IS NOT NULL
 FROM (
-    SELECT i, meter_id, quantity,
-           to_timestamp((p_ms / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b0,
-           to_timestamp(((n_ms + {BUCKET_MS - 1}) / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b1
+    SELECT i, meter_id, quantity, prev_ts, next_ts,
+           to_timestamp((floor(extract(epoch FROM coalesce(prev_ts, t_min)) * 1000)::bigint
+                         / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b0,
+           to_timestamp(((floor(extract(epoch FROM coalesce(next_ts, t_max)) * 1000)::bigint
+                          + {BUCKET_MS - 1}) / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b1
     FROM (
-        SELECT r.i, r.meter_id, r.quantity,
-               floor(extract(epoch FROM coalesce(
-                   (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
-                    AND x.ts < r.t_min ORDER BY x.ts DESC LIMIT 1), r.t_min)) * 1000)::bigint AS p_ms,
-               floor(extract(epoch FROM coalesce(
-                   (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
-                    AND x.ts > r.t_max ORDER BY x.ts LIMIT 1), r.t_max)) * 1000)::bigint AS n_ms
+        SELECT r.i, r.meter_id, r.quantity, r.t_min, r.t_max,
+               (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
+                AND x.ts < r.t_min ORDER BY x.ts DESC LIMIT 1) AS prev_ts,
+               (SELECT x.ts FROM readings x WHERE x.meter_id = r.meter_id AND x.quantity = r.quantity
+                AND x.ts > r.t_max ORDER BY x.ts LIMIT 1) AS next_ts
         FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])
              AS r(i, meter_id, quantity, t_min, t_max)
+        OFFSET 0  -- not pulled up: each neighbour query runs once, not once per reference
     ) p
 ) w
 WHERE b1 > b0
 """
 # Every reading of every window as fixed-width binary rows, unordered: numpy sorts them by window
 # and time faster than PostgreSQL does (and the rebuild's plan becomes a plain scan).
+# Each window is one primary-key range scan (the LATERAL subquery is kept apart by OFFSET 0), so
+# the cost follows the rows loaded: joined by hash, a poll read every reading of the table.
 _LOAD_WINDOWS = """
 COPY (SELECT w.i, x.ts, x.value, x.quality
-      FROM compute_windows w JOIN readings x
-        ON x.meter_id = w.meter_id AND x.quantity = w.quantity AND x.ts >= w.lo AND x.ts <= w.hi)
+      FROM compute_windows w CROSS JOIN LATERAL (
+          SELECT r.ts, r.value, r.quality FROM readings r
+          WHERE r.meter_id = w.meter_id AND r.quantity = w.quantity AND r.ts >= w.lo AND r.ts <= w.hi
+          OFFSET 0) x)
 TO STDOUT (FORMAT BINARY)
 """
 # JIT compiling these plans costs more than running them (hundreds of ms per poll).
@@ -188,6 +215,7 @@ _SITE_RANGES = (
 # All sites and buckets (the rebuild), or only the poll's merged site ranges: each (site, bucket)
 # is deleted and rebuilt once per poll.
 _DELETE_ROLLUPS_ALL = "DELETE FROM site_rollups_15m WHERE method IN ('location', 'direct')"
+_OTHER_ROLLUPS = "SELECT EXISTS (SELECT 1 FROM site_rollups_15m WHERE method NOT IN ('location', 'direct'))"
 _DELETE_ROLLUPS = (
     "DELETE FROM site_rollups_15m r USING " + _SITE_RANGES + " WHERE r.method IN ('location', 'direct')"
     " AND r.site_id = sr.site_id AND r.bucket >= sr.b0 AND r.bucket < sr.b1"
@@ -237,7 +265,8 @@ _STAGE_ROLLUPS = """
 INSERT INTO compute_rollup_stage
 SELECT {key}, m.site_id, me.bucket, (me.bucket AT TIME ZONE s.timezone)::date, m.carrier,
        coalesce(m.activity_unit, r.unit), m.cv_basis, m.reference_conditions, m.fuel_type, r.scope, r.method,
-       sum(me.kwh ORDER BY me.meter_id), sum(me.kwh_estimated ORDER BY me.meter_id), sum(me.measured_ms)
+       sum(me.kwh ORDER BY me.meter_id COLLATE "C"), sum(me.kwh_estimated ORDER BY me.meter_id COLLATE "C"),
+       sum(me.measured_ms)
 FROM {source}
 JOIN sites s ON s.site_id = m.site_id
 JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
@@ -279,12 +308,10 @@ JOIN (
 ) n ON n.k = e.k
 JOIN compute_factor_days f ON f.k = e.k AND f.day = e.day
 """
-_ROLLUP_SOURCE_ALL = "meter_energy_15m me JOIN meters m USING (meter_id)"
 _ROLLUP_SOURCE = (
     _SITE_RANGES + " JOIN meters m ON m.site_id = sr.site_id"
     " JOIN meter_energy_15m me ON me.meter_id = m.meter_id AND me.bucket >= sr.b0 AND me.bucket < sr.b1"
 )
-_STAGE_ROLLUPS_ALL = _STAGE_ROLLUPS.format(source=_ROLLUP_SOURCE_ALL, key=_CLASS_KEY)
 _STAGE_ROLLUPS_SET = _STAGE_ROLLUPS.format(source=_ROLLUP_SOURCE, key=_CLASS_KEY)
 
 
@@ -397,15 +424,49 @@ _LOADED = np.dtype(
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds: binary timestamptz origin
 
 
+def copy_out(cur: psycopg.Cursor[Any], sql: str) -> bytearray:
+    """The whole output of ``COPY (…) TO STDOUT`` as one buffer, read with libpq directly.
+
+    psycopg's ``Copy`` iterator costs one Python generator round and one ``wait()`` per row (about
+    3 µs: more than PostgreSQL spends producing it); this loop is ``PQgetCopyData`` (blocking) and
+    one ``bytearray.extend`` per row. ``Connection.pgconn`` is psycopg's documented low-level
+    handle; the connection lock is held so nothing else uses the connection meanwhile, and the
+    connection is left idle in the caller's transaction (or in error, which raises here)."""
+    conn = cur.connection
+    pg = conn.pgconn
+    buf = bytearray()
+    with conn.lock:
+        pg.send_query(sql.encode())
+        while pg.flush():  # non-blocking connection: send the rest of the query
+            select.select([], [pg.socket], [])
+        result = pg.get_result()
+        if result is not None and result.status == pq.ExecStatus.COPY_OUT:
+            get, extend = pg.get_copy_data, buf.extend
+            while True:
+                n, data = get(0)
+                if n < 0:
+                    break
+                extend(data)
+            result = pg.get_result()
+        while (extra := pg.get_result()) is not None:
+            result = extra if extra.status == pq.ExecStatus.FATAL_ERROR else result
+    if result is None or result.status != pq.ExecStatus.COMMAND_OK:
+        if result is not None and result.status == pq.ExecStatus.FATAL_ERROR:
+            raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
+        raise psycopg.OperationalError(f"COPY TO STDOUT ended with {result and result.status}")
+    return buf
+
+
 def _copy_out(cur: psycopg.Cursor[Any], sql: str) -> np.ndarray:
     """Run a binary ``COPY (…) TO STDOUT`` of (bigint, timestamptz, float8, int4) rows into numpy."""
-    with cur.copy(sql) as copy:
-        data = b"".join(bytes(chunk) for chunk in copy)
+    data = copy_out(cur, sql)
     if not data.startswith(_COPY_HEADER) or not data.endswith(_COPY_TRAILER):
         raise RuntimeError("unexpected COPY BINARY framing from PostgreSQL")
-    body = data[len(_COPY_HEADER) : -len(_COPY_TRAILER)]
-    rows = np.frombuffer(body, dtype=_LOADED, count=len(body) // _LOADED.itemsize)
-    if len(body) % _LOADED.itemsize or (len(rows) and not (rows["n"] == 4).all()):
+    n = (len(data) - len(_COPY_HEADER) - len(_COPY_TRAILER)) // _LOADED.itemsize
+    rows = np.frombuffer(data, dtype=_LOADED, count=n, offset=len(_COPY_HEADER))
+    if len(data) - len(_COPY_HEADER) - len(_COPY_TRAILER) != n * _LOADED.itemsize or (
+        n and not (rows["n"] == 4).all()
+    ):
         raise RuntimeError("COPY BINARY rows are not the expected four non-NULL columns")
     return rows
 
@@ -427,24 +488,7 @@ def _energy_copy(
         if a == b:
             continue
         name = mid.encode()
-        dt = np.dtype(
-            [
-                ("n", ">i2"),
-                ("l0", ">i4"),
-                ("m", f"S{len(name)}"),
-                ("l1", ">i4"),
-                ("b", ">i8"),
-                ("l2", ">i4"),
-                ("k", ">f8"),
-                ("l3", ">i4"),
-                ("e", ">f8"),
-                ("l4", ">i4"),
-                ("ms", ">i8"),
-                ("l5", ">i4"),
-                ("f", ">i4"),
-            ]
-        )
-        block = np.empty(b - a, dtype=dt)
+        block = np.empty(b - a, dtype=_energy_row(len(name)))
         block["n"], block["l0"], block["m"] = 6, len(name), name
         block["l1"], block["l2"], block["l3"], block["l4"], block["l5"] = 8, 8, 8, 8, 4
         block["b"] = starts[a:b] * 1000 - _PG_EPOCH_US
@@ -454,11 +498,40 @@ def _energy_copy(
     return b"".join(parts)
 
 
+@functools.cache
+def _energy_row(name_len: int) -> np.dtype[Any]:
+    """One ``meter_energy_15m`` binary COPY tuple for a meter id of ``name_len`` bytes."""
+    return np.dtype(
+        [
+            ("n", ">i2"),
+            ("l0", ">i4"),
+            ("m", f"S{name_len}"),
+            ("l1", ">i4"),
+            ("b", ">i8"),
+            ("l2", ">i4"),
+            ("k", ">f8"),
+            ("l3", ">i4"),
+            ("e", ">f8"),
+            ("l4", ">i4"),
+            ("ms", ">i8"),
+            ("l5", ">i4"),
+            ("f", ">i4"),
+        ]
+    )
+
+
 @dataclass(frozen=True)
 class _Computed:
     loaded: np.ndarray  # readings per window
     written: np.ndarray  # meter buckets per window
     events: np.ndarray  # [window, EVENT_BITS]
+    seg: np.ndarray  # the meter rows written: window, bucket start (epoch ms), kwh, estimated, ms
+    starts: np.ndarray
+    kwh: np.ndarray
+    est: np.ndarray
+    mms: np.ndarray
+    flags: np.ndarray
+    last_us: np.ndarray  # per window: its last loaded reading (PostgreSQL µs), -1 if none
 
 
 def _lap(phases: dict[str, float] | None, name: str, since: float) -> None:
@@ -476,46 +549,57 @@ def _compute_windows(
     copy_sql: str = _COPY_ENERGY,
     *,
     whole: bool = False,
+    seeds: Seeds | None = None,
 ) -> _Computed:
     """Load every reading of the staged windows (one COPY), run ONE kernel call over all of them,
-    and COPY the meter rows into ``meter_energy_15m`` (their windows are deleted already)."""
+    record their quarantine (two statements) and COPY the meter rows into ``meter_energy_15m``
+    (their windows are deleted already)."""
     t = time.perf_counter()
-    rows = _copy_out(cur, _LOAD_WINDOWS)
-    rows = rows[np.lexsort((rows["ts"], rows["i"]))]  # by window, then time (keys are unique)
+    raw = _copy_out(cur, _LOAD_WINDOWS)
     _lap(phases, "load (COPY out)", t)
     t = time.perf_counter()
     g_n = len(meter_ids)
-    win = rows["i"].astype(np.int64)
-    bounds = np.searchsorted(win, np.arange(g_n + 1)).astype(np.int64)
-    ts = (rows["ts"].astype(np.int64) + _PG_EPOCH_US) // 1000  # epoch ms, floored as ``to_ms``
-    value = rows["v"].astype(np.float64)
+    ts_raw = raw["ts"].astype(np.int64)
+    order, bounds = window_order(raw["i"].astype(np.int64), ts_raw, g_n)  # by window, then time
+    ts_us = ts_raw[order]
+    ts = (ts_us + _PG_EPOCH_US) // 1000  # epoch ms, floored as ``to_ms``
+    last_us = np.full(g_n, -1, dtype=np.int64)
+    filled = np.flatnonzero(bounds[1:] > bounds[:-1])
+    last_us[filled] = ts_us[bounds[filled + 1] - 1]
+    value = raw["v"][order].astype(np.float64)
+    quality = raw["q"][order].astype(np.int64)
+    del raw, ts_raw, order, ts_us
+    _lap(phases, "sort", t)
+    t = time.perf_counter()
     max_kw = np.array([m.max_kw for m in meters], dtype=np.float64)
     seg, starts, kwh, est, mms, flags, events, iflags = bucket_energy_many(
         bounds,
         ts,
         value,
-        rows["q"].astype(np.int64),
+        quality,
         np.array([m.counter_max for m in meters], dtype=np.float64),
         np.array([m.max_gap_ms for m in meters], dtype=np.int64),
         keep[0],
         keep[1],
         BUCKET_MS,
         max_kw,
+        seeds,
     )
     _lap(phases, "kernel", t)
     t = time.perf_counter()
-    for g, (mid, q) in enumerate(zip(meter_ids, quantities, strict=True)):  # compute.quarantine
-        a, b = int(bounds[g]), int(bounds[g + 1])
-        if b > a:
-            record_quarantine(
-                cur, mid, q, ts[a:b], value[a:b], iflags[a : b - 1], float(max_kw[g]), whole=whole
-            )
+    series = [  # compute.quarantine
+        Series(mid, q, int(bounds[g]), int(bounds[g + 1]), float(max_kw[g]))
+        for g, (mid, q) in enumerate(zip(meter_ids, quantities, strict=True))
+    ]
+    record_many(cur, series, ts, value, iflags, whole=whole)
     _lap(phases, "quarantine", t)
     t = time.perf_counter()
     with cur.copy(copy_sql) as copy:
         copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
     _lap(phases, "meter rows (COPY in)", t)
-    return _Computed(np.diff(bounds), np.bincount(seg, minlength=g_n), events)
+    return _Computed(
+        np.diff(bounds), np.bincount(seg, minlength=g_n), events, seg, starts, kwh, est, mms, flags, last_us
+    )
 
 
 def _merge_ranges(ranges: list[tuple[str, datetime, datetime]]) -> list[tuple[str, datetime, datetime]]:
@@ -619,10 +703,13 @@ def recompute_set(
                     [d.t_max for _, d, _ in todo],
                 ),
             )
-            windows = {
-                int(i): (b0, b1)
-                for i, b0, b1 in cur.execute("SELECT i, b0, b1 FROM compute_windows").fetchall()
-            }
+            cur.execute("ANALYZE compute_windows")  # a few rows: index scans per window, not a hash
+            rows = cur.execute("SELECT i, b0, b1, prev_ts, has_next FROM compute_windows").fetchall()
+            windows = {int(i): (b0, b1) for i, b0, b1, _, _ in rows}
+            # Whether a window loads its series' last reading: nothing follows the range, or what
+            # follows lies before b1 (the first reading at or after b1 is loaded when there is one).
+            tails = {int(i): (not has_next, to_ms(b1)) for i, _, b1, _, has_next in rows}
+            seeds = _continued(cur, todo, rows)
             keep_from = np.array([to_ms(windows[g][0]) if g in windows else 0 for g in range(len(todo))])
             keep_to = np.array([to_ms(windows[g][1]) if g in windows else 0 for g in range(len(todo))])
             cur.execute(_DELETE_WINDOWS)
@@ -632,7 +719,9 @@ def recompute_set(
                 [d.quantity for _, d, _ in todo],
                 [m for _, _, m in todo],
                 (keep_from, keep_to),
+                seeds=seeds,
             )
+            new_tails = _tails_after(todo, tails, done)
             site_ranges = _merge_ranges(
                 [
                     (m.site_id, *windows[g])
@@ -654,9 +743,7 @@ def recompute_set(
                 for g, (_, _, m) in enumerate(todo)
                 if g in windows and m.registered and CARRIERS[m.carrier].scope == 2
             }
-            for site, b0, b1 in site_ranges:
-                if site in scope2:
-                    recompute_market(cur, site, b0, b1)
+            recompute_market_set(cur, [r for r in site_ranges if r[0] in scope2])
             for g, (k, d, m) in enumerate(todo):
                 if g not in windows:  # a lone reading on a boundary: no interval, nothing to change
                     results[k] = RecomputeResult(
@@ -673,7 +760,107 @@ def recompute_set(
                     dict(zip(EVENT_NAMES, (int(v) for v in done.events[g]), strict=True)),
                     registered=m.registered,
                 )
+        else:
+            new_tails = {}
+    _TAILS.update(new_tails)  # only once the recompute committed (or joined the caller's transaction)
     return [results[k] for k in range(len(spans))]
+
+
+# The fold state at the end of each (meter, counter) series this process last recomputed: where
+# new readings only APPEND to a series, its first bucket's fold is continued from the stored row
+# instead of re-reading every reading of that bucket (``_continued``). A bucket holding n readings
+# then costs O(new readings) per poll, not O(n).
+@dataclass(frozen=True)
+class _Tail:
+    ts_us: int  # the series' last reading when the fold was computed (PostgreSQL µs)
+    params: tuple[float, int, float]  # counter_max, max_gap_ms, max_kw it was computed with
+    bucket_ms: int  # the bucket holding that reading (epoch ms)
+    row: tuple[float, float, int, int] | None  # (kwh, kwh_estimated, measured_ms, flags); None: on a boundary
+
+
+_TAILS: dict[tuple[str, str], _Tail] = {}
+_PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+_US: Final = timedelta(microseconds=1)
+
+
+def _meter_params(m: _Meter) -> tuple[float, int, float]:
+    return (m.counter_max, m.max_gap_ms, m.max_kw)
+
+
+def _continued(
+    cur: psycopg.Cursor[Any], todo: list[tuple[int, DirtyRange, _Meter]], rows: list[tuple[Any, ...]]
+) -> Seeds:
+    """Seeds for the windows that only append to their series, whose load then starts at the last
+    reading before them (``lo = prev_ts``) instead of at the start of its bucket.
+
+    A window continues when the reading just before its range is the one this process last
+    folded the series to, with the same meter parameters, and the stored row of that reading's
+    bucket is bit for bit the fold this process computed through it (no row when the reading lies
+    on a bucket boundary). Then the stored sums are exactly the fold over every interval before
+    it, and continuing it over every loaded reading from there (``kernels.apportion_from``; readings
+    after the range, committed meanwhile, are loaded as before) gives what re-reading would.
+    Anything else (another worker's or an uncommitted write, late data, a restart) fails a check,
+    and the window is recomputed from its bucket."""
+    g_n = len(todo)
+    seeds = Seeds(np.zeros(g_n), np.zeros(g_n), np.zeros(g_n, dtype=np.int64), np.zeros(g_n, dtype=np.int64))
+    candidates: dict[int, _Tail] = {}
+    for i, b0, _, prev_ts, _ in rows:
+        _, d, m = todo[int(i)]
+        tail = _TAILS.get((d.meter_id, d.quantity))
+        if (
+            tail is not None
+            and prev_ts is not None
+            and tail.ts_us == (prev_ts - _PG_EPOCH) // _US
+            and tail.params == _meter_params(m)
+            and tail.bucket_ms == to_ms(b0)
+        ):
+            candidates[int(i)] = tail
+    if not candidates:
+        return seeds
+    stored = {
+        int(i): (kwh, est, ms, flags)
+        for i, kwh, est, ms, flags in cur.execute(
+            "SELECT w.i, me.kwh, me.kwh_estimated, me.measured_ms, me.flags FROM compute_windows w"
+            " JOIN meter_energy_15m me ON me.meter_id = w.meter_id AND me.bucket = w.b0 WHERE w.i = ANY(%s)",
+            (list(candidates),),
+        ).fetchall()
+    }
+    confirmed = [i for i, tail in candidates.items() if stored.get(i) == tail.row]
+    if confirmed:
+        cur.execute("UPDATE compute_windows SET lo = prev_ts WHERE i = ANY(%s)", (confirmed,))
+    for i in confirmed:
+        row = candidates[i].row
+        if row is not None:
+            seeds.kwh[i], seeds.est[i], seeds.measured_ms[i], seeds.flags[i] = row
+    return seeds
+
+
+def _tails_after(
+    todo: list[tuple[int, DirtyRange, _Meter]], tails: dict[int, tuple[bool, int]], done: _Computed
+) -> dict[tuple[str, str], _Tail]:
+    """The fold state at the end of every window that reached its series' last reading; the
+    others' states are forgotten."""
+    out: dict[tuple[str, str], _Tail] = {}
+    cuts = np.searchsorted(done.seg, np.arange(len(todo) + 1))
+    for g, (_, d, m) in enumerate(todo):
+        key = (d.meter_id, d.quantity)
+        _TAILS.pop(key, None)
+        last_us = int(done.last_us[g])
+        if g not in tails or last_us < 0:
+            continue
+        last_ms = (last_us + _PG_EPOCH_US) // 1000
+        alone, b1_ms = tails[g]
+        if not (alone or last_ms < b1_ms):  # a reading at or after b1 was loaded: not the series' end
+            continue
+        bucket = last_ms // BUCKET_MS * BUCKET_MS
+        row = None
+        if last_ms != bucket:  # else the fold continues in a bucket not started yet
+            j = int(cuts[g + 1]) - 1
+            if j < int(cuts[g]) or int(done.starts[j]) != bucket:
+                continue
+            row = (float(done.kwh[j]), float(done.est[j]), int(done.mms[j]), int(done.flags[j]))
+        out[key] = _Tail(last_us, _meter_params(m), bucket, row)
+    return out
 
 
 @dataclass(frozen=True)
@@ -687,6 +874,139 @@ class RebuildResult:
 
 
 _NO_LIMIT: Final = np.iinfo(np.int64)
+# The (meter, counter) series present in ``readings``, by a loose index scan of its primary key:
+# one index descent per series (in every partition) instead of a scan of every reading.
+_SERIES = """
+WITH RECURSIVE p AS (
+    (SELECT meter_id, quantity FROM readings ORDER BY meter_id, quantity LIMIT 1)
+    UNION ALL
+    SELECT n.meter_id, n.quantity FROM p CROSS JOIN LATERAL (
+        SELECT x.meter_id, x.quantity FROM readings x
+        WHERE (x.meter_id, x.quantity) > (p.meter_id, p.quantity)
+        ORDER BY x.meter_id, x.quantity LIMIT 1) n
+)
+SELECT meter_id, quantity FROM p WHERE quantity = ANY(%s)
+"""
+# Each registered meter's activity class (the rollup's grouping, as ``_STAGE_ROLLUPS``).
+_CLASSES = f"""
+SELECT m.meter_id, {_CLASS_KEY}, m.site_id, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,
+       m.reference_conditions, m.fuel_type, r.scope, r.method
+FROM meters m
+JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
+     AS r(carrier, unit, scope, method) ON r.carrier = m.carrier
+"""
+_SUMS_TEMP_DDL: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS compute_classes (ci int, k text, site_id text, carrier text,"
+    " unit text, cv_basis text, refc text, fuel_type text, scope int, method text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS compute_rollup_sums (ci int, bucket timestamptz, kwh float8,"
+    " est float8, measured_ms bigint) ON COMMIT DELETE ROWS",
+)
+_STAGE_SUMS = """
+INSERT INTO compute_rollup_stage
+SELECT c.k, c.site_id, r.bucket, (r.bucket AT TIME ZONE s.timezone)::date, c.carrier, c.unit, c.cv_basis,
+       c.refc, c.fuel_type, c.scope, c.method, r.kwh, r.est, r.measured_ms
+FROM compute_rollup_sums r JOIN compute_classes c USING (ci) JOIN sites s ON s.site_id = c.site_id
+"""
+_SUMS_ROW: Final = np.dtype(
+    [
+        ("n", ">i2"),
+        ("l0", ">i4"),
+        ("c", ">i4"),
+        ("l1", ">i4"),
+        ("b", ">i8"),
+        ("l2", ">i4"),
+        ("k", ">f8"),
+        ("l3", ">i4"),
+        ("e", ">f8"),
+        ("l4", ">i4"),
+        ("ms", ">i8"),
+    ]
+)
+
+
+@contextmanager
+def bulk_load(cur: psycopg.Cursor[Any], table: str) -> Iterator[None]:
+    """A bulk load in the caller's transaction (PostgreSQL manual, "Populating a Database": remove
+    indexes and foreign key constraints): ``table``'s primary key and foreign keys are dropped, and
+    added back with their own definitions afterwards, so the key is built once and the references
+    are validated by one join instead of one index insertion, uniqueness probe and trigger query
+    per row. Takes an ACCESS EXCLUSIVE lock on ``table`` until commit; a violation raises when the
+    constraints are added back, and the transaction rolls back."""
+    constraints = cur.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = %s::regclass AND contype IN ('p', 'f') ORDER BY contype = 'f', conname",
+        (table,),
+    ).fetchall()
+    name_of = pgsql.Identifier(table)
+    for name, _ in reversed(constraints):
+        cur.execute(pgsql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(name_of, pgsql.Identifier(name)))
+    yield
+    for name, definition in constraints:
+        cur.execute(
+            pgsql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(name_of, pgsql.Identifier(name))
+            + pgsql.SQL(definition)
+        )
+
+
+def _rebuild_rollups(
+    cur: psycopg.Cursor[Any],
+    meter_ids: list[str],
+    done: _Computed,
+    args: dict[str, Any],
+    phases: dict[str, float] | None = None,
+) -> int:
+    """Site rollups of the whole rebuild from the meter rows still in memory: summed per (class,
+    bucket) by ``ordered_group_sums`` in ``meter_id`` code-point order (``meter_ids`` are sorted
+    so), the order the incremental path's ``sum(… ORDER BY meter_id COLLATE "C")`` folds in, so
+    both give bit-identical sums; then staged by one COPY and merged as ``_write_rollups`` does."""
+    t = time.perf_counter()
+    classes: dict[str, int] = {}
+    class_rows: list[tuple[Any, ...]] = []
+    cls_of_meter: dict[str, int] = {}
+    for mid, k, *rest in cur.execute(_CLASSES, args).fetchall():
+        if k not in classes:
+            classes[k] = len(classes)
+            class_rows.append((classes[k], k, *rest))
+        cls_of_meter[mid] = classes[k]
+    assert meter_ids == sorted(meter_ids), "the fold order is the meters' code-point order"
+    cls_of_seg = np.array([cls_of_meter.get(m, -1) for m in meter_ids] + [-1], dtype=np.int64)
+    cls = cls_of_seg[done.seg]
+    take = np.flatnonzero(cls >= 0)
+    if len(take) == 0:
+        return 0
+    cls, starts = cls[take], done.starts[take]
+    b0 = int(starts.min())
+    span = (int(starts.max()) - b0) // BUCKET_MS + 1
+    key = cls * span + (starts - b0) // BUCKET_MS
+    by_key = np.argsort(key, kind="stable")  # ties keep segment (= meter_id) order
+    order = take[by_key]
+    first, kwh, est, mms = ordered_group_sums(key[by_key], done.kwh[order], done.est[order], done.mms[order])
+    rows = np.empty(len(first), dtype=_SUMS_ROW)
+    rows["n"], rows["l0"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 5, 4, 8, 8, 8, 8
+    rows["c"] = cls_of_seg[done.seg[order[first]]]
+    rows["b"] = done.starts[order[first]] * 1000 - _PG_EPOCH_US
+    rows["k"], rows["e"], rows["ms"] = kwh, est, mms
+    for ddl in (*_ROLLUP_TEMP_DDL, *_SUMS_TEMP_DDL):
+        cur.execute(ddl)
+    cur.execute("TRUNCATE compute_rollup_stage, compute_factor_days, compute_classes, compute_rollup_sums")
+    with cur.copy("COPY compute_classes FROM STDIN") as copy:
+        for r in class_rows:
+            copy.write_row(r)
+    with cur.copy("COPY compute_rollup_sums FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(_COPY_HEADER + rows.tobytes() + _COPY_TRAILER)
+    _lap(phases, "site sums (numba, COPY in)", t)
+    t = time.perf_counter()
+    cur.execute(_STAGE_SUMS)
+    cur.execute("ANALYZE compute_rollup_stage")
+    _lap(phases, "site rollups (stage)", t)
+    t = time.perf_counter()
+    cur.execute(_STAGE_FACTORS, args)
+    cur.execute("ANALYZE compute_factor_days")
+    _lap(phases, "site rollups (factors)", t)
+    t = time.perf_counter()
+    cur.execute(_MERGE_ROLLUPS, args)
+    _lap(phases, "site rollups (merge)", t)
+    return cur.rowcount
 
 
 def recompute_all(
@@ -695,9 +1015,11 @@ def recompute_all(
     """Rebuild both 15-minute tables from every reading, in one transaction (e.g. after the factor
     library or the fleet registry changed). Incremental recomputes wait for it. Set-based like
     ``recompute_set``: every reading in one binary COPY, one kernel call, one COPY of meter rows,
-    one rollup INSERT. ``meter_energy_15m`` is TRUNCATEd (rolled back with the transaction)."""
+    site sums folded in numba and staged by one COPY, one rollup INSERT. ``meter_energy_15m`` is
+    TRUNCATEd (rolled back with the transaction)."""
     params = _params(params, factor_series)
     phases: dict[str, float] = {}
+    _TAILS.clear()
     t = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_TEMP_DDL)
@@ -706,10 +1028,8 @@ def recompute_all(
         )  # a caller's outer transaction may hold rows of an earlier call
         cur.execute(_NO_JIT)
         cur.execute("LOCK TABLE meter_energy_15m, site_rollups_15m IN EXCLUSIVE MODE")
-        pairs = cur.execute(
-            "SELECT DISTINCT meter_id, quantity FROM readings WHERE quantity = ANY(%s) ORDER BY 1, 2",
-            (sorted(set(QUANTITY_OF_UNIT.values())),),
-        ).fetchall()
+        cur.execute("SET LOCAL maintenance_work_mem = '256MB'")  # the primary keys are built in memory
+        pairs = sorted(cur.execute(_SERIES, (sorted(set(QUANTITY_OF_UNIT.values())),)).fetchall())
         known = _meters(cur, sorted({p[0] for p in pairs}), params)
         chosen = [(mid, q, known.get(mid) or _unregistered("", params)) for mid, q in pairs]
         chosen = [c for c in chosen if c[2].quantity == c[1]]
@@ -719,32 +1039,37 @@ def recompute_all(
             " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u(m, q, i)",
             ([c[0] for c in chosen], [c[1] for c in chosen]),
         )
-        # A bulk load into an empty table (PostgreSQL manual, "Populating a Database"): rows are
-        # COPYed with FREEZE into the table truncated in this transaction, and the primary key is
-        # built once afterwards instead of row by row. All of it rolls back with the transaction.
+        cur.execute("ANALYZE compute_windows")  # else the planner hashes every reading, spilling to disk
+        # Both tables are bulk-loaded (``bulk_load``): meter rows COPYed with FREEZE into the table
+        # truncated in this transaction; all of it rolls back with the transaction.
         cur.execute("TRUNCATE meter_energy_15m")
         cur.execute("DELETE FROM quarantined_readings")
-        cur.execute("ALTER TABLE meter_energy_15m DROP CONSTRAINT meter_energy_15m_pkey")
         _lap(phases, "windows", t)
         g_n = len(chosen)
-        done = _compute_windows(
-            cur,
-            [c[0] for c in chosen],
-            [c[1] for c in chosen],
-            [c[2] for c in chosen],
-            (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
-            phases,
-            _COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)"),
-            whole=True,
-        )
-        t = time.perf_counter()
-        cur.execute("ALTER TABLE meter_energy_15m ADD PRIMARY KEY (meter_id, bucket)")
+        with bulk_load(cur, "meter_energy_15m"):
+            done = _compute_windows(
+                cur,
+                [c[0] for c in chosen],
+                [c[1] for c in chosen],
+                [c[2] for c in chosen],
+                (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
+                phases,
+                _COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)"),
+                whole=True,
+            )
+            t = time.perf_counter()
         _lap(phases, "meter rows (primary key)", t)
         t = time.perf_counter()
         args = _rollup_args(params)
-        cur.execute(_DELETE_ROLLUPS_ALL)
-        rollups = _write_rollups(cur, _STAGE_ROLLUPS_ALL, args)
-        _lap(phases, "site rollups", t)
+        # Only compute writes location and direct rows; rows of other methods (none are written
+        # since market-based hours moved to site_market_1h) are kept by a DELETE instead.
+        (foreign,) = cur.execute(_OTHER_ROLLUPS).fetchone() or (True,)
+        cur.execute(_DELETE_ROLLUPS_ALL if foreign else "TRUNCATE site_rollups_15m")
+        with bulk_load(cur, "site_rollups_15m"):
+            _lap(phases, "site rollups (delete)", t)
+            rollups = _rebuild_rollups(cur, [c[0] for c in chosen], done, args, phases)
+            t = time.perf_counter()
+        _lap(phases, "site rollups (keys)", t)
         t = time.perf_counter()
         rebuild_market(cur)
         _lap(phases, "market-based hours", t)

@@ -220,6 +220,8 @@ def _bench_pipeline(args: Any) -> int:
     print(f"latency reading ts → rollup commit at {r.latency_rate:,.0f} readings/s"
           f" ({r.latency_rounds} rounds): p50 {r.p50_s * 1e3:.0f} ms,"
           f" p99 {r.p99_s * 1e3:.0f} ms (goal p99 <= 2000 ms)")  # fmt: skip
+    for line in r.cpu_lines():
+        print(line)
     return 0
 
 

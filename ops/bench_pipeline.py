@@ -22,19 +22,29 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import os
 import statistics
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 
 from ingest.loadgen import Fleet, LoadGenerator, forget_session
-from ops.bench_ingest import lane_settings, raw_copy_seconds, vacuum, wait_assigned, wait_inserted
+from ops.bench_ingest import (
+    CpuMeter,
+    CpuUse,
+    broker_pids,
+    lane_settings,
+    raw_copy_seconds,
+    vacuum,
+    wait_assigned,
+    wait_inserted,
+)
 from ops.errors import UserError
 from ops.mqtt_auth import BRIDGE_USER
 from ops.pipeline import _Proc, settings_env
@@ -56,6 +66,7 @@ class PipelineBenchResult:
     p50_s: float
     p99_s: float
     compute_workers: int
+    cpu: CpuUse = field(default_factory=lambda: CpuUse({}, 0.0, 0.0))  # of the sustained phase
 
     @property
     def copy_rate(self) -> float:
@@ -69,6 +80,27 @@ class PipelineBenchResult:
     def ratio(self) -> float:
         return self.e2e_rate / self.copy_rate
 
+    def cpu_lines(self) -> list[str]:
+        """Where the sustained phase's CPU went: core-seconds per 100k readings, per piece."""
+        cpu = self.cpu
+        if cpu.machine_total <= 0:  # no /proc here
+            return []
+        per = 100_000 / self.readings
+        out = [
+            f"CPU in the sustained phase: machine {cpu.machine_busy / cpu.machine_total:.0%} busy;"
+            " core-seconds per 100k readings:"
+        ]
+        seconds = dict(cpu.seconds)
+        backends = [k for k in seconds if k.endswith("'s DB")]
+        if "postgresql" in seconds:  # every postgres process, the pieces' own backends included
+            seconds["postgresql"] = max(0.0, seconds.pop("postgresql") - sum(seconds[k] for k in backends))
+            seconds["postgresql (rest)"] = seconds.pop("postgresql")
+        for name, sec in sorted(seconds.items(), key=lambda kv: -kv[1]):
+            out.append(f"  {name:<17} {sec * per:6.2f}  ({sec / self.e2e_s:.0%} of a core)")
+        other = cpu.machine_busy - sum(seconds.values())
+        out.append(f"  {'(other processes)':<17} {other * per:6.2f}  ({other / self.e2e_s:.0%} of a core)")
+        return out
+
 
 def fleet_kwh(conn: psycopg.Connection[tuple[float]], fleet: Fleet) -> float:
     """The energy in the fleet's committed rollups (0 when none yet)."""
@@ -78,6 +110,19 @@ def fleet_kwh(conn: psycopg.Connection[tuple[float]], fleet: Fleet) -> float:
     ).fetchone()
     conn.commit()
     return float(row[0]) if row else 0.0
+
+
+def backend_pids(dsn: str, names: dict[str, str]) -> dict[str, list[int]]:
+    """PostgreSQL backend pids per piece, by the application_name its sessions carry."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT application_name, pid FROM pg_stat_activity WHERE application_name = ANY(%s)",
+            (list(names),),
+        ).fetchall()
+    out: dict[str, list[int]] = {label: [] for label in names.values()}
+    for app, pid in rows:
+        out[names[app]].append(int(pid))
+    return out
 
 
 def expected_kwh(fleet: Fleet, steps: int) -> float:
@@ -156,12 +201,22 @@ def run(
     procs: list[_Proc] = []
     try:
         writer_port = free_port()
-        writer = _Proc("bench-writer", ["ingest", "writer", "--metrics-port", str(writer_port)], env, log_dir)
+        # Each piece's PostgreSQL sessions carry its name (libpq's PGAPPNAME), so the CPU of its
+        # backends can be told apart from the rest of the server's.
+        writer = _Proc(
+            "bench-writer",
+            ["ingest", "writer", "--metrics-port", str(writer_port)],
+            {**env, "PGAPPNAME": f"{tag}-writer"},
+            log_dir,
+        )
         procs.append(writer)
         for w in range(compute_workers):  # one consumer group: sites are split by partition
             procs.append(
                 _Proc(
-                    f"bench-compute-{w}", ["compute", "run", "--metrics-port", str(free_port())], env, log_dir
+                    f"bench-compute-{w}",
+                    ["compute", "run", "--metrics-port", str(free_port())],
+                    {**env, "PGAPPNAME": f"{tag}-compute"},
+                    log_dir,
                 )
             )
         bridge = _Proc(
@@ -196,10 +251,20 @@ def run(
 
         # Sustained: everything published at once; the clock stops when the rollups hold it all.
         encoded = [gen.encode_round(start) for start in starts]
+        groups = {
+            "load generator": [os.getpid()],
+            "bridge": [bridge.popen.pid],
+            "writer": [writer.popen.pid],
+            "compute": [p.popen.pid for p in procs if p.name.startswith("bench-compute")],
+            **{name: [pid] for name, pid in broker_pids(s).items()},
+            **backend_pids(s.db.dsn, {f"{tag}-writer": "writer's DB", f"{tag}-compute": "compute's DB"}),
+        }
+        cpu = CpuMeter(groups)
         started = time.time()
         for start, payloads in zip(starts, encoded, strict=True):
             gen.publish_round(start, payloads)
         done_at = wait_rollups(s.db.dsn, fleet, expected_kwh(fleet, (1 + rounds) * steps), timeout, procs)
+        cpu_use = cpu.stop()
         e2e_s = done_at - started
         progress("end to end", 1.0)
 
@@ -241,7 +306,7 @@ def run(
         vacuum(s.db.dsn)
         return PipelineBenchResult(
             readings=n, copy_s=copy_s, e2e_s=e2e_s, latency_rate=rate, latency_rounds=len(latencies),
-            p50_s=q[49], p99_s=q[98], compute_workers=compute_workers,
+            p50_s=q[49], p99_s=q[98], compute_workers=compute_workers, cpu=cpu_use,
         )  # fmt: skip
     finally:
         gen.close()

@@ -26,6 +26,9 @@ def test_bench_pipeline_small_run_reaches_rollups_and_cleans_up(settings: Settin
     assert r.copy_s > 0 and r.e2e_s > 0 and r.ratio == r.e2e_rate / r.copy_rate
     assert r.latency_rounds >= 1 and 0 <= r.p50_s <= r.p99_s
     assert {"warm-up", "raw COPY", "end to end", "latency"} <= phases
+    # CPU per piece, the compute's and the writer's PostgreSQL backends found by their session name
+    assert {"compute", "writer", "compute's DB", "writer's DB"} <= set(r.cpu.seconds)
+    assert any(line.lstrip().startswith("compute's DB") for line in r.cpu_lines())
     with psycopg.connect(settings.db.dsn) as conn:  # the run's rows are gone again
         left = conn.execute("SELECT count(*) FROM readings WHERE meter_id LIKE 'bench%'").fetchone()
     assert left == (0,)
