@@ -50,7 +50,9 @@ MODULES: dict[str, list[str]] = {
     "edge/devices.py": [
         "tests/test_edge_devices_bounds.py", "tests/test_edge_devices.py", "tests/test_edge_profiles.py"
     ],
-    "edge/rtu.py": ["tests/test_edge_rtu.py", "tests/test_edge_rtu_bounds.py"],
+    "edge/rtu.py": [
+        "tests/test_edge_rtu_frames.py", "tests/test_edge_rtu_bounds.py", "tests/test_edge_rtu.py"
+    ],
     "edge/wire.py": [
         "tests/test_validate.py", "tests/test_validate_bounds.py", "tests/test_edge_counters.py"
     ],
