@@ -44,8 +44,9 @@ LINKED = ("edge", "ingest", "compute", "ops", "simulators", "config", "tests", "
 MODULES: dict[str, list[str]] = {
     "edge/counters.py": ["tests/test_edge_counters.py", "tests/test_edge_counters_bounds.py"],
     "edge/modbus.py": [
-        "tests/test_edge_devices_bounds.py", "tests/test_edge_devices.py", "tests/test_edge_profiles.py",
-        "tests/test_edge_drivers.py",
+        "tests/test_edge_modbus_bounds.py", "tests/test_edge_devices_bounds.py", "tests/test_edge_devices.py",
+        "tests/test_edge_profiles.py", "tests/test_edge_drivers.py",
+        "tests/test_edge_serial.py::test_sdm120_on_a_serial_line_reads_the_truth_and_silence_and_noise_are_counted",
     ],
     "edge/devices.py": [
         "tests/test_edge_devices_bounds.py", "tests/test_edge_devices.py", "tests/test_edge_profiles.py"
