@@ -26,7 +26,16 @@ from collections.abc import Iterator
 import pytest
 from pymodbus.framer.rtu import FramerRTU
 
-from edge.rtu import BadReply, ExceptionResponse, ModbusTimeout, RtuMaster, TcpLine, crc16, with_crc
+from edge.rtu import (
+    BadReply,
+    ExceptionResponse,
+    ModbusTimeout,
+    RtuMaster,
+    SerialLine,
+    TcpLine,
+    crc16,
+    with_crc,
+)
 
 SILENCE_S = 0.005  # the master's inter-frame silence in these tests (short: nothing here is slow)
 TIMEOUT_S = 0.5  # a reply arrives within milliseconds; only a silent peer makes the master wait it
@@ -297,9 +306,9 @@ def test_the_first_request_waits_the_inter_frame_silence(line: list[Peer]) -> No
 
 
 def test_a_late_reply_inside_the_guard_is_drained_not_read_as_the_next_reply(line: list[Peer]) -> None:
-    """Timeout 0.05 s, the reply comes 0.1 s late, the guard is 1 s: it arrives while the master
+    """Timeout 0.05 s, the reply comes 0.3 s late, the guard is 1 s: it arrives while the master
     drains, and the next request (same shape) gets its own words."""
-    late = [(0.1, wire("01040400010002"))]
+    late = [(0.3, wire("01040400010002"))]
     _, m = master(line, [late, now(wire("01040400030004"))])
     try:
         with pytest.raises(ModbusTimeout):
@@ -308,6 +317,71 @@ def test_a_late_reply_inside_the_guard_is_drained_not_read_as_the_next_reply(lin
         assert m.read_registers(1, 4, 0, 2, TIMEOUT_S) == [3, 4]
     finally:
         m.close()
+
+
+def test_every_thrown_away_byte_is_counted(line: list[Peer]) -> None:
+    """A reply with the wrong byte count is refused after its first 3 bytes and its other 8 are
+    drained off the line; a stale frame and what follows it are thrown away whole (9 + 9)."""
+    wrong = wire("010406000100020003")  # 11 bytes
+    stale, real = wire("01040400010002"), wire("01040400030004")
+    _, m = master(line, [now(wrong), now(wrong), now(stale + real), now(wire("01040400050006"))])
+    try:
+        for _ in range(3):
+            with pytest.raises(BadReply):
+                m.read_registers(1, 4, 0, 2, 0.1)
+        assert m.discarded_bytes == 8 + 8 + 18
+        assert m.read_registers(1, 4, 0, 2, TIMEOUT_S) == [5, 6]
+    finally:
+        m.close()
+
+
+def test_a_request_whose_time_is_up_is_a_timeout_without_made_up_bytes(line: list[Peer]) -> None:
+    _, m = master(line, [None])
+    try:
+        with pytest.raises(ModbusTimeout):
+            m.read_registers(1, 4, 0, 2, 0.0, guard_s=0.01)
+    finally:
+        m.close()
+
+
+def test_the_real_reply_after_a_refused_one_is_drained_not_read_as_the_next_reply(line: list[Peer]) -> None:
+    """Module doc: after a refused reply the line is drained until quiet for the guard. Unit 2's
+    late answer comes first (refused: wrong unit), unit 1's own answer 0.1 s later; the next
+    request, of the same shape, must get its own words, not the drained ones."""
+    refused_then_real = [(0.0, wire("02040400090009")), (0.1, wire("01040400010002"))]
+    _, m = master(line, [refused_then_real, [(0.05, wire("01040400030004"))]])
+    try:
+        with pytest.raises(BadReply, match="reply from unit 2"):
+            m.read_registers(1, 4, 0, 2, 0.5, guard_s=0.5)
+        assert m.read_registers(1, 4, 0, 2, 0.5) == [3, 4]
+    finally:
+        m.close()
+
+
+def test_a_converter_that_accepts_no_connection_is_given_up_after_the_timeout() -> None:
+    """Its accept queue is full (backlog 0, one connection waiting), so the kernel drops our SYNs:
+    the connect would wait for minutes without its own timeout."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        with socket.create_connection(full.getsockname(), timeout=1.0), pytest.raises(TimeoutError):
+            TcpLine("127.0.0.1", full.getsockname()[1], 0.2)
+
+
+def test_a_serial_line_is_opened_at_the_configured_speed() -> None:
+    from simulators.nullmodem import NullModem
+
+    with NullModem() as modem:
+        line = SerialLine(modem.ports[1], 19200, "N", 2, 8)
+        try:
+            assert (line.ser.baudrate, line.ser.parity, line.ser.stopbits, line.ser.bytesize) == (
+                19200,
+                "N",
+                2,
+                8,
+            )
+        finally:
+            line.close()
 
 
 def test_a_converter_that_closes_the_connection_is_a_connection_error(line: list[Peer]) -> None:
