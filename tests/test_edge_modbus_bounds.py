@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import socket
+import struct
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -490,31 +491,59 @@ def test_a_block_decoded_from_the_wrong_number_of_words_is_refused() -> None:
 
 class RawTcpDevice:
     """A Modbus TCP peer on a raw socket that receives requests and then, per ``mode``: never
-    answers ("silent"), drops the connection ("close"), or answers a read with one register fewer
-    than asked, in a well-formed response (Modbus Messaging on TCP/IP Implementation Guide V1.0b,
-    §3.1: MBAP header of transaction id, protocol 0, length, unit id) ("short")."""
+    answers ("silent"), drops the connection ("close"), answers a read with one register fewer
+    than asked ("short"), or answers every read with words 7 ("answer"; ``drop()`` closes the
+    connection from its side, as a device that ends idle connections does). Responses follow the
+    Modbus Messaging on TCP/IP Implementation Guide V1.0b, §3.1 (MBAP header: transaction id,
+    protocol 0, length, unit id) and the Application Protocol V1.1b3 §6.3/6.4."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.received = b""
+        self.requests: list[tuple[int, int, int, int]] = []  # unit, function, address, count
+        self.connections = 0
+        self.conn: socket.socket | None = None
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            while data := conn.recv(256):
-                self.received += data
-                if self.mode == "close":
-                    return
-                if self.mode == "short":  # 1 register (byte count 2): length = unit + fc + count + 2
-                    conn.sendall(data[:2] + bytes([0, 0, 0, 5, data[6], data[7], 2, 0, 7]))
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.conn = conn
+            with conn:
+                while data := _recv(conn):
+                    self.received += data
+                    if self.mode == "close":
+                        return
+                    if self.mode == "short":  # 1 register (byte count 2): length = unit + fc + count + 2
+                        conn.sendall(data[:2] + bytes([0, 0, 0, 5, data[6], data[7], 2, 0, 7]))
+                    if self.mode == "answer":
+                        address, count = struct.unpack(">HH", data[8:12])
+                        self.requests.append((data[6], data[7], address, count))
+                        pdu = bytes([data[7], 2 * count]) + struct.pack(f">{count}H", *[7] * count)
+                        conn.sendall(data[:2] + struct.pack(">HHB", 0, len(pdu) + 1, data[6]) + pdu)
+
+    def drop(self) -> None:
+        assert self.conn is not None
+        self.conn.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone does not)
         self.listener.close()
         self.thread.join(5)
+
+
+def _recv(conn: socket.socket) -> bytes:
+    try:
+        return conn.recv(256)
+    except OSError:
+        return b""
 
 
 def raw_poll(mode: str, caplog: pytest.LogCaptureFixture) -> tuple[PollResult, RawTcpDevice, str]:
@@ -550,3 +579,29 @@ def test_a_modbus_tcp_reply_with_too_few_registers_is_refused(caplog: pytest.Log
     result, _, _ = raw_poll("short", caplog)
     assert result.errors == {"bad_reply": 1} and result.readings == []
     assert messages(caplog, logging.WARNING) == ["meter m1: block 16+2 lost: expected 2 registers, got 1"]
+
+
+def test_a_modbus_tcp_device_that_ended_the_connection_is_identified_again() -> None:
+    """The device closes the connection between two polls. The poller opens a new one and reads
+    the serial number again (a device swapped behind the address is noticed); pymodbus must not
+    reconnect behind its back, which it would do within 0.1 s by default."""
+    dev = RawTcpDevice("answer")
+    cfg = config(dev.port, [{"id": "m1", "unit_id": 1, "transport": "tcp"}], modbus_timeout_s=0.5)
+
+    async def main() -> list[PollResult]:
+        poller = ModbusPoller(cfg, {"probe_device": device_map(serial=True)}, clock())
+        try:
+            first = await poller.poll()
+            dev.drop()
+            await asyncio.sleep(0.5)  # time for a reconnect by pymodbus itself, were it allowed
+            return [first, await poller.poll()]
+        finally:
+            poller.close()
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        dev.close()
+    assert [r.status for r in results] == [{"m1": "ok"}] * 2
+    assert dev.connections == 2
+    assert [r for r in dev.requests if r[2] == 0xFC00] == [(1, 3, 0xFC00, 2)] * 2
