@@ -30,13 +30,14 @@ from edge.counters import CounterGuard
 from edge.devices import PACKAGED_MAPS, DeviceMap, load_device_map
 from edge.modbus import MeterState, ModbusPoller, PollResult, ReadBlock, decode_block, plan_blocks
 from edge.rtu import BadReply
-from edge.wire import EARLIEST_TS, LATEST_TS, Quantity
+from edge.wire import EARLIEST_TS, LATEST_TS, Quality, Quantity
 from ops.settings import ClockSettings
 from tests.test_edge_profiles import load_case, served, serving
 from tests.test_edge_rtu import Slave, device_map, word
 
 T0 = datetime(2026, 11, 2, 2, tzinfo=UTC)
 LOGGER = "scopemeter.edge.modbus"
+GOOD, OOR = Quality.GOOD, Quality.OUT_OF_RANGE
 
 
 def clock() -> ClockSettings:
@@ -311,7 +312,7 @@ def test_requests_follow_the_maps_block_limits_and_the_wanted_quantities(
 
 def test_pauses_go_between_requests_and_after_connect_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every asyncio.sleep of a poll is recorded (and done): the connect pause (the longest of the
-    endpoint's meters), then one pause before each meter's second and later requests."""
+    endpoint's meters), then one pause before each of a meter's requests but its first."""
     slept: list[float] = []
     real_sleep = asyncio.sleep
 
@@ -327,11 +328,13 @@ def test_pauses_go_between_requests_and_after_connect_only(monkeypatch: pytest.M
     cfg = config(dev.port, meters, pause_between_requests_s=0.01)
     monkeypatch.setattr(asyncio, "sleep", sleep)
     try:
-        polls(ModbusPoller(cfg, {"probe_device": device_map()}, clock()), 2)
+        polls(ModbusPoller(cfg, {"probe_device": device_map(serial=True)}, clock()), 2)
     finally:
         monkeypatch.undo()
         dev.close()
-    assert slept == [0.03, 0.01, 0.01, 0.01, 0.01]  # the second poll reuses the connection: no connect pause
+    # Poll 1: connect pause, then 3 requests a meter (serial number, 2 blocks): 2 pauses each.
+    # Poll 2: the connection is reused (no connect pause) and the serial is not read: 1 pause each.
+    assert slept == [0.03] + [0.01] * 4 + [0.01] * 2
 
 
 def test_the_serial_number_is_read_once_per_connection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,11 +432,31 @@ def test_a_given_counter_guard_is_the_one_used() -> None:
     assert list(guard.states) == ["m1/energy_import_kwh"]
 
 
+def test_power_beyond_one_and_a_half_times_the_meters_maximum_is_out_of_range() -> None:
+    poller, plan, _ = probe_poller(max_power_w=50_000)
+    p = {r.name: r for r in plan.device.registers}["p"]
+    judged = {
+        v: poller._quality(plan.meter, p, v, T0, None) for v in (75_000.0, 75_000.5, -75_000.0, -75_000.5)
+    }
+    assert judged == {75_000.0: GOOD, 75_000.5: OOR, -75_000.0: GOOD, -75_000.5: OOR}  # export: its size
+
+
+def test_an_energy_step_is_judged_against_max_power_in_kwh_per_second() -> None:
+    """36 kW is 0.01 kWh/s (3.6e6 W·s per kWh); the counter guard allows twice that over the
+    elapsed time: 1.2 kWh in 60 s."""
+    poller, plan, _ = probe_poller(max_power_w=36_000)
+    e = {r.name: r for r in plan.device.registers}["e"]
+    minute = timedelta(seconds=60)
+    assert poller._quality(plan.meter, e, 100.0, T0, None) == GOOD
+    assert poller._quality(plan.meter, e, 101.1999999, T0 + minute, None) == GOOD
+    assert poller._quality(plan.meter, e, 102.4000001, T0 + 2 * minute, None) == OOR
+
+
 # --- what is stamped, dropped or quarantined ---------------------------------------------------
 
 
-def probe_poller() -> tuple[ModbusPoller, Any, MeterState]:
-    cfg = config(1, [{"id": "m1", "unit_id": 1}])  # never connected: only the decisions are used
+def probe_poller(**meter: Any) -> tuple[ModbusPoller, Any, MeterState]:
+    cfg = config(1, [{"id": "m1", "unit_id": 1, **meter}])  # never connected: only the decisions are used
     poller = ModbusPoller(cfg, {"probe_device": device_map(serial=True)}, clock())
     [plan] = poller._plans[cfg.meters[0].endpoint]
     return poller, plan, poller.states["m1"]
@@ -497,13 +520,13 @@ class RawTcpDevice:
     Modbus Messaging on TCP/IP Implementation Guide V1.0b, §3.1 (MBAP header: transaction id,
     protocol 0, length, unit id) and the Application Protocol V1.1b3 §6.3/6.4."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, host: str = "127.0.0.1") -> None:
         self.mode = mode
         self.received = b""
         self.requests: list[tuple[int, int, int, int]] = []  # unit, function, address, count
         self.connections = 0
         self.conn: socket.socket | None = None
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -585,8 +608,9 @@ def test_a_modbus_tcp_device_that_ended_the_connection_is_identified_again() -> 
     """The device closes the connection between two polls. The poller opens a new one and reads
     the serial number again (a device swapped behind the address is noticed); pymodbus must not
     reconnect behind its back, which it would do within 0.1 s by default."""
-    dev = RawTcpDevice("answer")
-    cfg = config(dev.port, [{"id": "m1", "unit_id": 1, "transport": "tcp"}], modbus_timeout_s=0.5)
+    dev = RawTcpDevice("answer", host="127.0.0.2")  # not 127.0.0.1: the configured host is the one used
+    meter = {"id": "m1", "unit_id": 1, "transport": "tcp"}
+    cfg = config(dev.port, [meter], host="127.0.0.2", modbus_timeout_s=0.5)
 
     async def main() -> list[PollResult]:
         poller = ModbusPoller(cfg, {"probe_device": device_map(serial=True)}, clock())
