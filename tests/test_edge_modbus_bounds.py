@@ -27,11 +27,12 @@ import pytest
 
 from edge.config import EdgeConfig
 from edge.counters import CounterGuard
-from edge.devices import PACKAGED_MAPS, DeviceMap, load_device_map
-from edge.modbus import MeterState, ModbusPoller, PollResult, ReadBlock, decode_block, plan_blocks
+from edge.devices import PACKAGED_MAPS, DataType, DeviceMap, Register, RegisterType, load_device_map
+from edge.modbus import Endpoint, MeterState, ModbusPoller, PollResult, ReadBlock, decode_block, plan_blocks
 from edge.rtu import BadReply
 from edge.wire import EARLIEST_TS, LATEST_TS, Quality, Quantity
 from ops.settings import ClockSettings
+from simulators.nullmodem import NullModem
 from tests.test_edge_profiles import load_case, served, serving
 from tests.test_edge_rtu import Slave, device_map, word
 
@@ -502,6 +503,38 @@ def test_a_value_that_is_not_available_is_dropped_counted_and_said(caplog: pytes
     assert messages(caplog, logging.WARNING) == ["meter m1: p is not available (nan); dropped"]
 
 
+def test_blocks_are_strict_by_default_and_may_be_exactly_the_limit() -> None:
+    a, b, c = (
+        Register(name=n, address=x, data_type=DataType.UINT16)
+        for n, x in (("a", 0x10), ("b", 0x11), ("c", 0x12))
+    )
+    assert plan_blocks([a, c], 125) == [  # one unmapped register between: not spanned by default
+        ReadBlock(RegisterType.INPUT, 0x10, 1, (a,)),
+        ReadBlock(RegisterType.INPUT, 0x12, 1, (c,)),
+    ]
+    assert plan_blocks([a, c], 125, max_gap=1) == [ReadBlock(RegisterType.INPUT, 0x10, 3, (a, c))]
+    assert plan_blocks([a, b], 2) == [ReadBlock(RegisterType.INPUT, 0x10, 2, (a, b))]  # = the limit
+
+
+@pytest.mark.parametrize(("stopbits", "bits"), [(1, 10), (2, 11)])
+def test_a_serial_line_waits_the_silence_of_its_own_framing(stopbits: int, bits: int) -> None:
+    """Serial Line V1.02 §2.5.1.1: 3.5 characters between frames; a character of 8 data bits
+    without parity is 1 start + 8 + the stop bits (ptys refuse parity, so none here)."""
+    with NullModem() as modem:
+        line = {"transport": "rtu", "serial_port": modem.ports[1], "baudrate": 9600, "stopbits": stopbits}
+        meter = {"id": "m1", "unit_id": 1, "model": "probe_device", **line}
+        ep = Endpoint(
+            EdgeConfig.model_validate(
+                {"supplier": "s", "site": "x", "gateway": "g", "meters": [meter]}
+            ).meters[0]
+        )
+        assert asyncio.run(ep.connect(0.1))
+        try:
+            assert ep._rtu is not None and ep._rtu.silence_s == pytest.approx(3.5 * bits / 9600)
+        finally:
+            ep.close()
+
+
 def test_a_block_decoded_from_the_wrong_number_of_words_is_refused() -> None:
     [block] = plan_blocks(list(device_map().registers), 125, max_gap=0x10)
     assert isinstance(block, ReadBlock) and block.count == 0x11
@@ -617,7 +650,7 @@ def test_a_modbus_tcp_device_that_ended_the_connection_is_identified_again() -> 
         try:
             first = await poller.poll()
             dev.drop()
-            await asyncio.sleep(0.5)  # time for a reconnect by pymodbus itself, were it allowed
+            await asyncio.sleep(1.5)  # time for a reconnect by pymodbus itself, were it allowed
             return [first, await poller.poll()]
         finally:
             poller.close()
