@@ -558,6 +558,7 @@ class RawTcpDevice:
         self.received = b""
         self.requests: list[tuple[int, int, int, int]] = []  # unit, function, address, count
         self.connections = 0
+        self.close_after = 0  # "answer": close the connection after this many answers (0: never)
         self.conn: socket.socket | None = None
         self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
@@ -584,6 +585,8 @@ class RawTcpDevice:
                         self.requests.append((data[6], data[7], address, count))
                         pdu = bytes([data[7], 2 * count]) + struct.pack(f">{count}H", *[7] * count)
                         conn.sendall(data[:2] + struct.pack(">HHB", 0, len(pdu) + 1, data[6]) + pdu)
+                        if len(self.requests) == self.close_after:
+                            conn.shutdown(socket.SHUT_RDWR)
 
     def drop(self) -> None:
         assert self.conn is not None
@@ -662,3 +665,29 @@ def test_a_modbus_tcp_device_that_ended_the_connection_is_identified_again() -> 
     assert [r.status for r in results] == [{"m1": "ok"}] * 2
     assert dev.connections == 2
     assert [r for r in dev.requests if r[2] == 0xFC00] == [(1, 3, 0xFC00, 2)] * 2
+
+
+def test_a_connection_ended_between_two_requests_loses_only_the_blocks_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The device ends the connection right after answering m1's first block; the pause before the
+    next request lets the client see it. m1 keeps the block it got and loses the other, saying
+    why; m2, on the same endpoint, is read over a new connection."""
+    dev = RawTcpDevice("answer")
+    dev.close_after = 1
+    meters = [{"id": m, "unit_id": u, "transport": "tcp"} for m, u in (("m1", 1), ("m2", 2))]
+    cfg = config(dev.port, meters, modbus_timeout_s=0.5, pause_between_requests_s=0.1)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    try:
+        [result] = polls(ModbusPoller(cfg, {"probe_device": device_map()}, clock()), 1)
+    finally:
+        dev.close()
+    assert result.status == {"m1": "partial", "m2": "ok"} and result.errors == {"bad_reply": 1}
+    assert {(r.meter_id, r.quantity) for r in result.readings} == {
+        ("m1", Quantity.POWER_W),
+        ("m2", Quantity.POWER_W),
+        ("m2", Quantity.ENERGY_IMPORT_KWH),
+    }
+    [warning] = messages(caplog, logging.WARNING)
+    assert warning.startswith("meter m1: block 32+1 lost: ") and "Not connected" in warning
+    assert dev.connections == 2
