@@ -163,7 +163,9 @@ class RtuMaster:
         try:
             words = self._reply(unit, function, count, time.monotonic() + timeout_s)
         except ModbusError as exc:
-            self._drain(max(self.silence_s, guard) if isinstance(exc, ModbusTimeout) else self.silence_s)
+            # An exception response is a whole answer; after a timeout or a refused reply our own
+            # answer may still be on its way, so it is drained for the guard (module doc).
+            self._drain(self.silence_s if isinstance(exc, ExceptionResponse) else max(self.silence_s, guard))
             raise
         self._quiet_since = time.monotonic()
         return words

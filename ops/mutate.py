@@ -44,13 +44,16 @@ LINKED = ("edge", "ingest", "compute", "ops", "simulators", "config", "tests", "
 MODULES: dict[str, list[str]] = {
     "edge/counters.py": ["tests/test_edge_counters.py", "tests/test_edge_counters_bounds.py"],
     "edge/modbus.py": [
-        "tests/test_edge_devices_bounds.py", "tests/test_edge_devices.py", "tests/test_edge_profiles.py",
-        "tests/test_edge_drivers.py",
+        "tests/test_edge_modbus_bounds.py", "tests/test_edge_devices_bounds.py", "tests/test_edge_devices.py",
+        "tests/test_edge_profiles.py", "tests/test_edge_drivers.py",
+        "tests/test_edge_serial.py::test_sdm120_on_a_serial_line_reads_the_truth_and_silence_and_noise_are_counted",
     ],
     "edge/devices.py": [
         "tests/test_edge_devices_bounds.py", "tests/test_edge_devices.py", "tests/test_edge_profiles.py"
     ],
-    "edge/rtu.py": ["tests/test_edge_rtu.py", "tests/test_edge_rtu_bounds.py"],
+    "edge/rtu.py": [
+        "tests/test_edge_rtu_frames.py", "tests/test_edge_rtu_bounds.py", "tests/test_edge_rtu.py"
+    ],
     "edge/wire.py": [
         "tests/test_validate.py", "tests/test_validate_bounds.py", "tests/test_edge_counters.py"
     ],
