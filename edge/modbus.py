@@ -127,6 +127,7 @@ class Endpoint:
         if self.connected:
             return False
         m = self.meter
+        self.close()  # a connection the peer ended: its client still holds a socket and a task
         if m.transport == "tcp":
             client = AsyncModbusTcpClient(
                 str(m.host),
@@ -189,6 +190,10 @@ class Endpoint:
             raise BadReply(str(exc)) from None
         if resp.isError():
             raise ExceptionResponse(resp.exception_code)
+        # pymodbus pairs a reply with its request by transaction id alone (it drops another unit's).
+        if resp.function_code != function:
+            got = resp.function_code
+            raise BadReply(f"reply carries function {got}, the request was function {function}")
         if len(resp.registers) != block.count:
             raise BadReply(f"expected {block.count} registers, got {len(resp.registers)}")
         return list(resp.registers)

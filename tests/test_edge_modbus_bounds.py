@@ -548,8 +548,10 @@ def test_a_block_decoded_from_the_wrong_number_of_words_is_refused() -> None:
 class RawTcpDevice:
     """A Modbus TCP peer on a raw socket that receives requests and then, per ``mode``: never
     answers ("silent"), drops the connection ("close"), answers a read with one register fewer
-    than asked ("short"), or answers every read with words 7 ("answer"; ``drop()`` closes the
-    connection from its side, as a device that ends idle connections does). Responses follow the
+    than asked ("short"), answers with the other read function (3 for 4, 4 for 3:
+    "other_function") or from another unit id ("other_unit"), or answers every read with words 7
+    ("answer"; ``drop()`` closes the connection from its side, as a device that ends idle
+    connections does). Responses follow the
     Modbus Messaging on TCP/IP Implementation Guide V1.0b, §3.1 (MBAP header: transaction id,
     protocol 0, length, unit id) and the Application Protocol V1.1b3 §6.3/6.4."""
 
@@ -580,6 +582,12 @@ class RawTcpDevice:
                         return
                     if self.mode == "short":  # 1 register (byte count 2): length = unit + fc + count + 2
                         conn.sendall(data[:2] + bytes([0, 0, 0, 5, data[6], data[7], 2, 0, 7]))
+                    if self.mode in ("other_function", "other_unit"):  # a valid reply, but not to us
+                        count = struct.unpack(">H", data[10:12])[0]
+                        function = data[7] ^ 7 if self.mode == "other_function" else data[7]  # 3 <-> 4
+                        unit = data[6] + 1 if self.mode == "other_unit" else data[6]
+                        pdu = bytes([function, 2 * count]) + struct.pack(f">{count}H", *[7] * count)
+                        conn.sendall(data[:2] + struct.pack(">HHB", 0, len(pdu) + 1, unit) + pdu)
                     if self.mode == "answer":
                         address, count = struct.unpack(">HH", data[8:12])
                         self.requests.append((data[6], data[7], address, count))
@@ -640,6 +648,25 @@ def test_a_modbus_tcp_reply_with_too_few_registers_is_refused(caplog: pytest.Log
     assert messages(caplog, logging.WARNING) == ["meter m1: block 16+2 lost: expected 2 registers, got 1"]
 
 
+def test_a_modbus_tcp_reply_with_another_function_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """pymodbus pairs a reply with its request by transaction id alone, so a gateway that answers an
+    input-register read with holding registers had its words decoded as ours (Modbus Application
+    Protocol V1.1b3 §6.3/6.4: the response echoes the request's function code)."""
+    result, _, _ = raw_poll("other_function", caplog)
+    assert result.errors == {"bad_reply": 1} and result.readings == []
+    assert messages(caplog, logging.WARNING) == [
+        "meter m1: block 16+2 lost: reply carries function 3, the request was function 4"
+    ]
+
+
+def test_a_modbus_tcp_reply_from_another_unit_is_not_taken(caplog: pytest.LogCaptureFixture) -> None:
+    """Messaging on TCP/IP V1.0b §3.1.3: the server copies the unit identifier back. pymodbus drops
+    a reply from another unit, so the request times out and none of its words are read."""
+    result, dev, _ = raw_poll("other_unit", caplog)
+    assert result.errors == {"timeout": 1} and result.readings == []
+    assert len(dev.received) == 12
+
+
 def test_a_modbus_tcp_device_that_ended_the_connection_is_identified_again() -> None:
     """The device closes the connection between two polls. The poller opens a new one and reads
     the serial number again (a device swapped behind the address is noticed); pymodbus must not
@@ -665,6 +692,49 @@ def test_a_modbus_tcp_device_that_ended_the_connection_is_identified_again() -> 
     assert [r.status for r in results] == [{"m1": "ok"}] * 2
     assert dev.connections == 2
     assert [r for r in dev.requests if r[2] == 0xFC00] == [(1, 3, 0xFC00, 2)] * 2
+
+
+def test_the_client_of_an_ended_connection_is_closed_before_a_new_one_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway runs for months and devices end idle connections: each reconnect used to leave the
+    old pymodbus client (its transport and tasks) open. Every client but the live one is closed."""
+    from pymodbus.client import AsyncModbusTcpClient
+
+    opened: list[AsyncModbusTcpClient] = []
+    closed: list[AsyncModbusTcpClient] = []
+    real_init, real_close = AsyncModbusTcpClient.__init__, AsyncModbusTcpClient.close
+
+    def init(self: AsyncModbusTcpClient, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    def close(self: AsyncModbusTcpClient, *args: Any, **kwargs: Any) -> None:
+        closed.append(self)
+        real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncModbusTcpClient, "__init__", init)
+    monkeypatch.setattr(AsyncModbusTcpClient, "close", close)
+    dev = RawTcpDevice("answer")
+    cfg = config(dev.port, [{"id": "m1", "unit_id": 1, "transport": "tcp"}], modbus_timeout_s=0.5)
+
+    async def main() -> None:
+        poller = ModbusPoller(cfg, {"probe_device": device_map(serial=True)}, clock())
+        try:
+            for _ in range(3):
+                assert (await poller.poll()).status == {"m1": "ok"}
+                dev.drop()
+                await asyncio.sleep(0.2)
+            assert (await poller.poll()).status == {"m1": "ok"}
+            assert len(opened) == 4 and set(map(id, closed)) >= set(map(id, opened[:3]))
+            assert id(opened[3]) not in set(map(id, closed))
+        finally:
+            poller.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        dev.close()
 
 
 def test_a_connection_ended_between_two_requests_loses_only_the_blocks_after_it(
