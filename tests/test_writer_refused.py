@@ -1,0 +1,219 @@
+"""Rows PostgreSQL refuses, and the store's partition bookkeeping, in-process against a real
+PostgreSQL (ingest/writer.py: ``_write``, ``_write_each``, ``ReadingStore``).
+
+A record the bridge did not write may carry a text PostgreSQL cannot store (a NUL character): the
+batch's COPY fails, the writer then writes the records one by one, letters the refused one
+(``db_refused``, its original bytes) and stores the rest; the refused rows get no dirty range.
+``tests/test_ingest.py`` shows the same through Kafka; these call the functions directly so that
+mutation testing (``make mutate``) can run them in a second.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from aiokafka import ConsumerRecord
+
+from edge.wire import Quantity
+from ingest.dlq import Reason
+from ingest.writer import (
+    ReadingStore,
+    Row,
+    WriteResult,
+    _estimate_rows,
+    _first_line,
+    _months_between,
+    _write,
+    prepare,
+)
+from tests.helpers import T0, make_batch
+
+
+def _record(value: bytes | None, offset: int, topic: str = "readings-x") -> ConsumerRecord[bytes, bytes]:
+    size = len(value) if value is not None else 0
+    return ConsumerRecord(topic, 0, offset, 0, 0, None, value, None, 0, size, [])
+
+
+def _count(dsn: str, prefix: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM readings WHERE meter_id LIKE %s", (prefix + "%",)).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.fixture
+def store(pg_db: str) -> Iterator[ReadingStore]:
+    s = ReadingStore(pg_db)
+    yield s
+    s.close()
+
+
+def test_a_refused_record_becomes_a_letter_and_the_others_are_written(
+    store: ReadingStore, pg_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = f"r{uuid.uuid4().hex[:8]}-"
+    # The newer batch comes first, the older last: the result's newest timestamp is the newer one's.
+    newer = make_batch(5, meter_prefix=prefix).encode()
+    older = make_batch(1, meter_prefix=prefix).encode()
+    poison = make_batch(3, meter_prefix=prefix).encode().replace(f'"{prefix}0"'.encode(),
+                                                                 f'"{prefix}\\u0000x"'.encode())  # fmt: skip
+    assert b"\\u0000" in poison
+    records = [_record(newer, 10), _record(poison, 11), _record(older, 12)]
+    prepared = prepare(records)
+    assert len(prepared.rows) == 18 and prepared.letters == []
+    with caplog.at_level(logging.WARNING, logger="scopemeter.writer"):
+        result = _write(store, prepared=prepared)
+    assert (result.offered, result.inserted) == (12, 12)
+    newest = max(r.ts for r in make_batch(5, meter_prefix=prefix).readings)
+    assert result.newest_ts == newest
+    assert _count(pg_db, prefix) == 12
+    (letter,) = prepared.letters
+    assert letter.reason is Reason.DB_REFUSED and letter.topic == "kafka:readings-x"
+    assert base64.b64decode(letter.payload_b64) == poison
+    assert letter.detail and "\n" not in letter.detail and letter.detail == letter.detail.strip()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"PostgreSQL refused a batch of 3 records ({letter.detail}); writing them one by one"
+    ]
+    # The refused record's rows (all of batch 3) have no dirty range; every written row has one.
+    written = [r for r in prepared.rows if r[7] != 3]
+    assert len(written) == 12
+    assert sum(d.rows for d in prepared.dirty) == 12
+    for meter in (f"{prefix}0", f"{prefix}1"):
+        stamps = [r[2] for r in written if r[0] == meter]
+        (d,) = [d for d in prepared.dirty if d.meter_id == meter]
+        assert (d.t_min, d.t_max, d.rows) == (min(stamps), max(stamps), len(stamps))
+    # Replayed: every row is counted as offered again and none inserted; the same record refused.
+    again = prepare(records)
+    replay = _write(store, prepared=again)
+    assert (replay.offered, replay.inserted, replay.newest_ts) == (12, 0, newest)
+    assert [x.reason for x in again.letters] == [Reason.DB_REFUSED]
+
+
+def test_newest_timestamp_of_a_one_by_one_write_is_the_newest_of_all_parts(store: ReadingStore) -> None:
+    prefix = f"n{uuid.uuid4().hex[:8]}-"
+    poison = b'{"not": "a batch"}'
+    older = make_batch(1, meter_prefix=prefix).encode()
+    newer = make_batch(5, meter_prefix=prefix).encode()
+    bad_row = (
+        make_batch(2, meter_prefix=prefix)
+        .encode()
+        .replace(f'"{prefix}1"'.encode(), f'"{prefix}\\u0000"'.encode())
+    )
+    # A record that fails validation first (no rows, a schema letter), then oldest to newest.
+    prepared = prepare([_record(poison, 0), _record(older, 1), _record(bad_row, 2), _record(newer, 3)])
+    assert [x.reason for x in prepared.letters] == [Reason.SCHEMA]
+    result = _write(store, prepared=prepared)
+    assert result.newest_ts == max(r.ts for r in make_batch(5, meter_prefix=prefix).readings)
+    assert (result.offered, result.inserted) == (12, 12)
+    assert [x.reason for x in prepared.letters] == [Reason.SCHEMA, Reason.DB_REFUSED]
+
+
+def test_a_batch_postgresql_takes_is_written_whole_and_keeps_its_dirty_ranges(store: ReadingStore) -> None:
+    prefix = f"w{uuid.uuid4().hex[:8]}-"
+    prepared = prepare([_record(make_batch(0, meter_prefix=prefix).encode(), 0)])
+    dirty = list(prepared.dirty)
+    result = _write(store, prepared=prepared)
+    assert (result.offered, result.inserted) == (6, 6)
+    assert result.newest_ts == max(r[2] for r in prepared.rows)
+    assert prepared.dirty == dirty and prepared.letters == []
+
+
+def test_an_empty_write_touches_nothing(store: ReadingStore) -> None:
+    assert store.write([]) == WriteResult(0, 0, None)
+    store.ping()  # the connection is still usable (no transaction left open)
+
+
+def test_a_month_never_written_gets_its_partition_and_a_known_month_is_not_asked_again(
+    store: ReadingStore, pg_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No default partition: a row of a month without one is refused by PostgreSQL. The store
+    creates the months a batch spans (in UTC), and remembers them so it asks once per month."""
+    prefix = f"p{uuid.uuid4().hex[:8]}-"
+    year = 2100 + int(prefix[1:9], 16) % 50  # a year no other test writes
+    # 31 Dec 23:30 at UTC-05:00 is already 1 January in UTC: both months must exist.
+    local = timezone(timedelta(hours=-5))
+    t_dec = datetime(year, 12, 31, 18, 0, tzinfo=local)
+    t_jan = datetime(year, 12, 31, 23, 30, tzinfo=local)
+    rows: list[Row] = [(f"{prefix}m", Quantity.ENERGY_IMPORT_KWH.value, t, 1.0, 0, "s", "g", 1)
+                       for t in (t_dec, t_jan)]  # fmt: skip
+    asked: list[str] = []
+
+    class Spy:  # the store's connection, noting each statement its cursors run
+        def __init__(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+            self.conn = conn
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.conn, name)
+
+        def cursor(self) -> object:
+            return SpyCursor(self.conn.cursor())
+
+    class SpyCursor:
+        def __init__(self, cur: psycopg.Cursor[tuple[object, ...]]) -> None:
+            self.cur = cur
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.cur, name)
+
+        def __enter__(self) -> SpyCursor:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.cur.close()
+
+        def execute(self, query: str, params: Sequence[Any] | None = None) -> object:
+            asked.append(query)
+            return self.cur.execute(query, params)
+
+    monkeypatch.setattr(store, "conn", Spy(store.conn))
+    assert store.write(rows).inserted == 2
+    assert sum("scopemeter_ensure_partitions" in q for q in asked) == 1
+    assert store._months == {date(year, 12, 1), date(year + 1, 1, 1)}
+    later = [
+        (f"{prefix}m", Quantity.ENERGY_IMPORT_KWH.value, t_jan + timedelta(minutes=1), 2.0, 0, "s", "g", 2)
+    ]
+    assert store.write(later).inserted == 1
+    assert sum("scopemeter_ensure_partitions" in q for q in asked) == 1  # January is known
+    assert _count(pg_db, prefix) == 3
+
+
+def test_months_between_are_the_utc_months_of_the_span() -> None:
+    d = date
+    plus5 = timezone(timedelta(hours=5))
+    # 1 Dec 02:00 at +05:00 is still 30 November in UTC.
+    assert _months_between(datetime(2026, 12, 1, 2, tzinfo=plus5), datetime(2027, 2, 3, tzinfo=UTC)) == {
+        d(2026, 11, 1),
+        d(2026, 12, 1),
+        d(2027, 1, 1),
+        d(2027, 2, 1),
+    }
+    assert _months_between(T0, T0) == {d(2026, 11, 1)}
+    assert _months_between(datetime(2026, 1, 31, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)) == {
+        d(2026, 1, 1),
+        d(2026, 2, 1),
+    }
+
+
+def test_first_line_of_an_error_names_it_even_without_text() -> None:
+    assert (
+        _first_line(ValueError("  invalid byte sequence\nCONTEXT: COPY readings  "))
+        == "invalid byte sequence"
+    )
+    assert _first_line(ValueError("one line")) == "one line"
+    assert _first_line(ValueError("")) == "ValueError"
+    assert _first_line(KeyError()) == "KeyError"
+    assert _first_line(ValueError(" \n ")) == "ValueError"
+
+
+def test_rows_are_estimated_at_110_bytes_a_reading_at_least_one() -> None:
+    assert _estimate_rows(_record(b"x" * 1099, 0)) == 9
+    assert _estimate_rows(_record(b"x" * 1100, 0)) == 10
+    assert _estimate_rows(_record(b"x" * 50, 0)) == 1
+    assert _estimate_rows(_record(None, 0)) == 1
+    assert _estimate_rows(_record(b"", 0)) == 1
