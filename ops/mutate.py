@@ -57,7 +57,10 @@ MODULES: dict[str, list[str]] = {
     "ingest/validate.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
     "ingest/registry.py": ["tests/test_registry_cache.py", "tests/test_validate.py"],
     "ingest/dlq.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
-    "ingest/bridge.py": ["tests/test_bridge_acks.py", "tests/test_trust_bridge_kafka_refusal.py"],
+    "ingest/bridge.py": [
+        "tests/test_bridge_produce.py", "tests/test_bridge_run.py", "tests/test_bridge_acks.py",
+        "tests/test_trust_bridge_kafka_refusal.py",
+    ],
     "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
     "compute/recompute.py": [
         "tests/test_compute_recompute.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py"
