@@ -17,22 +17,26 @@ tests/test_trust_bridge_kafka_refusal.py.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from edge.wire import readings_topic
 from ingest.bridge import Incoming, _produce, _refused_by_kafka
 from ingest.dlq import DeadLetter, Reason
-from ingest.registry import RegistryCache, register_gateway
+from ingest.registry import MeterHome, Registry, RegistryCache, register_gateway
 from ops import metrics
-from ops.settings import DbSettings, Settings
+from ops.procs import ManagedProcess
+from ops.settings import DbSettings, KafkaSettings, Settings
 from tests.helpers import make_batch
 from tests.test_bridge_acks import HeldKafka
+from tests.test_trust_bridge_kafka_refusal import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, _letters, _topics
 
 
 class Recorder(HeldKafka):
@@ -193,3 +197,35 @@ def test_a_record_kafka_refuses_as_too_large_is_a_bounded_letter_naming_the_erro
     assert letter.detail == f"Kafka refused the record: {exc!r}"
     assert letter.topic == "scopemeter/v1/a/b/c/readings"
     assert letter.payload_bytes == 5000
+
+
+def test_the_letter_of_a_batch_the_broker_refuses_names_the_brokers_error(kafka: ManagedProcess) -> None:
+    """Against the real broker (its topic keeps Apache Kafka's 1 MB limit, the producer may send
+    8 MiB): the too-large letter says what Kafka answered."""
+    now = datetime.now(UTC)
+    batch = make_batch(0, meters=100, steps=100, start=now - timedelta(hours=2), step=timedelta(seconds=30))
+    payload = batch.encode()
+    assert len(payload) > KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    tag = uuid.uuid4().hex[:8]
+    k = KafkaSettings(bootstrap=f"{kafka.host}:{kafka.port}")
+    k = k.model_copy(update={"readings_topic": f"readings-big-{tag}", "dlq_topic": f"dlq-big-{tag}"})
+    s = Settings(kafka=k)
+    cache = RegistryCache("postgresql://unused@127.0.0.1:1/none", refresh_s=3600)
+    meters = {f"m{i}": MeterHome(batch.site, batch.gateway) for i in range(100)}
+    cache.registry = Registry(1, {batch.site: batch.supplier}, {batch.gateway: batch.site}, meters)
+    cache._checked = float("inf")  # never look at the (absent) DB: the registry is given
+    item = Incoming(readings_topic(batch.supplier, batch.site, batch.gateway), payload, 1, 1, 1)
+
+    async def scenario() -> list[DeadLetter]:
+        await _topics(k.bootstrap, k.readings_topic, k.dlq_topic)
+        producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, max_request_size=8 * 1024 * 1024)
+        await producer.start()
+        try:
+            await (await _produce(producer, s, item, cache))
+        finally:
+            await producer.stop()
+        return await _letters(k.bootstrap, k.dlq_topic)
+
+    [letter] = asyncio.run(scenario())
+    assert letter.reason is Reason.TOO_LARGE
+    assert re.fullmatch(r"Kafka refused the record: \w+Error\(.*\)", letter.detail), letter.detail

@@ -18,22 +18,27 @@ reason, except in the last test, which uses a real client against an address wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from aiokafka.errors import KafkaConnectionError
 from paho.mqtt.enums import CallbackAPIVersion
+from psycopg.conninfo import make_conninfo
 
 from edge.wire import READINGS_SUBSCRIPTION
 from ingest.bridge import run_bridge, subscription
+from ingest.db import drop_database, ensure_database, migrate
 from ops import metrics
-from ops.procs import free_port
+from ops.procs import ManagedProcess, free_port
 from ops.settings import DbSettings, IngestSettings, KafkaSettings, MqttSettings, Settings
+from ops.stack import start_mosquitto
 from tests.test_bridge_acks import WAIT, HeldKafka, Lane, _client, first_redelivery, publish, until
 from tests.test_bridge_acks import lane as lane  # the fixture, shared
 
@@ -254,3 +259,84 @@ def test_the_subscription_is_shared_unless_turned_off() -> None:
     assert subscription(shared) == f"$share/{shared.mqtt.share_group}/{READINGS_SUBSCRIPTION}"
     alone = shared.model_copy(update={"ingest": IngestSettings(shared_subscription=False)})
     assert subscription(alone) == READINGS_SUBSCRIPTION
+
+
+def test_a_broker_that_refuses_the_connection_keeps_the_bridge_from_ready_and_says_why(
+    pg_db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Mosquitto that refuses the bridge's login (anonymous login off): the bridge never reports
+    ready, health says why, and the refusal is logged. (A refused subscription is not shown: the
+    project's Mosquitto grants a v3.1.1 subscription its ACL denies, and delivers nothing.)"""
+    broker = start_mosquitto(free_port(), tmp_path / "mosquitto", extra_conf="allow_anonymous false")
+    settings = Settings(mqtt=MqttSettings(host=broker.host, port=broker.port), db=DbSettings(dsn=pg_db))
+    health = Witness()
+    ready: list[bool] = []
+    want = "MQTT connect refused: Not authorized"
+
+    async def scenario() -> None:
+        bridge = run_bridge(
+            settings,
+            asyncio.Event(),
+            client_id=f"b-{uuid.uuid4().hex[:8]}",
+            on_ready=lambda: ready.append(True),
+            health=health,
+            producer=Brokers(),
+        )
+        task = asyncio.create_task(bridge)
+        try:
+            await until("the refusal logged", lambda: want in caplog.messages)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="scopemeter.bridge"):
+            asyncio.run(scenario())
+    finally:
+        broker.stop()
+    assert ready == []
+    assert ("mqtt", "connect refused: Not authorized") in health.changes
+    assert ("mqtt", "up") not in health.changes
+
+
+def test_the_bridge_waits_for_a_database_that_comes_up_later(
+    mosquitto: ManagedProcess, pg_admin_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The DB is not there when the bridge starts (here: its database does not exist yet, as before
+    ``scopemeter db migrate``): the bridge keeps asking, and subscribes once the registry loads."""
+    name = f"scopemeter_late_{uuid.uuid4().hex[:8]}"
+    dsn = make_conninfo(pg_admin_dsn, dbname=name)
+    settings = Settings(mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port), db=DbSettings(dsn=dsn))
+    kafka = Brokers()
+
+    async def scenario() -> None:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(
+            run_bridge(settings, stop, client_id=f"late-{name}", on_ready=ready.set, producer=kafka)
+        )
+        try:
+            await until("a refused registry read", lambda: any("not refreshed" in m for m in caplog.messages))
+            assert not ready.is_set()
+            await asyncio.to_thread(ensure_database, dsn, pg_admin_dsn)
+            await asyncio.to_thread(migrate, dsn)
+            await asyncio.wait_for(ready.wait(), WAIT)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="scopemeter.registry"):
+            asyncio.run(scenario())
+    finally:
+        drop_database(name, pg_admin_dsn)
+        _close_session(mosquitto, f"late-{name}")
+    assert kafka.calls == ["start", "flush", "stop"]
+
+
+def _close_session(mosquitto: ManagedProcess, client_id: str) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client.connect(mosquitto.host, mosquitto.port, keepalive=30)
+    client.loop_start()
+    client.disconnect()
+    client.loop_stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -33,6 +34,7 @@ from ingest.writer import (
     _write,
     prepare,
 )
+from ops import metrics
 from tests.helpers import T0, make_batch
 
 
@@ -217,3 +219,23 @@ def test_rows_are_estimated_at_110_bytes_a_reading_at_least_one() -> None:
     assert _estimate_rows(_record(b"x" * 50, 0)) == 1
     assert _estimate_rows(_record(None, 0)) == 1
     assert _estimate_rows(_record(b"", 0)) == 1
+
+
+def _seconds(name: str) -> float:
+    return metrics.WRITER.get_sample_value(f"{name}_sum") or 0.0
+
+
+def test_decode_and_commit_times_are_the_time_they_took(store: ReadingStore) -> None:
+    """Each observation lies between zero and the wall time around the call (never a timestamp)."""
+    records = [_record(make_batch(0, meter_prefix=f"t{uuid.uuid4().hex[:8]}-").encode(), 0)]
+    decode0, commit0 = (
+        _seconds("scopemeter_writer_decode_seconds"),
+        _seconds("scopemeter_writer_commit_seconds"),
+    )
+    started = time.monotonic()
+    prepared = prepare(records)
+    between = time.monotonic()
+    _write(store, prepared=prepared)
+    ended = time.monotonic()
+    assert 0 <= _seconds("scopemeter_writer_decode_seconds") - decode0 <= between - started
+    assert 0 <= _seconds("scopemeter_writer_commit_seconds") - commit0 <= ended - between
