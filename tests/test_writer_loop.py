@@ -139,10 +139,10 @@ def test_batches_go_out_when_full_or_on_stop_and_everything_is_published_and_com
     a = make_batch(0, site="site-a", meter_prefix=prefix, start=start)
     b = make_batch(1, site="site-b", meter_prefix=prefix, start=start)
     c = make_batch(2, site="site-a", meter_prefix=prefix, meters=1, steps=1, start=start + timedelta(hours=1))
-    # The row target is two more than a's estimated rows: a and the one-row bad record never fill a
-    # batch, b added to them does.
-    target = len(a.encode()) // 110 + 2
-    assert len(c.encode()) // 110 < target
+    # The row target is exactly what a, b and the bad record are estimated at (about 110 bytes a
+    # reading, at least one a record): a and b never fill a batch, the bad record completes it.
+    target = sum(max(1, len(x) // 110) for x in (a.encode(), b.encode(), b"not json"))
+    assert max(1, len(c.encode()) // 110) < target
     made: list[dict[str, object]] = []
 
     def producer(**kw: Any) -> AIOKafkaProducer:
@@ -160,9 +160,10 @@ def test_batches_go_out_when_full_or_on_stop_and_everything_is_published_and_com
             run_writer(s, stop, batch_rows_target=target, linger_s=3600.0, health=health)
         )
         try:
-            await _produce(s, [("site-a", a.encode())])
-            await until("a taken", lambda: _true(a.encode() in taken.values), task)
-            await _produce(s, [("site-x", b"not json"), ("site-b", b.encode())])
+            await _produce(s, [("site-a", a.encode()), ("site-b", b.encode())])
+            await until("a and b taken", lambda: _true(b.encode() in taken.values), task)
+            assert _rows(s, prefix) == []  # not due yet: one row short of the target, and no lingering
+            await _produce(s, [("site-x", b"not json")])
             await until("a and b stored", lambda: _async(len(_rows(s, prefix)) == 12), task)
             await until("three offsets committed", lambda: _eq(_committed(s), 3), task)
             assert health.report() == (True, {"kafka": "ok", "db": "ok"})
@@ -263,3 +264,58 @@ def _true(value: bool) -> Awaitable[bool]:
 
 async def _eq(got: Awaitable[int], want: int) -> bool:
     return await got == want
+
+
+def test_health_follows_the_db_while_the_writer_is_idle(
+    kafka: ManagedProcess, pg_db: str, tmp_path: Path
+) -> None:
+    """An idle writer pings PostgreSQL: when its connection is ended from the server side, health
+    says so, and the writer reconnects (health up again) and still writes what comes next."""
+    s = _settings(kafka, pg_db, tmp_path)
+    s = s.model_copy(update={"db": s.db.model_copy(update={"reconnect_max_s": 0.2})})
+    prefix = f"h{uuid.uuid4().hex[:8]}-"
+    batch = make_batch(0, meter_prefix=prefix)
+    changes: list[tuple[str, str]] = []
+
+    def db() -> list[str]:
+        return [r for d, r in changes if d == "db"]
+
+    class Witness(metrics.Health):
+        def up(self, dependency: str) -> None:
+            super().up(dependency)
+            changes.append((dependency, "up"))
+
+        def down(self, dependency: str, reason: str) -> None:
+            super().down(dependency, reason)
+            changes.append((dependency, reason))
+
+    with psycopg.connect(pg_db) as conn:
+        row = conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    since = row[0]  # the writer's session is the one opened after this instant
+
+    def end_the_writers_session() -> int:
+        query = (
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND backend_start > %s"
+        )
+        with psycopg.connect(pg_db, autocommit=True) as conn:
+            ended = conn.execute(query, (since,)).fetchone()
+        return int(ended[0]) if ended else 0
+
+    async def scenario() -> None:
+        await ensure_topics_async(s.kafka)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_writer(s, stop, batch_rows_target=1, linger_s=0.0, health=Witness()))
+        try:
+            await until("the DB up", lambda: _true("up" in db()), task)
+            await until("the writer's session ended", lambda: _true(end_the_writers_session() > 0), task)
+            await until("the DB reported down", lambda: _true(any(r != "up" for r in db())), task)
+            await until("the DB up again", lambda: _true(db()[-1] == "up" and len(db()) > 2), task)
+            await _produce(s, [("s", batch.encode())])
+            await until("the rows", lambda: _async(len(_rows(s, prefix)) == 6), task)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+
+    asyncio.run(scenario())
