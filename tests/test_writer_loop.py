@@ -152,6 +152,12 @@ def test_batches_go_out_when_full_or_on_stop_and_everything_is_published_and_com
     monkeypatch.setattr(ingest.writer, "AIOKafkaProducer", producer)
     health = metrics.Health("kafka", "db")
 
+    def batches() -> tuple[float, float]:  # (batches written, rows offered) so far, in this process
+        count = metrics.WRITER.get_sample_value("scopemeter_writer_batch_rows_count") or 0.0
+        return count, metrics.WRITER.get_sample_value("scopemeter_writer_batch_rows_sum") or 0.0
+
+    before = batches()
+
     async def scenario() -> None:
         await ensure_topics_async(s.kafka)
         stop = asyncio.Event()
@@ -193,6 +199,8 @@ def test_batches_go_out_when_full_or_on_stop_and_everything_is_published_and_com
         assert [r.key for r in published] == [b"site-a", b"site-b", b"site-a"]  # a+b's batch, then c's
 
     asyncio.run(scenario())
+    # Two batches: a, b and the bad record when the target was reached; c at the stop.
+    assert (batches()[0] - before[0], batches()[1] - before[1]) == (2, 13)
     # The DLQ producer waits for every replica and is idempotent, like the bridge's.
     assert [(kw["acks"], kw["enable_idempotence"], kw["bootstrap_servers"]) for kw in made] == [
         ("all", True, s.kafka.bootstrap)
