@@ -15,8 +15,10 @@ offset, the record having been taken into the batch at hand).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -226,8 +228,13 @@ def test_a_batch_that_lingered_goes_out_without_filling_up(
             stop.set()
             await asyncio.wait_for(task, WAIT)
 
-    asyncio.run(scenario())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        asyncio.run(scenario())
+        gc.collect()
     assert _rows(s, prefix) == _want([batch])
+    # The writer closed its DB connection itself (psycopg warns about one merely dropped).
+    assert [str(w.message) for w in caught if "deleted while still open" in str(w.message)] == []
 
 
 def test_stopped_while_the_db_is_away_the_writer_returns_and_commits_nothing(
