@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
@@ -334,3 +335,53 @@ def test_health_follows_the_db_while_the_writer_is_idle(
             await asyncio.wait_for(task, WAIT)
 
     asyncio.run(scenario())
+
+
+def test_a_batch_prepared_first_is_still_written_after_the_one_before_it(
+    kafka: ManagedProcess, pg_db: str, tmp_path: Path, taken: Taken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches in hand: the second is decoded while the first still is (the first's decoding
+    is held until the second's is done); the first is still written first, so the offsets the
+    second commits never pass unwritten records."""
+    s = _settings(kafka, pg_db, tmp_path)
+    prefix = f"o{uuid.uuid4().hex[:8]}-"
+    first = make_batch(0, meter_prefix=prefix, meters=10, steps=100)
+    second = make_batch(
+        1, meter_prefix=prefix, meters=1, steps=1, start=first.readings[-1].ts + timedelta(hours=1)
+    )
+    real_prepare, real_write = ingest.writer.prepare, ingest.writer._write
+    second_prepared = threading.Event()
+    order: list[int] = []  # the first row's batch seq of each batch written
+
+    def prepare(records: list[ConsumerRecord[bytes, bytes]]) -> ingest.writer.Prepared:
+        mine = records[0].value == first.encode()
+        if mine:  # the first batch's decoding waits until the second's is done
+            assert second_prepared.wait(WAIT), "the second batch was never prepared"
+        prepared = real_prepare(records)
+        if not mine:
+            second_prepared.set()
+        return prepared
+
+    def write(store: ingest.writer.Store, *, prepared: ingest.writer.Prepared) -> ingest.writer.WriteResult:
+        order.append(prepared.rows[0][7])
+        return real_write(store, prepared=prepared)
+
+    monkeypatch.setattr(ingest.writer, "prepare", prepare)
+    monkeypatch.setattr(ingest.writer, "_write", write)
+
+    async def scenario() -> None:
+        await ensure_topics_async(s.kafka)
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_writer(s, stop, batch_rows_target=1, linger_s=0.0))
+        try:
+            await _produce(s, [("s", first.encode())])
+            await until("the first taken", lambda: _true(bool(taken.values)), task)
+            await _produce(s, [("s", second.encode())])
+            await until("both stored", lambda: _async(len(_rows(s, prefix)) == 1001), task)
+            await until("both offsets", lambda: _eq(_committed(s), 2), task)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+
+    asyncio.run(scenario())
+    assert order == [0, 1]
