@@ -33,7 +33,7 @@ from ingest.dlq import DeadLetter, Reason
 from ingest.registry import MeterHome, Registry, RegistryCache, register_gateway
 from ops import metrics
 from ops.procs import ManagedProcess
-from ops.settings import DbSettings, KafkaSettings, Settings
+from ops.settings import ClockSettings, DbSettings, IngestSettings, KafkaSettings, Settings
 from tests.helpers import make_batch
 from tests.test_bridge_acks import HeldKafka
 from tests.test_trust_bridge_kafka_refusal import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, _letters, _topics
@@ -229,3 +229,54 @@ def test_the_letter_of_a_batch_the_broker_refuses_names_the_brokers_error(kafka:
     [letter] = asyncio.run(scenario())
     assert letter.reason is Reason.TOO_LARGE
     assert re.fullmatch(r"Kafka refused the record: \w+Error\(.*\)", letter.detail), letter.detail
+
+
+def test_an_unrelated_fleet_change_does_not_let_an_unregistered_gateway_in(fleet: Fleet) -> None:
+    """The registry is read again (it changed), but not for this gateway: still a dead letter."""
+    fleet.register(f"gw2-{fleet.tag}", [f"{fleet.prefix}0", f"{fleet.prefix}1"])
+    cache = RegistryCache(fleet.dsn, refresh_s=3600)
+    cache.refresh()
+    held = cache.registry
+    fleet.register(f"gw3-{fleet.tag}", [])  # a change elsewhere in the fleet
+    cache._checked -= 1.0  # the last look at the registry is now a second old (instead of waiting)
+
+    async def scenario() -> None:
+        kafka = Recorder()
+        await _produce(kafka, fleet.settings, fleet.item(1), cache)
+        ((topic, value, _fut),) = kafka.sent
+        assert topic == fleet.settings.kafka.dlq_topic
+        assert DeadLetter.model_validate_json(value).reason is Reason.UNREGISTERED_GATEWAY
+
+    asyncio.run(scenario())
+    assert cache.registry is not held  # it was read again
+
+
+def test_timestamps_are_judged_by_the_settings_clock_and_limits(fleet: Fleet) -> None:
+    """The bridge's 'now' is the settings' clock (a simulation runs years ahead) and its limits are
+    the settings' (here: nothing older than 10 days)."""
+    fleet.register(fleet.gateway, [f"{fleet.prefix}0", f"{fleet.prefix}1"])
+    cache = RegistryCache(fleet.dsn, refresh_s=3600)
+    cache.refresh()
+    sim_now = datetime(2031, 1, 1, tzinfo=UTC)
+    settings = fleet.settings.model_copy(
+        update={"clock": ClockSettings(sim_start=sim_now), "ingest": IngestSettings(max_age_s=10 * 86_400.0)}
+    )
+
+    def item(start: datetime) -> Incoming:
+        batch = make_batch(1, supplier=fleet.supplier, site=fleet.site, gateway=fleet.gateway, start=start,
+                           meter_prefix=fleet.prefix)  # fmt: skip
+        return Incoming(readings_topic(fleet.supplier, fleet.site, fleet.gateway), batch.encode(), 1, 1, 1)
+
+    async def decide(it: Incoming) -> tuple[str, Reason | None]:
+        kafka = Recorder()
+        await _produce(kafka, settings, it, cache)
+        ((topic, value, _fut),) = kafka.sent
+        if topic == settings.kafka.dlq_topic:
+            return topic, DeadLetter.model_validate_json(value).reason
+        return topic, None
+
+    # An hour before the simulated now: plausible (by the wall clock it is years ahead).
+    assert asyncio.run(decide(item(sim_now - timedelta(hours=1)))) == (settings.kafka.readings_topic, None)
+    # Twelve days before it: older than this deployment's limit (the default would take it).
+    old = asyncio.run(decide(item(sim_now - timedelta(days=12))))
+    assert old == (settings.kafka.dlq_topic, Reason.IMPLAUSIBLE_TIMESTAMP)
