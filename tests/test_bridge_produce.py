@@ -199,9 +199,12 @@ def test_a_record_kafka_refuses_as_too_large_is_a_bounded_letter_naming_the_erro
     assert letter.payload_bytes == 5000
 
 
-def test_the_letter_of_a_batch_the_broker_refuses_names_the_brokers_error(kafka: ManagedProcess) -> None:
-    """Against the real broker (its topic keeps Apache Kafka's 1 MB limit, the producer may send
-    8 MiB): the too-large letter says what Kafka answered."""
+@pytest.mark.parametrize("refused_by", ["broker", "producer"])
+def test_the_letter_of_a_batch_kafka_refuses_as_too_large_names_the_error(
+    kafka: ManagedProcess, refused_by: str
+) -> None:
+    """Against the real broker (its topic keeps Apache Kafka's 1 MB limit; the producer may send
+    8 MiB, or only 1 MB): the too-large letter says what Kafka answered."""
     now = datetime.now(UTC)
     batch = make_batch(0, meters=100, steps=100, start=now - timedelta(hours=2), step=timedelta(seconds=30))
     payload = batch.encode()
@@ -218,7 +221,8 @@ def test_the_letter_of_a_batch_the_broker_refuses_names_the_brokers_error(kafka:
 
     async def scenario() -> list[DeadLetter]:
         await _topics(k.bootstrap, k.readings_topic, k.dlq_topic)
-        producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, max_request_size=8 * 1024 * 1024)
+        limit = 8 * 1024 * 1024 if refused_by == "broker" else KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+        producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, max_request_size=limit)
         await producer.start()
         try:
             await (await _produce(producer, s, item, cache))

@@ -10,6 +10,7 @@ mutation testing (``make mutate``) can run them in a second.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -30,12 +31,16 @@ from ingest.writer import (
     WriteResult,
     _estimate_rows,
     _first_line,
+    _flush,
     _months_between,
     _write,
     prepare,
 )
 from ops import metrics
+from ops.db_session import Reconnecting
+from ops.settings import DbSettings, Settings
 from tests.helpers import T0, make_batch
+from tests.test_writer_order import Witness, record
 
 
 def _record(value: bytes | None, offset: int, topic: str = "readings-x") -> ConsumerRecord[bytes, bytes]:
@@ -239,3 +244,41 @@ def test_decode_and_commit_times_are_the_time_they_took(store: ReadingStore) -> 
     ended = time.monotonic()
     assert 0 <= _seconds("scopemeter_writer_decode_seconds") - decode0 <= between - started
     assert 0 <= _seconds("scopemeter_writer_commit_seconds") - commit0 <= ended - between
+
+
+def test_a_flush_counts_new_and_replayed_rows_and_the_commit_latency(pg_db: str) -> None:
+    """What ``_flush`` reports: rows inserted and duplicate (a replay), the commit's latency and last
+    commit time (only when something was new), and nothing about time for a batch without rows.
+    Kafka is test_writer_order's Witness stand-in (it only records the calls)."""
+    prefix = f"f{uuid.uuid4().hex[:8]}-"
+    witness = Witness(pg_db, prefix)
+    settings = Settings(db=DbSettings(dsn=pg_db))
+    good = [record(0, make_batch(0, meter_prefix=prefix).encode())]
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.WRITER.get_sample_value(name, labels) or 0.0
+
+    def counts() -> tuple[float, float, float, float]:
+        rows = [sample("scopemeter_writer_rows_total", outcome=o) for o in ("inserted", "duplicate")]
+        latency = sample("scopemeter_writer_reading_latency_seconds_count")
+        return rows[0], rows[1], latency, sample("scopemeter_writer_last_commit_timestamp_seconds")
+
+    async def flush(records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        stop = asyncio.Event()
+        db = Reconnecting(lambda: ReadingStore(pg_db), ReadingStore.close, ReadingStore.ping, stop=stop)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            await _flush(records, None, written, db, witness, witness, settings)  # type: ignore[arg-type]
+        finally:
+            await db.close()
+
+    before = counts()
+    asyncio.run(flush(good))
+    first = counts()
+    assert first[:3] == (before[0] + 6, before[1], before[2] + 1)
+    assert first[3] > 0 and first[3] != before[3]
+    asyncio.run(flush(good))  # a replay: nothing new, so no new last-commit time
+    replay = counts()
+    assert replay == (first[0], first[1] + 6, first[2] + 1, first[3])
+    asyncio.run(flush([record(1, b"not json")]))  # no rows: a letter, no latency
+    assert counts() == replay
