@@ -282,3 +282,9 @@ def test_a_flush_counts_new_and_replayed_rows_and_the_commit_latency(pg_db: str)
     assert replay == (first[0], first[1] + 6, first[2] + 1, first[3])
     asyncio.run(flush([record(1, b"not json")]))  # no rows: a letter, no latency
     assert counts() == replay
+    # Readings stamped ahead of the commit (a gateway clock a little fast): latency 0, not negative.
+    latency = sample("scopemeter_writer_reading_latency_seconds_sum")
+    ahead = make_batch(0, meter_prefix=prefix + "a", start=datetime.now(UTC) + timedelta(hours=1))
+    asyncio.run(flush([record(2, ahead.encode())]))
+    assert counts()[2] == replay[2] + 1
+    assert sample("scopemeter_writer_reading_latency_seconds_sum") == latency
