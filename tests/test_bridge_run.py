@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import threading
 import uuid
@@ -187,7 +188,9 @@ def test_acks_that_arrive_in_the_final_flush_are_sent_before_disconnecting(lane:
     assert asyncio.run(asyncio.to_thread(first_redelivery, lane)) == marker
 
 
-def test_without_a_client_id_the_session_is_named_after_the_host(lane: Lane) -> None:
+def test_without_a_client_id_the_session_is_named_after_the_host(
+    lane: Lane, mosquitto: ManagedProcess
+) -> None:
     kafka = HeldKafka()
     default_id = f"scopemeter-bridge-{socket.gethostname()}"
 
@@ -215,6 +218,9 @@ def test_without_a_client_id_the_session_is_named_after_the_host(lane: Lane) -> 
     try:
         assert connected.wait(WAIT)
         assert present == [True]  # the bridge left its persistent session under that id
+        # Mosquitto's log: the bridge connected as that id, persistent (c0), with the settings' keepalive.
+        want = rf"as {re.escape(default_id)} \(p\d, c0, k{lane.settings.mqtt.keepalive}\)"
+        assert re.search(want, mosquitto.log_path.read_text()), want
     finally:
         client.disconnect()
         client.loop_stop()

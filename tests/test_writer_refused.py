@@ -182,14 +182,31 @@ def test_a_month_never_written_gets_its_partition_and_a_known_month_is_not_asked
     assert store.write(rows).inserted == 2
     assert sum("scopemeter_ensure_partitions" in q for q in asked) == 1
     assert store._months == {date(year, 12, 1), date(year + 1, 1, 1)}
-    later = [
-        (f"{prefix}m", Quantity.ENERGY_IMPORT_KWH.value, t_jan + timedelta(minutes=1), 2.0, 0, "s", "g", 2)
-    ]
-    assert store.write(later).inserted == 1
-    assert sum("scopemeter_ensure_partitions" in q for q in asked) == 1  # January is known
-    assert _count(pg_db, prefix) == 3
+
+    def at(*stamps: datetime) -> list[Row]:
+        return [(f"{prefix}m", Quantity.ENERGY_IMPORT_KWH.value, t, 2.0, 0, "s", "g", 2) for t in stamps]
+
+    # January alone, December alone, both again: every month is known, none is asked for again.
+    minute = timedelta(minutes=1)
+    assert store.write(at(t_jan + minute)).inserted == 1
+    assert store.write(at(t_dec + minute)).inserted == 1
+    assert store.write(at(t_dec + 2 * minute, t_jan + 2 * minute)).inserted == 2
+    assert sum("scopemeter_ensure_partitions" in q for q in asked) == 1
+    assert store._months == {date(year, 12, 1), date(year + 1, 1, 1)}
+    assert _count(pg_db, prefix) == 6
 
 
+@pytest.fixture
+def far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local zone set to one far from UTC: the host's own zone must not matter."""
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("far_from_utc")
 def test_months_between_are_the_utc_months_of_the_span() -> None:
     d = date
     plus5 = timezone(timedelta(hours=5))
@@ -288,3 +305,23 @@ def test_a_flush_counts_new_and_replayed_rows_and_the_commit_latency(pg_db: str)
     asyncio.run(flush([record(2, ahead.encode())]))
     assert counts()[2] == replay[2] + 1
     assert sample("scopemeter_writer_reading_latency_seconds_sum") == latency
+
+
+def test_a_deadlock_victim_waits_twice_as_long_before_each_new_attempt(
+    store: ReadingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0.1, 0.2, 0.4 s: doubling (a fake raises the rollback, as in test_writer_order)."""
+    pauses: list[float] = []
+    monkeypatch.setattr("ingest.writer.time.sleep", pauses.append)
+    real = store._write
+    failures = [psycopg.errors.DeadlockDetected("deadlock detected")] * 3
+
+    def flaky(rows: Sequence[Row], span: tuple[datetime, datetime] | None) -> WriteResult:
+        if failures:
+            raise failures.pop()
+        return real(rows, span)
+
+    monkeypatch.setattr(store, "_write", flaky)
+    rows = [(f"q{uuid.uuid4().hex[:8]}", Quantity.GAS_M3.value, T0, 1.0, 0, "s", "g", 1)]
+    assert store.write(rows).inserted == 1
+    assert pauses == [0.1, 0.2, 0.4]
