@@ -325,3 +325,12 @@ def test_a_deadlock_victim_waits_twice_as_long_before_each_new_attempt(
     rows = [(f"q{uuid.uuid4().hex[:8]}", Quantity.GAS_M3.value, T0, 1.0, 0, "s", "g", 1)]
     assert store.write(rows).inserted == 1
     assert pauses == [0.1, 0.2, 0.4]
+
+
+def test_the_span_of_a_batch_is_its_oldest_and_newest_reading() -> None:
+    """Every meter has several readings here, so the oldest reading is no run's last one."""
+    batch = make_batch(0, meters=2, steps=3)
+    prepared = prepare([_record(batch.encode(), 0)])
+    stamps = [r.ts for r in batch.readings]
+    assert prepared.span == (min(stamps), max(stamps)) == (T0, T0 + timedelta(minutes=2))
+    assert prepare([_record(b"not json", 1)]).span is None  # no rows, no span
