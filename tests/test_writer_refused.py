@@ -34,6 +34,7 @@ from ingest.writer import (
     _flush,
     _months_between,
     _write,
+    decode_records,
     prepare,
 )
 from ops import metrics
@@ -334,3 +335,10 @@ def test_the_span_of_a_batch_is_its_oldest_and_newest_reading() -> None:
     stamps = [r.ts for r in batch.readings]
     assert prepared.span == (min(stamps), max(stamps)) == (T0, T0 + timedelta(minutes=2))
     assert prepare([_record(b"not json", 1)]).span is None  # no rows, no span
+
+
+def test_a_record_without_a_value_is_an_empty_schema_letter_saying_why() -> None:
+    rows, letters = decode_records([_record(None, 0), _record(b"{}", 1)])
+    assert rows == [] and [x.reason for x in letters] == [Reason.SCHEMA, Reason.SCHEMA]
+    assert (letters[0].payload_bytes, base64.b64decode(letters[0].payload_b64)) == (0, b"")
+    assert "validation error" in letters[1].detail and letters[1].topic == "kafka:readings-x"
