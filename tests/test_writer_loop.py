@@ -72,7 +72,9 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> Iterator[Taken]:
 
 
 async def _produce(s: Settings, values: list[tuple[str, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka.bootstrap, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=s.kafka.bootstrap, acks="all", max_request_size=s.kafka.max_message_bytes
+    )
     await producer.start()
     try:
         for key, value in values:
@@ -351,7 +353,9 @@ def test_a_batch_prepared_first_is_still_written_after_the_one_before_it(
     second commits never pass unwritten records."""
     s = _settings(kafka, pg_db, tmp_path)
     prefix = f"o{uuid.uuid4().hex[:8]}-"
-    first = make_batch(0, meter_prefix=prefix, meters=10, steps=100)
+    # The first batch is large (10,000 readings, a batch's most): once released, its decoding takes
+    # long enough that a second batch not held back by it would reach the DB first.
+    first = make_batch(0, meter_prefix=prefix, meters=100, steps=100)
     second = make_batch(
         1, meter_prefix=prefix, meters=1, steps=1, start=first.readings[-1].ts + timedelta(hours=1)
     )
@@ -383,7 +387,7 @@ def test_a_batch_prepared_first_is_still_written_after_the_one_before_it(
             await _produce(s, [("s", first.encode())])
             await until("the first taken", lambda: _true(bool(taken.values)), task)
             await _produce(s, [("s", second.encode())])
-            await until("both stored", lambda: _async(len(_rows(s, prefix)) == 1001), task)
+            await until("both stored", lambda: _async(len(_rows(s, prefix)) == 10_001), task)
             await until("both offsets", lambda: _eq(_committed(s), 2), task)
         finally:
             stop.set()

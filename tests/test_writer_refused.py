@@ -219,6 +219,12 @@ def test_months_between_are_the_utc_months_of_the_span() -> None:
         d(2027, 2, 1),
     }
     assert _months_between(T0, T0) == {d(2026, 11, 1)}
+    # 31 January 20:00 UTC is already February at +08:00: still January.
+    assert _months_between(T0, datetime(2027, 1, 31, 20, tzinfo=UTC)) == {
+        d(2026, 11, 1),
+        d(2026, 12, 1),
+        d(2027, 1, 1),
+    }
     assert _months_between(datetime(2026, 1, 31, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)) == {
         d(2026, 1, 1),
         d(2026, 2, 1),
