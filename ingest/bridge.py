@@ -169,8 +169,10 @@ async def run_bridge(
     client.connect_async(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive)
     client.loop_start()
     failure: list[BaseException] = []
+    unsettled: set[asyncio.Future[object]] = set()  # records Kafka has not answered for yet
 
     def acked(item: Incoming, fut: asyncio.Future[object]) -> None:
+        unsettled.discard(fut)
         # fut.exception() itself raises on a cancelled future, so cancellation is asked first.
         error = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if gate.settled(item, error):
@@ -196,9 +198,14 @@ async def run_bridge(
             gate.received(item)
             metrics.BRIDGE_IN_FLIGHT.set(len(gate.in_flight))
             fut = await _produce(producer, settings, item, registry)
+            unsettled.add(fut)
             fut.add_done_callback(functools.partial(acked, item))
         await producer.flush()
-        await asyncio.sleep(0)  # let the done callbacks queue their PUBACKs before DISCONNECT
+        # A record's answer reaches ``acked`` a few loop turns after the flush (through the task
+        # that watches for a too-large refusal): wait for it, so its PUBACK goes before DISCONNECT.
+        # Bounded: an answer that comes later only means Mosquitto redelivers that message.
+        if unsettled:
+            await asyncio.wait(unsettled, timeout=_SETTLE_S)
     finally:
         if watch is not None:
             watch.cancel()
@@ -277,6 +284,9 @@ async def _letter_if_refused_as_too_large(
     except (RecordTooLargeError, MessageSizeTooLargeError) as exc:
         return await (await _dead_letter(producer, settings, _refused_by_kafka(item, exc)))
 
+
+# How long a stopping bridge waits, after its producer's flush, for the answers to reach ``acked``.
+_SETTLE_S = 1.0
 
 _REGISTRY_REASONS = frozenset(
     {Reason.UNREGISTERED_GATEWAY, Reason.UNREGISTERED_METER, Reason.METER_SITE_MISMATCH}

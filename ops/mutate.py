@@ -60,13 +60,19 @@ MODULES: dict[str, list[str]] = {
     "ingest/validate.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
     "ingest/registry.py": ["tests/test_registry_cache.py", "tests/test_validate.py"],
     "ingest/dlq.py": ["tests/test_validate.py", "tests/test_validate_bounds.py"],
-    "ingest/bridge.py": ["tests/test_bridge_acks.py", "tests/test_trust_bridge_kafka_refusal.py"],
+    "ingest/bridge.py": [
+        "tests/test_bridge_produce.py", "tests/test_bridge_run.py", "tests/test_bridge_acks.py",
+        "tests/test_trust_bridge_kafka_refusal.py",
+    ],
     "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
     "compute/recompute.py": [
         "tests/test_compute_recompute.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py"
     ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
-    "ingest/writer.py": ["tests/test_writer_order.py", "tests/test_writer_decode.py"],
+    "ingest/writer.py": [
+        "tests/test_writer_refused.py", "tests/test_writer_store.py", "tests/test_writer_order.py",
+        "tests/test_writer_decode.py", "tests/test_writer_loop.py",
+    ],
     "compute/market.py": ["tests/test_compute_market.py", "tests/test_statements_market.py"],
     "compute/statements/document.py": [
         "tests/test_statements_differences.py", "tests/test_statements.py",

@@ -77,8 +77,9 @@ def gateway_payloads(draw: st.DrawFn) -> bytes:
         reading: dict[str, Any] = {
             "meter_id": meter,
             "quantity": quantity,
-            "ts": _spell_ts(ts, draw),
-            "value": seen.setdefault((meter, quantity, ts), value),
+            "ts": (spelled := _spell_ts(ts, draw)),
+            # Keyed by the instant as spelled: a spelling in whole seconds drops the microseconds.
+            "value": seen.setdefault((meter, quantity, datetime.fromisoformat(spelled)), value),
         }
         if draw(st.booleans()):
             reading["quality"] = draw(st.integers(0, 0xFFFF))
