@@ -66,12 +66,11 @@ MODULES: dict[str, list[str]] = {
     "ingest/writer.py": ["tests/test_writer_order.py", "tests/test_writer_decode.py"],
     "compute/market.py": ["tests/test_compute_market.py", "tests/test_statements_market.py"],
     "compute/statements/document.py": [
-        "tests/test_statements_differences.py", "tests/test_statements.py",
-        "tests/test_statements_content.py", "tests/test_statements_market.py",
+        "tests/test_statements_mut_document.py", "tests/test_statements_differences.py"
     ],
-    "compute/statements/verify.py": ["tests/test_statements.py", "tests/test_statements_market.py"],
+    "compute/statements/verify.py": ["tests/test_statements_mut_verify.py"],
     "compute/statements/figures.py": [
-        "tests/test_statements.py", "tests/test_statements_content.py", "tests/test_statements_market.py"
+        "tests/test_statements_mut_figures.py", "tests/test_statements_market.py"
     ],
 }
 
