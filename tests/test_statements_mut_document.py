@@ -686,6 +686,25 @@ def test_keys_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert str(e.value) == f"{tmp_path / 'ec.pub'}: not an Ed25519 public key"
 
 
+def test_keys_are_encrypted_with_the_passphrase_and_rotate_on_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(keys.ENV_PASSPHRASE, "correct horse battery staple")
+    path = tmp_path / "sign.pem"
+    keygen(path)
+    assert b"ENCRYPTED PRIVATE KEY" in path.read_bytes()
+    first = load_private_key(path).public_key()
+    with pytest.raises(UserError):  # no passphrase: the key cannot be read
+        keys.load_private_key(path, None)
+    assert load_public_key(path).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) == (
+        first.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+    with pytest.raises(UserError):  # an existing key is kept unless rotation is asked for
+        keygen(path)
+    keygen(path, overwrite=True)
+    assert fingerprint(load_private_key(path).public_key()) != fingerprint(first)
+
+
 def test_sign_states_the_key_and_signs_the_canonical_content() -> None:
     digest = hashlib.sha256(RAW).hexdigest()
     assert fingerprint(PUB) == "SHA256:" + digest and key_id(PUB) == digest[:16]

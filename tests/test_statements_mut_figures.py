@@ -327,6 +327,30 @@ def test_per_gas_totals() -> None:
 # --- month_figures against the database ----------------------------------------------------------
 
 
+# Two more records in March: an invoice spanning two factor vintages (refused: no kg CO2e) and
+# generation (no scope, no emissions; its exported kWh is disclosed).
+MORE_ACTIVITY = """
+[[fuel_purchases]]
+id = "diesel-old"
+site = "uk"
+period_start = 2023-12-15
+period_end = 2024-03-15
+carrier = "diesel"
+amount = 500.0
+provenance = "invoice 402"
+
+[[generation]]
+id = "pv-mar"
+site = "uk"
+period_start = 2024-03-01
+period_end = 2024-04-01
+source = "pv"
+self_consumed_kwh = 300.0
+exported_kwh = 62.0
+provenance = "inverter log 3"
+"""
+
+
 @pytest.fixture(scope="module")
 def march(compute_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """March 2024 of test_statements_content's fleet, computed."""
@@ -340,7 +364,7 @@ def march(compute_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         insert_rows(conn, data)
         for d in dirty_ranges(data):
             recompute(conn, d)
-        (tmp / "activity.toml").write_text(ACTIVITY)
+        (tmp / "activity.toml").write_text(ACTIVITY + MORE_ACTIVITY)
         apply_activity(conn, tmp / "activity.toml")
         with conn.transaction():
             yield month_figures(conn, "acme", "2024-03")
@@ -455,6 +479,8 @@ def test_lines_accuracy_refusals_and_quarantine(march: dict[str, Any]) -> None:
     assert datetime.fromisoformat(refusal["first_bucket"]) == utc(2024, 3, 5, 10)
     assert datetime.fromisoformat(refusal["last_bucket"]) == utc(2024, 3, 5, 10, 45)
     assert march["quarantined"] == [] and march["instruments"] == []
+    # Shenzhen's rest is priced by a fallback series (excl. non-fossil); Leeds' by location factors.
+    assert march["market_fallback_sites"] == ["uk"]
     # Leeds: no residual mix in the factors, so its 1,000 kWh of electricity is location-based; its
     # 500 kWh of cooling has no factor at all ("none").
     assert march["market_residual_basis"] == {
@@ -499,7 +525,13 @@ def test_factors_as_published(march: dict[str, Any]) -> None:
 
 def test_non_metered_records_prorated_by_days(march: dict[str, Any], compute_dsn: str) -> None:
     nm = {r["record_id"]: r for r in march["not_metered"]}
-    assert list(nm) == ["chiller", "diesel-inv"]
+    assert list(nm) == ["chiller", "diesel-inv", "diesel-old", "pv-mar"]
+    # 15 Dec 2023-15 Mar 2024: 91 days, 14 in March; refused, so no emissions.
+    old = nm["diesel-old"]
+    assert (old["share_in_month"], old["kg_co2e"], old["scope"]) == (14 / 91, None, 1)
+    assert old["refusal"] and old["amount"] == pytest.approx(500 * 14 / 91)
+    pv = nm["pv-mar"]
+    assert (pv["scope"], pv["kg_co2e"], pv["exported_kwh"], pv["amount"]) == (None, None, 62.0, 300.0)
     diesel = nm["diesel-inv"]
     # 15 Feb-15 Mar 2024: 29 days, 14 in March.
     assert diesel["period"] == ["2024-02-15", "2024-03-15"] and diesel["share_in_month"] == 14 / 29

@@ -31,6 +31,7 @@ from compute.statements.document import (
     content_digest,
     derive,
     fingerprint,
+    for_customer,
     new_document,
     sha256_hex,
     sign,
@@ -567,3 +568,34 @@ def test_an_index_without_a_list_lists_nothing(tmp_path: Path) -> None:
     v = one([path, ipath])
     assert (v.status, v.problems) == ("valid", [])
     assert v.notes[-1] == f"{ipath} (generated then) does not list this statement"
+
+
+def test_a_statement_without_renditions_and_several_foreign_files(tmp_path: Path) -> None:
+    doc = {k: v for k, v in statement().items() if k not in ("files", "signature", "signing_key")}
+    path = tmp_path / "bare.json"
+    path.write_text(json.dumps(sign(doc, KEY)))
+    v = one([path])
+    assert (v.status, v.problems) == ("valid", [])
+    assert v.notes == ["no index given: whether a newer version exists was not checked (add index.json)"]
+    # Foreign files are named in the order of their paths.
+    first, second = sorted([b"foreign 1", b"foreign 2"], key=lambda b: sha256_hex(b), reverse=True)
+    (tmp_path / "1.bin").write_bytes(first)
+    (tmp_path / "2.bin").write_bytes(second)
+    v = one([path, tmp_path / "1.bin", tmp_path / "2.bin"])
+    assert v.problems == [
+        f"{tmp_path / n} is not a rendition of this statement (altered, or another's)"
+        for n in ("1.bin", "2.bin")
+    ]
+
+
+def test_a_customers_statement_is_recomputed_for_that_customer(db: str, tmp_path: Path) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        full = issued(conn)
+        lenovo = sign(for_customer(full, "lenovo"), KEY)
+        [v] = check(conn, tmp_path, lenovo)
+        assert (v.status, v.problems, v.differences) == ("valid", [], [])
+        forged = copy.deepcopy(lenovo)
+        forged["allocation"][0]["total_market_kg"] += 1.0
+        [v] = check(conn, tmp_path, resigned(forged))
+        assert v.status == "invalid"
+        assert [d["figure"] for d in v.differences] == ["allocation.lenovo.total_market_kg"]
