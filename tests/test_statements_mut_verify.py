@@ -366,13 +366,15 @@ def db(compute_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     yield compute_dsn
 
 
-def issued(conn: psycopg.Connection[Any], supplier: str = "acme", period: str = MONTH) -> dict[str, Any]:
+def issued(
+    conn: psycopg.Connection[Any], supplier: str = "acme", period: str = MONTH, params: Params | None = None
+) -> dict[str, Any]:
     """The statement as ``issue`` builds it (figures, period before, inputs, derived), signed."""
     with conn.transaction():
         figures = month_figures(conn, supplier, period)
         previous = month_figures(conn, supplier, previous_month(period))
-        inputs = build_inputs(conn, figures, CFG, Params())
-    derived = derive(figures, previous, CFG)
+        inputs = build_inputs(conn, figures, CFG, params or Params())
+    derived = derive(figures, previous if previous["lines"] else None, CFG)  # as issue does
     doc = new_document(figures, inputs, derived, 1, None, datetime(2026, 12, 5, tzinfo=UTC), [])
     return sign(doc, KEY)
 
@@ -487,8 +489,11 @@ def test_changed_inputs_make_it_outdated_not_invalid(db: str, tmp_path: Path) ->
         assert v.status == "outdated"
         assert v.problems == ["inputs changed since issue: production, readings"]
         # An invalid (foreign) statement is not recomputed; the next one still is.
-        [bad, out] = check(conn, tmp_path, sign(copy.deepcopy(doc), OTHER), resigned(forged))
+        foreign = copy.deepcopy(doc)
+        foreign["figures"]["totals"]["scope1"] = 5.0  # would not reproduce either
+        [bad, out] = check(conn, tmp_path, sign(foreign, OTHER), resigned(forged))
         assert (bad.status, bad.differences) == ("invalid", [])
+        assert len(bad.problems) == 1 and bad.problems[0].startswith("signed by key ")
         assert out.status == "outdated"
 
 
@@ -599,3 +604,24 @@ def test_a_customers_statement_is_recomputed_for_that_customer(db: str, tmp_path
         [v] = check(conn, tmp_path, resigned(forged))
         assert v.status == "invalid"
         assert [d["figure"] for d in v.differences] == ["allocation.lenovo.total_market_kg"]
+
+
+def test_the_recompute_uses_the_statements_own_parameters(db: str, tmp_path: Path) -> None:
+    """A statement that says its figures were computed with a 10-minute gap threshold, while the
+    stored rows used the default (readings every 15 minutes count as measured): recomputed with the
+    stated threshold every interval is a gap, so the measured share does not reproduce."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        doc = issued(conn, params=Params(max_gap_s=600.0))
+        assert doc["figures"]["coverage"]["measured_share"] == pytest.approx(1.0)
+        [v] = check(conn, tmp_path, doc)
+        assert v.status == "invalid"
+        assert "figures.coverage.measured_share" in [d["figure"] for d in v.differences]
+
+
+def test_a_month_without_a_month_before_states_no_change(db: str, tmp_path: Path) -> None:
+    """October 2026 has no September readings: no month-on-month figures, and verify agrees."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        doc = issued(conn, period="2026-10")
+        assert doc["month_on_month"] is None
+        [v] = check(conn, tmp_path, doc)
+        assert (v.status, v.differences, v.problems) == ("valid", [], [])
