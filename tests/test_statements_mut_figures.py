@@ -351,13 +351,20 @@ provenance = "inverter log 3"
 """
 
 
+# Shenzhen names a fuel series but no factor series (it has no fuel meter: no figure changes).
+SZ_FUEL_SERIES = FLEET.replace(
+    'timezone = "Asia/Shanghai"\n', 'timezone = "Asia/Shanghai"\nfuel_series = "ghg-conversion-factors"\n'
+)
+assert SZ_FUEL_SERIES != FLEET
+
+
 @pytest.fixture(scope="module")
 def march(compute_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """March 2024 of test_statements_content's fleet, computed."""
     tmp = tmp_path_factory.mktemp("figures")
     with psycopg.connect(compute_dsn) as conn:
         reset(conn)
-        (tmp / "fleet.toml").write_text(FLEET)
+        (tmp / "fleet.toml").write_text(SZ_FUEL_SERIES)
         apply_fleet(conn, tmp / "fleet.toml")
         apply_factors(conn, REPO / "config" / "factors.toml")
         data = rows()
@@ -389,7 +396,7 @@ def test_the_boundary_and_each_sites_local_month(march: dict[str, Any]) -> None:
         "meters": 1,
         "carriers": ["electricity"],
         "factor_series": None,
-        "fuel_series": None,
+        "fuel_series": "ghg-conversion-factors",
     }
     assert {k: v for k, v in uk.items() if k != "window_utc"} == {
         "site_id": "uk",
