@@ -586,7 +586,7 @@ def test_a_statement_without_renditions_and_several_foreign_files(tmp_path: Path
     first, second = sorted([b"foreign 1", b"foreign 2"], key=lambda b: sha256_hex(b), reverse=True)
     (tmp_path / "1.bin").write_bytes(first)
     (tmp_path / "2.bin").write_bytes(second)
-    v = one([path, tmp_path / "1.bin", tmp_path / "2.bin"])
+    v = one([path, tmp_path / "2.bin", tmp_path / "1.bin"])
     assert v.problems == [
         f"{tmp_path / n} is not a rendition of this statement (altered, or another's)"
         for n in ("1.bin", "2.bin")
@@ -625,3 +625,21 @@ def test_a_month_without_a_month_before_states_no_change(db: str, tmp_path: Path
         assert doc["month_on_month"] is None
         [v] = check(conn, tmp_path, doc)
         assert (v.status, v.differences, v.problems) == ("valid", [], [])
+
+
+def test_files_and_folders_given_together_are_all_read(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "s.json").write_text(json.dumps(statement()))
+    (tmp_path / "in" / "x.csv").write_bytes(CSV)
+    got = receive([tmp_path / "s.json", tmp_path / "in"])
+    assert [p for p, _ in got.statements] == [tmp_path / "s.json"]
+    assert list(got.others.values()) == [tmp_path / "in" / "x.csv"]
+
+
+def test_a_statement_without_an_audience_is_the_suppliers(db: str, tmp_path: Path) -> None:
+    """Schema 1 statements have no ``audience``: they are the supplier's, with every allocation."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        doc = issued(conn)
+        del doc["audience"]
+        [v] = check(conn, tmp_path, resigned(doc))
+        assert (v.status, v.problems, v.differences) == ("valid", [], [])
