@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -312,6 +313,16 @@ def test_month_on_month_intensity_and_allocation() -> None:
     assert d["unallocated_share"] == 0.25
     assert d["disclosure"]["uncertainty_pct"] == pytest.approx(UNCERTAINTY, rel=1e-12)
     assert [r["customer"] for r in d["cdp_sc1_1"]] == ["lenovo", "zte"]
+    # The supplier's reporting, production and uncertainty reach the disclosure and CDP rows.
+    disc = d["disclosure"]
+    assert (disc["consolidation_approach"], disc["base_year"]) == ("operational_control", 2020)
+    row = d["cdp_sc1_1"][0]
+    assert (row["allocation_level"], row["quantity_supplied"], row["unit_for_quantity_supplied"]) == (
+        "product",
+        12.5,
+        "PCBA",
+    )
+    assert row["uncertainty_pct"] == pytest.approx(UNCERTAINTY, rel=1e-12) and row["verified"] is True
     assert d["pact"]["primaryDataShare"] == pytest.approx(90.0)
     assert list(d) == [
         "month_on_month",
@@ -571,7 +582,18 @@ def derived() -> dict[str, Any]:
     }
 
 
-def test_a_new_document_and_the_version_it_supersedes() -> None:
+def test_a_new_document_and_the_version_it_supersedes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issued in UTC whatever the machine's time zone.
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        _new_document_and_supersedes()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def _new_document_and_supersedes() -> None:
     figs = {"supplier": {"id": "acme", "name": "Acme"}, "month": "2026-11", "totals": {"scope1": 10.0}}
     inputs = {"readings": {"count": 3}}
     now = datetime(2026, 12, 5, 9, 0, tzinfo=timezone(timedelta(hours=8)))
