@@ -986,3 +986,12 @@ def test_meters_and_inputs(inputs_db: str) -> None:
         del figs["not_metered"]
         bare = build_inputs(conn, figs, StatementsConfig(), params)
         assert (bare["not_metered"], bare["allocations"], bare["production"]) == ([], [], None)
+
+
+def test_a_headline_figure_on_one_side_only_counts_against_zero() -> None:
+    old = {"figures": {"totals": {"scope1": 4.0}}}
+    new = {"figures": {"totals": {}, "renewable_share": 0.5}}
+    assert differences(old, new) == [
+        {"figure": "figures.totals.scope1", "old": 4.0, "new": 0.0, "delta": -4.0},
+        {"figure": "figures.renewable_share", "old": 0.0, "new": 0.5, "delta": 0.5},
+    ]
