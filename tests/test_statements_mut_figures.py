@@ -10,7 +10,6 @@ factors are checked against the fleet file, the time zones' rules and the publis
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -359,8 +358,8 @@ assert SZ_FUEL_SERIES != FLEET
 
 
 @pytest.fixture(scope="module")
-def march(compute_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """March 2024 of test_statements_content's fleet, computed."""
+def march_db(compute_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """March 2024 of test_statements_content's fleet, computed (once per module)."""
     tmp = tmp_path_factory.mktemp("figures")
     with psycopg.connect(compute_dsn) as conn:
         reset(conn)
@@ -373,8 +372,15 @@ def march(compute_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             recompute(conn, d)
         (tmp / "activity.toml").write_text(ACTIVITY + MORE_ACTIVITY)
         apply_activity(conn, tmp / "activity.toml")
-        with conn.transaction():
-            yield month_figures(conn, "acme", "2024-03")
+    return compute_dsn
+
+
+@pytest.fixture
+def march(march_db: str) -> dict[str, Any]:
+    """Its figures, read anew for each test (so that each test runs ``month_figures`` itself: the
+    mutation run only tries a function's mutants on the tests that call it)."""
+    with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
+        return month_figures(conn, "acme", "2024-03")
 
 
 def utc(y: int, m: int, d: int, h: int = 0, minute: int = 0) -> datetime:
@@ -530,7 +536,7 @@ def test_factors_as_published(march: dict[str, Any]) -> None:
     assert "gb-desnz-2024-diesel-l-v1" in by_id
 
 
-def test_non_metered_records_prorated_by_days(march: dict[str, Any], compute_dsn: str) -> None:
+def test_non_metered_records_prorated_by_days(march: dict[str, Any], march_db: str) -> None:
     nm = {r["record_id"]: r for r in march["not_metered"]}
     assert list(nm) == ["chiller", "diesel-inv", "diesel-old", "pv-mar"]
     # 15 Dec 2023-15 Mar 2024: 91 days, 14 in March; refused, so no emissions.
@@ -543,7 +549,7 @@ def test_non_metered_records_prorated_by_days(march: dict[str, Any], compute_dsn
     # 15 Feb-15 Mar 2024: 29 days, 14 in March.
     assert diesel["period"] == ["2024-02-15", "2024-03-15"] and diesel["share_in_month"] == 14 / 29
     assert diesel["amount"] == pytest.approx(1000 * 14 / 29)
-    with psycopg.connect(compute_dsn) as conn:
+    with psycopg.connect(march_db) as conn:
         stored = conn.execute(
             "SELECT site_id, kind, scope, carrier, gas, unit, gwp_set, kg_co2e, kg_hfc, factor_id, refusal,"
             " provenance, exported_kwh FROM activity_records WHERE record_id = 'diesel-inv'"
@@ -591,8 +597,8 @@ def test_non_metered_records_prorated_by_days(march: dict[str, Any], compute_dsn
     assert t["total_market"] == pytest.approx(metered_s1 + extra + t["scope2_market"])
 
 
-def test_a_year_and_an_unknown_supplier(march: dict[str, Any], compute_dsn: str) -> None:
-    with psycopg.connect(compute_dsn) as conn:
+def test_a_year_and_an_unknown_supplier(march_db: str) -> None:
+    with psycopg.connect(march_db) as conn:
         assert supplier_name(conn, "acme") == "Acme"
         with pytest.raises(UserError) as e:
             supplier_name(conn, "nobody")
@@ -602,3 +608,60 @@ def test_a_year_and_an_unknown_supplier(march: dict[str, Any], compute_dsn: str)
         assert year["totals"]["scope1"] == pytest.approx(
             200_000 * 0.18290 + 1_000 * 2.04542 + 4175.0 + 1000 * 2.66155  # all of the diesel in 2024
         )
+
+
+def test_energy_per_carrier_and_unit(march: dict[str, Any]) -> None:
+    """Electricity 1,000 kWh in Leeds and 2,000 in Shenzhen; gas in kWh and m3 apart; cooling 500 kWh
+    (refused, yet metered energy)."""
+    energy = march["energy_by_carrier"]
+    assert sorted(energy) == ["cooling", "electricity", "natural_gas (kWh)", "natural_gas (m3)"]
+    assert energy["electricity"] == {"amount": pytest.approx(3000.0), "estimated": 0.0, "unit": "kWh"}
+    assert energy["cooling"]["amount"] == pytest.approx(500.0)
+    market = [ln for ln in march["lines"] if ln["method"] == "market"]
+    assert {ln["unit"] for ln in market} == {"kWh"} and {ln["scope"] for ln in market} == {2}
+
+
+def test_market_rows_in_the_rollups_are_not_counted_twice(march_db: str) -> None:
+    """Market-based Scope 2 comes from site_market_1h only: a 'market' row in site_rollups_15m (an
+    older layout) changes nothing."""
+    with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
+        before = month_figures(conn, "acme", "2024-03")
+        cols = [
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'site_rollups_15m'"
+                " AND table_schema = current_schema() AND column_name <> 'method' ORDER BY ordinal_position"
+            ).fetchall()
+        ]
+        names = ", ".join(cols)
+        conn.execute(
+            f"INSERT INTO site_rollups_15m ({names}, method) SELECT {names}, 'market' FROM site_rollups_15m"
+            " WHERE carrier = 'electricity' AND method = 'location'"
+        )
+        after = month_figures(conn, "acme", "2024-03")
+    assert (after["lines"], after["daily"], after["totals"]) == (
+        before["lines"],
+        before["daily"],
+        before["totals"],
+    )
+
+
+def test_estimated_energy_is_reported_per_line(march_db: str) -> None:
+    """A quarter of Leeds' electricity estimated (as gaps make it): the line, the carrier and the
+    coverage say so."""
+    with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
+        conn.execute(
+            "UPDATE site_rollups_15m SET kwh_estimated = kwh / 4"
+            " WHERE site_id = 'uk' AND carrier = 'electricity'"
+        )
+        figs = month_figures(conn, "acme", "2024-03")
+    [line] = [
+        ln
+        for ln in figs["lines"]
+        if (ln["site_id"], ln["carrier"], ln["method"]) == ("uk", "electricity", "location")
+    ]
+    assert line["kwh_estimated"] == pytest.approx(250.0) and line["kwh"] == pytest.approx(1000.0)
+    assert figs["energy_by_carrier"]["electricity"]["estimated"] == pytest.approx(250.0)
+    assert (line["buckets"], line["buckets_without_factor"]) == (4, 0)
+    cooling = next(ln for ln in figs["lines"] if ln["carrier"] == "cooling")
+    assert (cooling["buckets"], cooling["buckets_without_factor"], cooling["factor_ids"]) == (4, 4, [])
