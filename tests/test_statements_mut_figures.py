@@ -665,3 +665,37 @@ def test_estimated_energy_is_reported_per_line(march_db: str) -> None:
     assert (line["buckets"], line["buckets_without_factor"]) == (4, 0)
     cooling = next(ln for ln in figs["lines"] if ln["carrier"] == "cooling")
     assert (cooling["buckets"], cooling["buckets_without_factor"], cooling["factor_ids"]) == (4, 4, [])
+
+
+def test_an_instrument_without_serials_claimed_in_the_month(march_db: str) -> None:
+    """A PPA (no certificate serials) claiming 300 + 200 kWh of Leeds' March: 0.5 of its 2 MWh."""
+    with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
+        conn.execute(
+            "INSERT INTO contractual_instruments (instrument_id, site_id, kind, mwh, period_start,"
+            " period_end, kg_co2e_per_kwh, hourly, reference) VALUES ('ppa-1', 'uk', 'ppa', 2.0,"
+            " '2024-03-01', '2024-04-01', 0.05, true, 'PPA contract 7')"
+        )
+        conn.execute(
+            "INSERT INTO instrument_claims (instrument_id, site_id, carrier, bucket, kwh) VALUES"
+            " ('ppa-1', 'uk', 'electricity', '2024-03-05T10:00Z', 300), ('ppa-1', 'uk', 'electricity',"
+            " '2024-03-05T10:15Z', 200)"
+        )
+        figs = month_figures(conn, "acme", "2024-03")
+    assert figs["instruments"] == [
+        {
+            "instrument_id": "ppa-1",
+            "site_id": "uk",
+            "kind": "ppa",
+            "carrier": "electricity",
+            "mwh": 2.0,
+            "claimed_mwh": 0.5,
+            "period_start": "2024-03-01",
+            "period_end": "2024-04-01",
+            "kg_co2e_per_kwh": 0.05,
+            "hourly": True,
+            "reference": "PPA contract 7",
+            "serials": None,
+            "market_boundary": "",  # the ledger's defaults: not stated
+            "evidence": "",
+        }
+    ]
