@@ -699,3 +699,21 @@ def test_an_instrument_without_serials_claimed_in_the_month(march_db: str) -> No
             "evidence": "",
         }
     ]
+
+
+def test_per_gas_totals_and_a_meter_without_a_unit(march_db: str) -> None:
+    """The month's per-gas section; a meter stored without a unit counts as kWh in the accuracy list."""
+    with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
+        conn.execute("UPDATE meters SET activity_unit = NULL WHERE meter_id = 'sz-elec'")
+        figs = month_figures(conn, "acme", "2024-03")
+    assert figs["by_gas"]["co2_only_factor_ids"] == [
+        "cn-mee-stat-2023-national-excl-mkt-nonfossil-v1",
+        "cn-mee-stat-2023-national-v1",
+    ]
+    assert figs["meter_accuracy"][0] == {
+        "site_id": "sz",
+        "carrier": "electricity",
+        "unit": "kWh",
+        "worst_class_pct": 0.5,
+        "meters_without_class": 0,
+    }
