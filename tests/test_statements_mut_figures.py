@@ -587,6 +587,7 @@ def test_non_metered_records_prorated_by_days(march: dict[str, Any], march_db: s
         "R-410A",
         pytest.approx(4175.0),
     )
+    assert chiller["kg_hfc"] == 2.0  # the 2 kg topped up
     # Scope 1 non-metered kg is in the totals and in the site's (R-410A 2 kg x 2,087.5 + the diesel).
     extra = 4175.0 + 1000 * 2.66155 * 14 / 29
     assert march["not_metered_kg"] == pytest.approx(extra)
@@ -717,3 +718,23 @@ def test_per_gas_totals_and_a_meter_without_a_unit(march_db: str) -> None:
         "worst_class_pct": 0.5,
         "meters_without_class": 0,
     }
+
+
+def test_several_scope2_carriers_of_one_site_add_up() -> None:
+    lines = [
+        line("a", "electricity", 2, "location", 100, 50),
+        line("a", "steam", 2, "location", 10, 5),
+        line("a", "electricity", 2, "market", 100, 30, instr=0.5),  # half a kWh of instruments
+        line("a", "steam", 2, "market", 10, 4),
+        line("b", "electricity", 2, "location", 20, 8),
+        line("b", "steam", 2, "location", 2, 1),
+    ]
+    s = _summarise(lines, [], {"a": 96, "b": 96}, set(), date(2026, 11, 1), date(2026, 11, 2))
+    assert s["per_site"]["a"] == {"scope1": 0.0, "scope2_location": 55.0, "scope2_market": 34.0}
+    assert s["per_site"]["b"] == {"scope1": 0.0, "scope2_location": 9.0, "scope2_market": 9.0}
+    assert s["market_fallback_sites"] == ["b"]
+    day = date(2026, 11, 1)
+    rows = [("b", day, 2, "location", "electricity", 8.0), ("b", day, 2, "location", "steam", 1.0)]
+    assert _daily(rows, {}, {"a"}, day, date(2026, 11, 2)) == [
+        {"date": "2026-11-01", "scope1": 0.0, "scope2_location": 9.0, "scope2_market": 9.0}
+    ]
