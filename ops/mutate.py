@@ -75,12 +75,13 @@ MODULES: dict[str, list[str]] = {
     ],
     "compute/market.py": ["tests/test_compute_market.py", "tests/test_statements_market.py"],
     "compute/statements/document.py": [
-        "tests/test_statements_differences.py", "tests/test_statements.py",
-        "tests/test_statements_content.py", "tests/test_statements_market.py",
+        "tests/test_statements_mut_document.py", "tests/test_statements_differences.py"
     ],
-    "compute/statements/verify.py": ["tests/test_statements.py", "tests/test_statements_market.py"],
+    "compute/statements/verify.py": ["tests/test_statements_mut_verify.py"],
     "compute/statements/figures.py": [
-        "tests/test_statements.py", "tests/test_statements_content.py", "tests/test_statements_market.py"
+        "tests/test_statements_mut_figures.py",
+        # the one test that states a month's contractual instruments
+        "tests/test_statements_market.py::test_gec_lowers_market_scope2_and_sets_renewable_share",
     ],
 }
 
