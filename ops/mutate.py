@@ -64,7 +64,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
     "ingest/writer.py": ["tests/test_writer_order.py", "tests/test_writer_decode.py"],
-    "compute/market.py": ["tests/test_compute_market.py", "tests/test_statements_market.py"],
+    "compute/market.py": ["tests/test_market_mut.py", "tests/test_compute_market.py"],
     "compute/statements/document.py": [
         "tests/test_statements_differences.py", "tests/test_statements.py",
         "tests/test_statements_content.py", "tests/test_statements_market.py",
