@@ -60,7 +60,8 @@ MODULES: dict[str, list[str]] = {
     "ingest/bridge.py": ["tests/test_bridge_acks.py", "tests/test_trust_bridge_kafka_refusal.py"],
     "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
     "compute/recompute.py": [
-        "tests/test_compute_recompute.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py"
+        "tests/test_recompute_mut.py", "tests/test_compute_recompute.py", "tests/test_compute_append.py",
+        "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
     ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
     "ingest/writer.py": ["tests/test_writer_order.py", "tests/test_writer_decode.py"],
