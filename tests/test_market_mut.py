@@ -39,6 +39,7 @@ from compute.market import (
     site_problem,
     within,
 )
+from compute.recompute import lock_site
 from tests.test_compute_support import compute_dsn, reset
 
 __all__ = ["compute_dsn"]
@@ -245,6 +246,31 @@ def test_allocate_stops_at_volume_and_skips_full_hours() -> None:
     hours = {(e, T0 + k * H): _Hour(5.0 if k == 0 else 3.0, None, None) for k in range(2)}
     allocate(hours, [_i("F", T0, T0 + 24 * H, kwh=48.0, hourly=True)])
     assert [hours[(e, T0 + k * H)].claims for k in range(2)] == [[("F", 2.0)], [("F", 2.0)]]
+
+
+def test_allocate_fractions_exhaustion_and_the_next_instrument() -> None:
+    e = "electricity"
+    hours = {(e, T0 + k * H): _Hour(kwh, None, None) for k, kwh in enumerate((100.0, 0.5, 100.0, 100.0))}
+    # E: 100 + 0.5 + the last 0.25 kWh (under 1 kWh still counts), then used up in hour 2;
+    # G (next in order) still gets 10 kWh of what is left of hour 2
+    allocate(hours, [_i("E", T0, T0 + 4 * H, kwh=100.75), _i("G", T0, T0 + 4 * H, kwh=10.0)])
+    assert [hours[(e, T0 + k * H)].claims for k in range(4)] == [
+        [("E", 100.0)],
+        [("E", 0.5)],
+        [("E", 0.25), ("G", 10.0)],
+        [],
+    ]
+
+
+def test_allocate_hourly_never_claims_beyond_its_volume() -> None:
+    # 0.3 kWh over 24 h: 0.3 / 24 does not add up to 0.3 exactly in binary floating point; the
+    # claims, summed in time order as the ledger adds them, must stay within the volume (criterion 2)
+    e = "electricity"
+    hours = {(e, T0 + k * H): _Hour(1.0, None, None) for k in range(24)}
+    allocate(hours, [_i("P", T0, T0 + 24 * H, kwh=0.3, hourly=True)])
+    claims = [c for k in range(24) for c in hours[(e, T0 + k * H)].claims]
+    assert len(claims) == 24 and all(c[1] == pytest.approx(0.0125) for c in claims)
+    assert sum(c[1] for c in claims) <= 0.3
 
 
 # --- the database path: fallback hierarchy per hour ------------------------------------------------------
@@ -469,3 +495,54 @@ def test_load_instruments_lines_dupes_and_serial_overlaps(tmp_path: Path) -> Non
     p.write_text(cert("a", 1, 1) + "[other]\n")
     with pytest.raises(ConfigError):
         load_instruments(p)
+
+
+def test_apply_refusals_name_file_line_and_change_nothing(conn: Any, tmp_path: Path) -> None:
+    p = tmp_path / "instruments.toml"
+    p.write_text(
+        INSTRUMENTS
+        + '\n[[instruments]]\nid = "x1"\nsite = "nope"\nkind = "ppa"\nmwh = 1.0\nperiod_start = 2026-11-01\n'
+        'period_end = 2026-11-02\nmarket_boundary = "CN"\nreference = "r"\n'
+        '\n[[instruments]]\nid = "x2"\nsite = "gb"\nkind = "ppa"\nmwh = 1.0\nperiod_start = 2026-11-01\n'
+        'period_end = 2026-11-02\nmarket_boundary = "FR"\nreference = "r"\n'
+    )
+    # INSTRUMENTS has its headers on lines 2 and 13; x1 follows on 24, x2 on 34
+    with pytest.raises(ConfigError) as e:
+        apply_instruments(conn, p)
+    assert str(e.value).splitlines() == [
+        f"{p}:24: instrument 'x1': unknown site 'nope' (apply the fleet first)",
+        f"{p}:34: instrument 'x2': site 'gb' is on grid region GB, outside the instrument's market"
+        " boundary FR",
+    ]
+    conn.rollback()
+    assert conn.execute("SELECT count(*) FROM contractual_instruments").fetchone() == (0,)
+    assert _market(conn) == [] and _claims(conn) == []
+
+
+def test_apply_waits_for_the_site_lock_of_a_recompute(conn: Any, tmp_path: Path, compute_dsn: str) -> None:
+    """The ledger re-allocates a site only while no recompute of it runs (the same advisory lock)."""
+    (tmp_path / "instruments.toml").write_text(INSTRUMENTS)
+    with psycopg.connect(compute_dsn) as other:
+        lock_site(other.cursor(), "fr")  # held until other's transaction ends
+        conn.execute("SET lock_timeout = '200ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            apply_instruments(conn, tmp_path / "instruments.toml")
+        conn.rollback()
+        other.rollback()
+    apply_instruments(conn, tmp_path / "instruments.toml")
+    conn.execute("RESET lock_timeout")
+    conn.commit()
+    _same(_claims(conn), WANT_CLAIMS)
+
+
+def test_site_rebuild_does_not_lock_out_readers(conn: Any, tmp_path: Path, compute_dsn: str) -> None:
+    """Re-allocating some sites locks their rows only: statements of other sites still read (the
+    table-wide ACCESS EXCLUSIVE lock of a bulk load is for the full rebuild alone)."""
+    (tmp_path / "instruments.toml").write_text(INSTRUMENTS)
+    apply_instruments(conn, tmp_path / "instruments.toml")
+    with psycopg.connect(compute_dsn) as other, conn.transaction(), conn.cursor() as cur:
+        assert rebuild_market(cur, ["fr"]) == 3  # not committed yet: its locks are held
+        other.execute("SET lock_timeout = '200ms'")
+        assert other.execute("SELECT count(*) FROM site_market_1h WHERE site_id = 'gd'").fetchone() == (2,)
+        assert other.execute("SELECT count(*) FROM instrument_claims WHERE site_id = 'gd'").fetchone() == (2,)
+        other.rollback()

@@ -40,13 +40,18 @@ from compute.recompute import (
     coalesce,
     copy_out,
     from_ms,
+    lock_site,
+    recompute,
+    recompute_set,
     to_ms,
 )
 from ingest.events import DirtyRange
+from ingest.writer import dirty_ranges
 from ops.settings import ComputeSettings
-from tests.test_compute_support import compute_dsn
+from tests.test_compute_recompute import conn
+from tests.test_compute_support import compute_dsn, insert_rows
 
-__all__ = ["compute_dsn"]
+__all__ = ["compute_dsn", "conn"]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PG_EPOCH_US = 946_684_800 * 1_000_000  # 2000-01-01T00:00Z in Unix µs (10957 days × 86400 s)
@@ -296,3 +301,53 @@ def test_bulk_load_drops_and_restores_keys(cur: Any) -> None:
     assert cur.execute(defs).fetchall() == before
     with pytest.raises(psycopg.errors.UniqueViolation), bulk_load(cur, "bl_c"):
         cur.execute("INSERT INTO bl_c VALUES (1, 1)")
+
+
+def _m1_quarter(conn: psycopg.Connection[Any]) -> DirtyRange:
+    """m1 (site s1, Shenzhen) counts 1 kWh a minute over 15:00-15:15Z (23:00 on 1 Nov in Shanghai)."""
+    t = datetime(2026, 11, 1, 15, tzinfo=UTC)
+    rows = [
+        ("m1", "energy_import_kwh", t + timedelta(minutes=k), 100.0 + k, 0, "s1", "gw1", 0) for k in range(16)
+    ]
+    insert_rows(conn, rows)
+    (d,) = dirty_ranges(rows)
+    return d
+
+
+def _rollup(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    got = conn.execute("SELECT kwh, kg_co2e, factor_id FROM site_rollups_15m WHERE site_id = 's1'").fetchall()
+    conn.commit()
+    return got
+
+
+def test_recompute_uses_the_chosen_factor_series(conn: Any) -> None:
+    # tests/test_compute_recompute.FACTORS: series national-power-average (cn-v1, 0.5366 kg/kWh)
+    # and statistical (cn-other-series, 9.9 kg/kWh) for CN electricity on 1 Nov 2026
+    d = _m1_quarter(conn)
+    recompute(conn, d, factor_series="statistical")
+    assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 9.9), "cn-other-series")]
+    recompute(conn, d)
+    assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 0.5366), "cn-v1")]
+    recompute(conn, d, Params(factor_series="statistical"))
+    assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 9.9), "cn-other-series")]
+    recompute(conn, d, Params(factor_series="statistical"), factor_series="national-power-average")
+    assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 0.5366), "cn-v1")]
+
+
+def test_recompute_waits_for_the_ledgers_site_lock(conn: Any, compute_dsn: str) -> None:
+    """compute.market.apply_instruments takes ``lock_site``; a recompute of that site waits for it."""
+    d = _m1_quarter(conn)
+    with psycopg.connect(compute_dsn) as other:
+        lock_site(other.cursor(), "s1")
+        conn.execute("SET lock_timeout = '200ms'")
+        conn.commit()
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            recompute(conn, d)
+        conn.rollback()
+        other.rollback()
+        lock_site(other.cursor(), "s2")  # another site's lock is no obstacle
+        (r,) = recompute_set(conn, [d])
+        assert r.readings == 16 and r.buckets == 1
+        other.rollback()
+    conn.execute("RESET lock_timeout")
+    conn.commit()
