@@ -9,6 +9,8 @@ not copied from the code's output.
 
 from __future__ import annotations
 
+import logging
+import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from compute.market import (
     connected_hull,
     load_instruments,
     rebuild_market,
+    recompute_market_set,
     reporting_year,
     rule_problems,
     site_problem,
@@ -424,14 +427,19 @@ def _same(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -> None:
                 assert a == b, (g, w)
 
 
-def test_market_hierarchy_per_hour(conn: Any, tmp_path: Path) -> None:
+def test_market_hierarchy_per_hour(conn: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "instruments.toml").write_text(INSTRUMENTS)
     applied = apply_instruments(conn, tmp_path / "instruments.toml")
     assert applied.upserted == 2 and applied.retracted == [] and applied.sites == ["fr", "gd"]
     got = _market(conn)
     _same(got, [w for w in WANT if w[0] in ("fr", "gd")])  # only the sites with instruments rebuilt
     _same(_claims(conn), WANT_CLAIMS)
+    assert conn.execute(
+        "SELECT instrument_id, evidence FROM contractual_instruments ORDER BY 1"
+    ).fetchall() == [("fr-ppa", ""), ("gd-ppa", "")]
     with conn.transaction(), conn.cursor() as cur:
+        assert rebuild_market(cur, []) == 0
+        assert recompute_market_set(cur, [("no-such-site", P, P + H)]) == 0
         assert rebuild_market(cur) == len(WANT)  # all sites, bulk-loaded
     _same(_market(conn), WANT)
     _same(_claims(conn), WANT_CLAIMS)
@@ -441,9 +449,13 @@ def test_market_hierarchy_per_hour(conn: Any, tmp_path: Path) -> None:
     _same(_claims(conn), WANT_CLAIMS)
     # the site moved out of the instrument's market boundary: no claims, nothing else changes
     conn.execute("UPDATE sites SET grid_region = 'DE' WHERE site_id = 'fr'")
-    with conn.transaction(), conn.cursor() as cur:
-        assert rebuild_market(cur, ["fr"]) == 3
+    with caplog.at_level(logging.WARNING, "scopemeter.compute"), conn.transaction(), conn.cursor() as cur:
+        assert rebuild_market(cur, ["fr", "gd"]) == 5
+    assert [r.getMessage() for r in caplog.records] == [
+        "instrument fr-ppa: site fr is on DE, outside market boundary FR: no claims"
+    ]
     got = _market(conn)
+    _same([r for r in got if r[0] == "gd"], [w for w in WANT if w[0] == "gd"])
     assert [(r[1], r[4], r[5], r[7]) for r in got if r[0] == "fr"] == [
         (datetime(2026, 10, 31, 22, tzinfo=UTC), 0.0, None, []),
         (P, 0.0, None, []),
@@ -493,7 +505,43 @@ def test_load_instruments_lines_dupes_and_serial_overlaps(tmp_path: Path) -> Non
         " year (starting in month 1); split it per year"
     )
     p.write_text(cert("a", 1, 1) + "[other]\n")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=re.escape(f"{p}: unknown top-level keys ['other']")):
+        load_instruments(p)
+    p.write_text(cert("a", 1, 1).replace('kind = "gec"', 'kind = "coupon"'))
+    with pytest.raises(ConfigError, match=re.escape(f"{p}: ")):
+        load_instruments(p)
+    p.write_text(cert("a", 1, 1) + "[rules]\nreporting_year_start_month = 13\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{p}: [rules]: ")):
+        load_instruments(p)
+    p.write_text(
+        cert("a", 1, 1).replace("2027-01-01", "2027-02-01")
+        + "[rules]\ngeneration_within_reporting_year = false\n"
+    )
+    assert load_instruments(p).rules == Rules(generation_within_reporting_year=False)
+    # entries written as an inline array have no [[instruments]] header line: line 0
+    inline = (
+        "instruments = [{"
+        + ", ".join(
+            line
+            for line in cert("a", 1, 1).replace('"\n', '",').replace("\n", ",").split(",")[1:]
+            if line.strip()
+        )
+        + "}]\n"
+    )
+    p.write_text(inline)
+    assert load_instruments(p).lines == {"a": 0}
+    # serial 0 exists (a registry may start there): 0..0 and 1..1 are apart, 0..0 and 0..3 overlap
+    p.write_text(cert("z", 0, 0) + cert("y", 1, 1))
+    assert [i.id for i in load_instruments(p).instruments] == ["z", "y"]
+    p.write_text(cert("z", 0, 5) + cert("a", 1, 1))
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{p}:15: instrument 'a' serials G 1..1 overlap instrument 'z'")
+    ):
+        load_instruments(p)
+    p.write_text(cert("a", 0, 0) + cert("b", 0, 3))
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{p}:15: instrument 'b' serials G 0..3 overlap instrument 'a'")
+    ):
         load_instruments(p)
 
 
