@@ -42,6 +42,7 @@ from compute.recompute import (
     from_ms,
     lock_site,
     recompute,
+    recompute_all,
     recompute_set,
     to_ms,
 )
@@ -351,3 +352,33 @@ def test_recompute_waits_for_the_ledgers_site_lock(conn: Any, compute_dsn: str) 
         other.rollback()
     conn.execute("RESET lock_timeout")
     conn.commit()
+
+
+def test_rebuild_of_nothing_and_of_unregistered_meters_writes_no_rollups(conn: Any) -> None:
+    empty = recompute_all(conn)
+    assert (empty.meters, empty.buckets, empty.rollups, empty.readings) == (0, 0, 0, 0)
+    assert set(empty.events.values()) == {0}
+    t = datetime(2026, 11, 1, 15, tzinfo=UTC)
+    insert_rows(
+        conn,
+        [
+            ("ghost", "energy_import_kwh", t + timedelta(minutes=k), float(k), 0, "s1", "gw1", 0)
+            for k in range(16)
+        ],
+    )
+    ghost = recompute_all(conn)  # "ghost" is in no fleet: its meter rows, but no site rollup
+    assert (ghost.meters, ghost.buckets, ghost.rollups, ghost.readings) == (1, 1, 0, 16)
+    assert _rollup(conn) == []
+
+
+def test_rebuild_reports_every_phase(conn: Any) -> None:
+    """The benchmark (compute.benchmark) reports the full rebuild's time per phase, by these names."""
+    _m1_quarter(conn)
+    phases = recompute_all(conn).phases
+    assert set(phases) == {
+        "windows", "load (COPY out)", "sort", "kernel", "quarantine", "meter rows (COPY in)",
+        "meter rows (primary key)", "site rollups (delete)", "site sums (numba, COPY in)",
+        "site rollups (stage)", "site rollups (factors)", "site rollups (merge)", "site rollups (keys)",
+        "market-based hours", "commit",
+    }  # fmt: skip
+    assert all(s >= 0.0 for s in phases.values())
