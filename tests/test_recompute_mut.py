@@ -333,6 +333,12 @@ def test_recompute_uses_the_chosen_factor_series(conn: Any) -> None:
     assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 9.9), "cn-other-series")]
     recompute(conn, d, Params(factor_series="statistical"), factor_series="national-power-average")
     assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 0.5366), "cn-v1")]
+    recompute_all(conn, Params(factor_series="statistical"))
+    assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 9.9), "cn-other-series")]
+    recompute_all(conn, factor_series="national-power-average")
+    assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 0.5366), "cn-v1")]
+    recompute_all(conn, Params(factor_series="national-power-average"), factor_series="statistical")
+    assert _rollup(conn) == [(15.0, pytest.approx(15.0 * 9.9), "cn-other-series")]
 
 
 def test_recompute_waits_for_the_ledgers_site_lock(conn: Any, compute_dsn: str) -> None:
