@@ -50,7 +50,7 @@ from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges
 from ops.settings import ComputeSettings
 from tests.test_compute_recompute import conn
-from tests.test_compute_support import compute_dsn, insert_rows
+from tests.test_compute_support import compute_dsn, insert_rows, snapshot
 
 __all__ = ["compute_dsn", "conn"]
 
@@ -388,3 +388,25 @@ def test_rebuild_reports_every_phase(conn: Any) -> None:
         "market-based hours", "commit",
     }  # fmt: skip
     assert all(s >= 0.0 for s in phases.values())
+
+
+def test_rebuild_keeps_three_classes_over_two_buckets_apart(conn: Any) -> None:
+    """Site sums of the full rebuild are grouped per (activity class, bucket): with three classes
+    (s1 electricity, s1 natural gas, s2 electricity) over two quarter hours, each of the six groups
+    holds its own meter, exactly as the incremental path writes them."""
+    t = datetime(2026, 11, 1, 15, tzinfo=UTC)
+    rows = [
+        (m, q, t + timedelta(minutes=k), 100.0 + k * rate, 0, site, gw, 0)
+        for m, q, site, gw, rate in (
+            ("m1", "energy_import_kwh", "s1", "gw1", 1.0),
+            ("gas1", "gas_m3", "s1", "gw1", 0.5),
+            ("m4", "energy_import_kwh", "s2", "gw2", 2.0),
+        )
+        for k in range(31)
+    ]
+    insert_rows(conn, rows)
+    recompute_set(conn, dirty_ranges(rows))
+    incremental = snapshot(conn)
+    assert len(incremental[1]) == 6
+    recompute_all(conn)
+    assert snapshot(conn) == incremental
