@@ -74,14 +74,15 @@ MODULES: dict[str, list[str]] = {
     ],
     "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
     "compute/recompute.py": [
-        "tests/test_compute_recompute.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py"
+        "tests/test_recompute_mut.py", "tests/test_compute_recompute.py", "tests/test_compute_append.py",
+        "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
     ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
     "ingest/writer.py": [
         "tests/test_writer_refused.py", "tests/test_writer_store.py", "tests/test_writer_order.py",
         "tests/test_writer_decode.py", "tests/test_writer_loop.py",
     ],
-    "compute/market.py": ["tests/test_compute_market.py", "tests/test_statements_market.py"],
+    "compute/market.py": ["tests/test_market_mut.py", "tests/test_compute_market.py"],
     "compute/statements/document.py": [
         "tests/test_statements_mut_document.py", "tests/test_statements_differences.py"
     ],
