@@ -13,9 +13,7 @@ import pytest
 
 from compute.activity import apply_activity, gwp, load_activity
 from compute.config import ConfigError
-from compute.factors import apply_factors
-from compute.fleet import apply_fleet
-from tests.test_compute_support import REPO, compute_dsn, reset
+from tests.test_compute_support import REPO, apply_registry, compute_dsn, reset
 
 __all__ = ["compute_dsn"]
 
@@ -100,9 +98,7 @@ def test_blend_gwps_from_composition() -> None:
 def conn(compute_dsn: str, tmp_path: Path) -> Any:
     with psycopg.connect(compute_dsn) as c:
         reset(c)
-        (tmp_path / "fleet.toml").write_text(FLEET)
-        apply_fleet(c, tmp_path / "fleet.toml")
-        apply_factors(c, REPO / "config" / "factors.toml")
+        apply_registry(c, tmp_path, FLEET, REPO / "config" / "factors.toml")
         yield c
 
 

@@ -17,11 +17,10 @@ import psycopg
 import pytest
 
 from compute.config import ConfigError
-from compute.factors import apply_factors
-from compute.fleet import apply_fleet, load_fleet
+from compute.fleet import load_fleet
 from compute.recompute import recompute, recompute_all
 from ingest.writer import dirty_ranges
-from tests.test_compute_support import REPO, Row, compute_dsn, insert_rows, reset, snapshot
+from tests.test_compute_support import REPO, Row, apply_registry, compute_dsn, insert_rows, reset, snapshot
 
 __all__ = ["compute_dsn"]
 
@@ -116,9 +115,7 @@ def readings(meter: str, site: str, quantity: str, t0: datetime, total: float) -
 def conn(compute_dsn: str, tmp_path: Path) -> Any:
     with psycopg.connect(compute_dsn) as c:
         reset(c)
-        (tmp_path / "fleet.toml").write_text(FLEET)
-        apply_fleet(c, tmp_path / "fleet.toml")
-        apply_factors(c, REPO / "config" / "factors.toml")
+        apply_registry(c, tmp_path, FLEET, REPO / "config" / "factors.toml")
         yield c
 
 

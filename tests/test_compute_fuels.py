@@ -14,12 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from compute.factors import apply_factors
-from compute.fleet import apply_fleet
 from compute.recompute import recompute, recompute_all
 from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges
-from tests.test_compute_support import REPO, Row, compute_dsn, insert_rows, reset, snapshot
+from tests.test_compute_support import REPO, Row, apply_registry, compute_dsn, insert_rows, reset, snapshot
 
 __all__ = ["compute_dsn"]
 
@@ -90,9 +88,7 @@ def rows() -> list[Row]:
 def conn(compute_dsn: str, tmp_path: Path) -> Any:
     with psycopg.connect(compute_dsn) as c:
         reset(c)
-        (tmp_path / "fleet.toml").write_text(FLEET)
-        apply_fleet(c, tmp_path / "fleet.toml")
-        apply_factors(c, REPO / "config" / "factors.toml")
+        apply_registry(c, tmp_path, FLEET, REPO / "config" / "factors.toml")
         yield c
 
 

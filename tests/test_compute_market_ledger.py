@@ -24,7 +24,7 @@ from compute.market import apply_instruments, load_instruments
 from compute.recompute import recompute, recompute_all
 from ingest.writer import dirty_ranges
 from ops.cli import main
-from tests.test_compute_support import Row, compute_dsn, insert_rows, reset
+from tests.test_compute_support import Row, apply_registry, compute_dsn, insert_rows, reset
 
 __all__ = ["compute_dsn"]
 
@@ -129,10 +129,7 @@ STEP = timedelta(minutes=15)
 def conn(compute_dsn: str, tmp_path: Path) -> Any:
     with psycopg.connect(compute_dsn) as c:
         reset(c)
-        (tmp_path / "fleet.toml").write_text(FLEET)
-        (tmp_path / "factors.toml").write_text(FACTORS)
-        apply_fleet(c, tmp_path / "fleet.toml")
-        apply_factors(c, tmp_path / "factors.toml")
+        apply_registry(c, tmp_path, FLEET, FACTORS)
         yield c
 
 

@@ -12,13 +12,11 @@ import psycopg
 import pytest
 
 import compute.recompute
-from compute.factors import apply_factors
-from compute.fleet import apply_fleet
 from compute.recompute import recompute, recompute_all, recompute_set
 from edge.wire import Quality
 from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges
-from tests.test_compute_support import Row, compute_dsn, insert_rows, reset, snapshot
+from tests.test_compute_support import Row, apply_registry, compute_dsn, insert_rows, reset, snapshot
 
 __all__ = ["compute_dsn"]
 
@@ -169,10 +167,7 @@ QUALITY = [0] * 30 + [int(Quality.ESTIMATED), int(Quality.COUNTER_RESET), int(Qu
 def conn(compute_dsn: str, tmp_path: Path) -> Any:
     with psycopg.connect(compute_dsn) as c:
         reset(c)
-        (tmp_path / "fleet.toml").write_text(FLEET)
-        (tmp_path / "factors.toml").write_text(FACTORS)
-        apply_fleet(c, tmp_path / "fleet.toml")
-        apply_factors(c, tmp_path / "factors.toml")
+        apply_registry(c, tmp_path, FLEET, FACTORS)
         yield c
 
 

@@ -50,6 +50,20 @@ def reset(conn: psycopg.Connection[Any]) -> None:
     conn.commit()
 
 
+def apply_registry(conn: psycopg.Connection[Any], folder: Path, fleet: str, factors: str | Path) -> None:
+    """Apply a test's fleet registry (TOML text) and factor library (TOML text, or a file such as
+    the repository's config/factors.toml) the way ``fleet apply`` and ``factors apply`` do."""
+    from compute.factors import apply_factors
+    from compute.fleet import apply_fleet
+
+    (folder / "fleet.toml").write_text(fleet)
+    if isinstance(factors, str):
+        (folder / "factors.toml").write_text(factors)
+        factors = folder / "factors.toml"
+    apply_fleet(conn, folder / "fleet.toml")
+    apply_factors(conn, factors)
+
+
 def insert_rows(conn: psycopg.Connection[Any], rows: list[Row]) -> int:
     """What the writer does, minus the COPY: create partitions, insert, drop duplicates."""
     if not rows:

@@ -21,8 +21,6 @@ import pytest
 from pydantic import ValidationError
 
 from compute.config import ConfigError
-from compute.factors import apply_factors
-from compute.fleet import apply_fleet
 from compute.market import (
     Instrument,
     Rules,
@@ -43,7 +41,7 @@ from compute.market import (
     within,
 )
 from compute.recompute import lock_site
-from tests.test_compute_support import compute_dsn, reset
+from tests.test_compute_support import apply_registry, compute_dsn, reset
 
 __all__ = ["compute_dsn"]
 
@@ -360,10 +358,7 @@ def _rollups() -> list[tuple[str, datetime, float, float | None, str | None]]:
 def conn(compute_dsn: str, tmp_path: Path) -> Any:
     with psycopg.connect(compute_dsn) as c:
         reset(c)
-        (tmp_path / "fleet.toml").write_text(FLEET)
-        (tmp_path / "factors.toml").write_text(FACTORS)
-        apply_fleet(c, tmp_path / "fleet.toml")
-        apply_factors(c, tmp_path / "factors.toml")
+        apply_registry(c, tmp_path, FLEET, FACTORS)
         with c.transaction(), c.cursor() as cur:
             cur.executemany(
                 "INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, kwh, kg_co2e,"
