@@ -452,6 +452,41 @@ def test_desnz_2025_and_2026_are_the_published_ones_and_chain_to_2027() -> None:
     assert "UNVERIFIED" not in gas[2025].source and "UNVERIFIED" in gas[2026].source
 
 
+# IPCC 2006 GL Vol. 2, typed from the IPCC's PDFs: Ch. 1 Table 1.2 (p. 1.18) default NCV in TJ/Gg
+# and Ch. 2 Table 2.3 (p. 2.18, manufacturing industries and construction) CO2 / CH4 / N2O in kg per
+# TJ (net CV). (carrier, fuel type) -> (NCV, CO2, CH4, N2O).
+IPCC_2006 = {
+    ("natural_gas", ""): (48.0, 56_100, 1, 0.1),
+    ("diesel", ""): (43.0, 74_100, 3, 0.6),  # Gas/Diesel Oil
+    ("lpg", ""): (47.3, 63_100, 1, 0.1),  # Liquefied Petroleum Gases
+    ("coal", "other_bituminous"): (25.8, 94_600, 10, 1.5),
+    ("coal", "anthracite"): (26.7, 98_300, 10, 1.5),
+    ("coal", "coking"): (28.2, 94_600, 10, 1.5),
+}
+
+
+def test_ipcc_defaults_are_the_published_ones() -> None:
+    """Per kg of fuel = kg/TJ x NCV (TJ/Gg = MJ/kg) x 1e-6; all six were checked against the IPCC's
+    PDFs, so none is UNVERIFIED. The per-litre diesel factor is the per-kg one x its stated density."""
+    lib = {
+        (f.carrier.value, f.fuel_type, f.unit): f
+        for f in load_factors(LIBRARY)
+        if f.series == "ipcc-2006-default" and f.region == "GLOBAL"
+    }
+    assert {(c, t) for c, t, _ in lib} == set(IPCC_2006)
+    for (carrier, fuel_type), (ncv, co2, ch4, n2o) in IPCC_2006.items():
+        f = lib[(carrier, fuel_type, "kg")]
+        assert (f.ncv, f.cv_basis, f.gwp_set) == (ncv, "net", "AR5"), carrier
+        got = (f.kg_co2_per_unit, f.kg_ch4_per_unit, f.kg_n2o_per_unit)
+        assert got == pytest.approx((co2 * ncv * 1e-6, ch4 * ncv * 1e-6, n2o * ncv * 1e-6), rel=1e-9)
+        assert "UNVERIFIED" not in f.source + str(f.ncv_source), f.id
+    per_litre, per_kg = lib[("diesel", "", "l")], lib[("diesel", "", "kg")]
+    assert per_litre.ncv is not None and per_kg.ncv is not None and per_kg.kg_co2_per_unit is not None
+    density = per_litre.ncv / per_kg.ncv
+    assert density == pytest.approx(0.84) and "ASSUMED density 0.84" in str(per_litre.ncv_source)
+    assert per_litre.kg_co2_per_unit == pytest.approx(per_kg.kg_co2_per_unit * density)
+
+
 def test_no_mixed_source_gas_factor_for_the_uk() -> None:
     """The m3 factor built on China's NCV is a China factor; a GB site gets only DESNZ per m3."""
     factors = load_factors(LIBRARY)
