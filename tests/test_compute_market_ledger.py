@@ -24,7 +24,14 @@ from compute.market import apply_instruments, load_instruments
 from compute.recompute import recompute, recompute_all
 from ingest.writer import dirty_ranges
 from ops.cli import main
-from tests.test_compute_support import Row, apply_registry, compute_dsn, insert_rows, reset
+from tests.test_compute_support import (
+    Row,
+    apply_registry,
+    cn_grid_factor_toml,
+    compute_dsn,
+    insert_rows,
+    reset,
+)
 
 __all__ = ["compute_dsn"]
 
@@ -70,57 +77,8 @@ model = "eastron_sdm630"
 GRID = 0.45  # kg CO2e/kWh, the issue's example grid factor
 EXCL = 0.5856  # MEE/NBS 2022 national average excluding market-traded non-fossil power
 
-FACTORS = f"""
-[[factors]]
-id = "cn"
-publisher = "MEE"
-series = "national-power-average"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = {GRID}
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test"
-
-[[factors]]
-id = "cn-gd"
-publisher = "MEE"
-series = "national-power-average"
-region = "CN-GD"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = {GRID}
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test"
-"""
-
-EXCL_FACTOR = f"""
-[[factors]]
-id = "cn-excl"
-publisher = "MEE"
-series = "national-power-average-excl-market-nonfossil"
-region = "CN"
-carrier = "electricity"
-valid_from = 2022-01-01
-valid_to = 2100-01-01
-data_year = 2022
-kg_co2_per_unit = {EXCL}
-gases = "CO2"
-gwp_set = "none"
-unit = "kWh"
-version = 1
-source = "test"
-"""
+FACTORS = cn_grid_factor_toml(GRID, "cn") + cn_grid_factor_toml(GRID, "cn-gd", region="CN-GD")
+EXCL_FACTOR = cn_grid_factor_toml(EXCL, "cn-excl", series="national-power-average-excl-market-nonfossil")
 
 STEP = timedelta(minutes=15)
 

@@ -93,15 +93,23 @@ def snapshot(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list
     return energy, rollups
 
 
-def cn_grid_factor_toml(kg_per_kwh: float, factor_id: str = "cn-grid-v1") -> str:
-    """One ``[[factors]]`` entry: a China national grid factor with every field the loader requires,
-    valid 2022-2100, CO2 only. The statement tests' fixture factor, stated once."""
+def cn_grid_factor_toml(
+    kg_per_kwh: float,
+    factor_id: str = "cn-grid-v1",
+    *,
+    region: str = "CN",
+    series: str = "national-power-average",
+    source: str = "test grid factor",
+) -> str:
+    """One ``[[factors]]`` entry: a China grid factor (national unless ``region`` says a province)
+    with every field the loader requires, valid 2022-2100, CO2 only. The tests' fixture factor,
+    stated once."""
     return f"""
 [[factors]]
 id = "{factor_id}"
 publisher = "China MEE / NBS"
-series = "national-power-average"
-region = "CN"
+series = "{series}"
+region = "{region}"
 carrier = "electricity"
 valid_from = 2022-01-01
 valid_to = 2100-01-01
@@ -111,5 +119,5 @@ gases = "CO2"
 gwp_set = "none"
 unit = "kWh"
 version = 1
-source = "test grid factor"
+source = "{source}"
 """
