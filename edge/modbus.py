@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import termios
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -137,10 +136,9 @@ class Endpoint:
                 retries=0,
                 reconnect_delay=0,
             )
-            try:
-                await client.connect()
-            except termios.error as exc:
-                raise OSError(f"cannot connect to {m.endpoint}: {exc}") from None
+            # pymodbus turns a refused, unreachable or timed-out connect into False (and no
+            # termios.error: that was its serial client's, replaced by edge.rtu.SerialLine).
+            await client.connect()
             if not client.connected:
                 client.close()
                 raise ConnectionError(f"cannot connect to {m.endpoint}")

@@ -29,7 +29,7 @@ from edge.config import EdgeConfig
 from edge.counters import CounterGuard
 from edge.devices import PACKAGED_MAPS, DataType, DeviceMap, Register, RegisterType, load_device_map
 from edge.modbus import Endpoint, MeterState, ModbusPoller, PollResult, ReadBlock, decode_block, plan_blocks
-from edge.rtu import BadReply
+from edge.rtu import BadReply, TcpLine
 from edge.wire import EARLIEST_TS, LATEST_TS, Quality, Quantity
 from ops.settings import ClockSettings
 from simulators.nullmodem import NullModem
@@ -640,6 +640,30 @@ def test_a_modbus_tcp_connection_dropped_mid_request_is_lost_not_a_timeout(
     result, _, ep = raw_poll("close", caplog)
     assert result.errors == {"connect": 1} and result.status == {"m1": "failed"}
     assert messages(caplog, logging.WARNING) == [f"meter m1 ({ep} unit 1): connection to {ep} lost"]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "rtu_over_tcp"])
+def test_the_connect_is_bounded_by_the_meters_timeout(transport: str) -> None:
+    """A device that never completes the connect is given up on after the meter's timeout
+    (test_a_device_that_accepts_no_connection_is_a_connect_failure), not after pymodbus's default
+    3 s or the kernel's minutes of SYN retries. Tests take no time bounds, so the bound is read
+    where the connect takes it, before any request: pymodbus 3.16's ModbusProtocol.connect waits
+    ``comm_params.timeout_connect`` (each request sets it again: Endpoint._read_once), and the
+    RTU-over-TCP socket keeps the timeout socket.create_connection was given."""
+
+    async def main(port: int) -> float | None:
+        ep = Endpoint(config(port, [{"id": "m1", "unit_id": 1, "transport": transport}]).meters[0])
+        try:
+            assert await ep.connect(1.25)
+            if ep._tcp is not None:
+                return ep._tcp.ctx.comm_params.timeout_connect
+            assert ep._rtu is not None and isinstance(ep._rtu.line, TcpLine)
+            return ep._rtu.line.sock.gettimeout()
+        finally:
+            ep.close()
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # the kernel completes the handshake
+        assert asyncio.run(main(listener.getsockname()[1])) == 1.25
 
 
 def test_a_modbus_tcp_reply_with_too_few_registers_is_refused(caplog: pytest.LogCaptureFixture) -> None:

@@ -622,19 +622,23 @@ def test_energy_per_carrier_and_unit(march: dict[str, Any]) -> None:
     assert {ln["unit"] for ln in market} == {"kWh"} and {ln["scope"] for ln in market} == {2}
 
 
+def _rollup_columns(conn: psycopg.Connection[Any]) -> str:
+    """site_rollups_15m's columns but ``method``, for copying its rows under another method."""
+    return ", ".join(
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'site_rollups_15m'"
+            " AND table_schema = current_schema() AND column_name <> 'method' ORDER BY ordinal_position"
+        ).fetchall()
+    )
+
+
 def test_market_rows_in_the_rollups_are_not_counted_twice(march_db: str) -> None:
     """Market-based Scope 2 comes from site_market_1h only: a 'market' row in site_rollups_15m (an
     older layout) changes nothing."""
     with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
         before = month_figures(conn, "acme", "2024-03")
-        cols = [
-            r[0]
-            for r in conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = 'site_rollups_15m'"
-                " AND table_schema = current_schema() AND column_name <> 'method' ORDER BY ordinal_position"
-            ).fetchall()
-        ]
-        names = ", ".join(cols)
+        names = _rollup_columns(conn)
         conn.execute(
             f"INSERT INTO site_rollups_15m ({names}, method) SELECT {names}, 'market' FROM site_rollups_15m"
             " WHERE carrier = 'electricity' AND method = 'location'"
@@ -645,6 +649,66 @@ def test_market_rows_in_the_rollups_are_not_counted_twice(march_db: str) -> None
         before["daily"],
         before["totals"],
     )
+
+
+@pytest.mark.parametrize(
+    ("carrier", "method", "copied", "scope"),
+    [
+        # A Scope 2 method that is neither location- nor market-based: it would be in no Scope 2 total.
+        ("electricity", "supplier_specific", "location", 2),
+        # A Scope 1 row labelled location: no Scope 2 total may take it, nor any Scope 1 one.
+        ("natural_gas", "location", "direct", 1),
+    ],
+)
+def test_rows_of_a_method_no_total_counts_are_refused(
+    march_db: str, carrier: str, method: str, copied: str, scope: int
+) -> None:
+    """compute writes Scope 2 'location' and Scope 1 'direct' rows only, but recompute keeps rows of
+    other methods that something else wrote (as this test does): the month is refused, naming them,
+    rather than stating totals that leave them out. Scope 1 rows of other methods stay allowed
+    (``test_summary_counts_energy_once_and_falls_back_per_site``)."""
+    with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
+        names = _rollup_columns(conn)
+        conn.execute(
+            f"INSERT INTO site_rollups_15m ({names}, method) SELECT {names}, %s FROM site_rollups_15m"
+            " WHERE site_id = 'uk' AND carrier = %s AND method = %s",
+            (method, carrier, copied),
+        )
+        with pytest.raises(UserError) as e:
+            month_figures(conn, "acme", "2024-03")
+    assert str(e.value) == (
+        f"site_rollups_15m: site 'uk' has {carrier} rows of Scope {scope} method {method!r}, which no"
+        " total counts (Scope 2 is location- or market-based, and those methods are Scope 2 only;"
+        " compute writes no such rows): delete them"
+    )
+
+
+def test_quarantined_readings_of_the_sites_local_month_are_listed(march_db: str) -> None:
+    """Two NaN readings (the gateway sent them; compute.quarantine holds them): Leeds' in March is
+    listed, Shenzhen's at 23:59 on 29 February local time (15:59 UTC) is not. Both are held."""
+    leeds = datetime(2024, 3, 5, 10, 30, 30, tzinfo=UTC)  # between two of uk-elec's readings
+    shenzhen = datetime(2024, 2, 29, 15, 59, tzinfo=UTC)
+    data = [
+        ("uk-elec", "energy_import_kwh", leeds, float("nan"), 0, "uk", "gw", 0),
+        ("sz-elec", "energy_import_kwh", shenzhen, float("nan"), 0, "sz", "gw", 0),
+    ]
+    with psycopg.connect(march_db) as conn, conn.transaction(force_rollback=True):
+        insert_rows(conn, data)
+        for d in dirty_ranges(data):
+            recompute(conn, d)
+        held = conn.execute("SELECT meter_id FROM quarantined_readings ORDER BY 1").fetchall()
+        figs = month_figures(conn, "acme", "2024-03")
+    assert held == [("sz-elec",), ("uk-elec",)]
+    [q] = figs["quarantined"]
+    assert datetime.fromisoformat(q.pop("ts")) == leeds
+    assert q == {
+        "meter_id": "uk-elec",
+        "site_id": "uk",
+        "quantity": "energy_import_kwh",
+        "value": "nan",
+        "reason": "non_finite_value",
+        "detail": "value nan is not a finite number",
+    }
 
 
 def test_estimated_energy_is_reported_per_line(march_db: str) -> None:

@@ -8,6 +8,10 @@ and is presented as scope 2 / method ``market`` lines. Hours are whole UTC hours
 UTC offset is not a whole number of hours has its market month shifted by that fraction.
 
 GHG Protocol rules applied here:
+- Scope 2 has two methods, location- and market-based (Scope 2 Guidance, chapter 7: dual
+  reporting), and only Scope 2 has them: a Scope 2 row of another method, or a location or market
+  row in another scope, would be in no total, so the month is refused, naming it (compute writes
+  none; recompute keeps rows of methods it does not write);
 - energy is counted once per site and carrier, from one method's rows (``location`` for Scope 2,
   ``direct`` for Scope 1, else the first method alphabetically): methods differ in emissions only;
 - market-based Scope 2 equals location-based for a site without market rows; the statement lists
@@ -44,6 +48,7 @@ from ops.errors import UserError
 
 BUCKET = timedelta(minutes=15)
 ENERGY_METHOD_PREFERENCE = ("location", "direct")
+SCOPE2_METHODS = ("location", "market")
 
 
 def month_bounds(month: str) -> tuple[date, date]:
@@ -471,6 +476,16 @@ def _summarise(
     first: date,
     nxt: date,
 ) -> dict[str, Any]:
+    for line in lines:
+        # compute writes Scope 2 'location' and Scope 1 'direct' rows (market-based hours live in
+        # site_market_1h), but recompute keeps rows of other methods that something else wrote.
+        if (line["scope"] == 2) != (line["method"] in SCOPE2_METHODS):
+            raise UserError(
+                f"site_rollups_15m: site {line['site_id']!r} has {line['carrier']} rows of Scope"
+                f" {line['scope']} method {line['method']!r}, which no total counts (Scope 2 is"
+                " location- or market-based, and those methods are Scope 2 only; compute writes"
+                " no such rows): delete them"
+            )
     methods: dict[tuple[str, str, int], set[str]] = defaultdict(set)
     for line in lines:
         methods[(line["site_id"], line["carrier"], line["scope"])].add(line["method"])
@@ -488,7 +503,7 @@ def _summarise(
     per_site: dict[str, dict[str, float]] = {
         s: {"scope1": 0.0, "scope2_location": 0.0, "scope2_market": 0.0} for s in buckets_in_month
     }
-    market = [ln for ln in lines if ln["scope"] == 2 and ln["method"] == "market"]
+    market = [ln for ln in lines if ln["method"] == "market"]  # Scope 2 (checked above)
     has_market = {ln["site_id"] for ln in market}
     contractual = {
         ln["site_id"] for ln in market if ln["instrument_kwh"] > 0 or residual_factors & set(ln["factor_ids"])
@@ -522,11 +537,11 @@ def _summarise(
         if scope == 1 and is_energy(line):
             scope1[line["carrier"]] += line["kg_co2e"]
             per_site[site]["scope1"] += line["kg_co2e"]
-        elif scope == 2 and method == "location":
+        elif method == "location":
             per_site[site]["scope2_location"] += line["kg_co2e"]
             if site not in has_market:
                 per_site[site]["scope2_market"] += line["kg_co2e"]
-        elif scope == 2 and method == "market":
+        elif method == "market":
             per_site[site]["scope2_market"] += line["kg_co2e"]
             if line["carrier"] == "electricity":
                 renewable += line["instrument_kwh"]
@@ -551,7 +566,7 @@ def _summarise(
             "energy_kwh": total_kwh,
         },
         "market_fallback_sites": sorted(
-            {ln["site_id"] for ln in lines if ln["scope"] == 2 and ln["method"] == "location"} - contractual
+            {ln["site_id"] for ln in lines if ln["method"] == "location"} - contractual
         ),
         "renewable_share": renewable / electricity if electricity else 0.0,
         "coverage": {
