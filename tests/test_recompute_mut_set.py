@@ -56,9 +56,10 @@ def _span(meter: str, q: str, t0: datetime, t1: datetime, site: str = "s1") -> D
 
 
 def test_every_kind_of_result_of_one_poll(conn: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """One poll holding a quantity refusal of a registered and of an unregistered meter, a lone
-    reading (no interval), an unregistered meter and a registered one with a wrap and a gap: one
-    result per span, in span order, every field exact; only the unregistered meter is warned about."""
+    """One poll holding a quantity refusal of a registered and of an unregistered meter, lone
+    readings (no interval) of a registered and an unregistered meter, an unregistered meter with
+    readings and a registered one with a wrap and a gap: one result per span, in span order, every
+    field exact; only the unregistered meters are warned about."""
     m1 = [  # tests/test_compute_recompute.FLEET: m1 counter_max 1e6, max_gap_s default 900 s
         _reading("m1", KWH, T, 999_990.0),
         _reading("m1", KWH, T + 5 * MIN, 999_995.0),
@@ -68,10 +69,12 @@ def test_every_kind_of_result_of_one_poll(conn: Any, caplog: pytest.LogCaptureFi
     ]
     ghost = [_reading("ghost", KWH, T, 1.0), _reading("ghost", KWH, T + 10 * MIN, 2.0)]
     m2 = [_reading("m2", KWH, T, 7.0)]  # m2's only reading, on a bucket boundary
-    insert_rows(conn, m1 + ghost + m2)
+    lone = [_reading("lone", KWH, T + 30 * MIN, 3.0)]  # the same for a meter in no registry
+    insert_rows(conn, m1 + ghost + m2 + lone)
     spans = [
         _span("m1", "gas_m3", T, T),
         *dirty_ranges(m2),
+        *dirty_ranges(lone),
         *dirty_ranges(ghost),
         _span("ghost", "gas_m3", T, T, site="s9"),
         *dirty_ranges(m1),
@@ -82,12 +85,14 @@ def test_every_kind_of_result_of_one_poll(conn: Any, caplog: pytest.LogCaptureFi
     assert got == [
         RecomputeResult("m1", "s1", None, None, registered=True, skipped=refused),
         RecomputeResult("m2", "s1", None, None, registered=True, skipped="no interval"),
+        RecomputeResult("lone", "s1", None, None, registered=False, skipped="no interval"),
         RecomputeResult("ghost", "s1", T, T + 15 * MIN, 2, 1, NO_EVENTS, registered=False),
         RecomputeResult("ghost", "s9", None, None, registered=False, skipped=refused),
         RecomputeResult("m1", "s1", T, T + 45 * MIN, 5, 3, _events(wraps=1, gaps=1), registered=True),
     ]
     assert [r.getMessage() for r in caplog.records if r.name == "scopemeter.compute"] == [
-        "meter ghost (site s1) is not in the fleet registry: no rollup"
+        "meter lone (site s1) is not in the fleet registry: no rollup",
+        "meter ghost (site s1) is not in the fleet registry: no rollup",
     ]
     energy, rollups = snapshot(conn)
     assert [(r[0], r[1], r[2], r[3]) for r in energy] == [
