@@ -164,12 +164,14 @@ INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi, prev_ts, has
 SELECT i, meter_id, quantity, b0, b1,
        coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id AND x.quantity = w.quantity
                  AND x.ts <= w.b0 ORDER BY x.ts DESC LIMIT 1), w.b0),
-       CASE WHEN next_ts IS NULL THEN w.b1  -- nothing after the range: nothing at or after b1 either
+       -- nothing after the range: its last reading t_max is the series' end, at most 1 ms past b1
+       -- (b1 is reckoned in whole ms, readings are stored to the µs)
+       CASE WHEN next_ts IS NULL THEN greatest(w.b1, w.t_max)
             ELSE coalesce((SELECT x.ts FROM readings x WHERE x.meter_id = w.meter_id
                            AND x.quantity = w.quantity AND x.ts >= w.b1 ORDER BY x.ts LIMIT 1), w.b1) END,
        prev_ts, next_ts IS NOT NULL
 FROM (
-    SELECT i, meter_id, quantity, prev_ts, next_ts,
+    SELECT i, meter_id, quantity, t_max, prev_ts, next_ts,
            to_timestamp((floor(extract(epoch FROM coalesce(prev_ts, t_min)) * 1000)::bigint
                          / {BUCKET_MS} * {BUCKET_MS})::float8 / 1000) AS b0,
            to_timestamp(((floor(extract(epoch FROM coalesce(next_ts, t_max)) * 1000)::bigint
