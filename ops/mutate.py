@@ -74,8 +74,8 @@ MODULES: dict[str, list[str]] = {
     ],
     "compute/factors.py": ["tests/test_factors.py", "tests/test_factors_messages.py"],
     "compute/recompute.py": [
-        "tests/test_recompute_mut.py", "tests/test_compute_recompute.py", "tests/test_compute_append.py",
-        "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
+        "tests/test_recompute_mut.py", "tests/test_recompute_mut_set.py", "tests/test_compute_recompute.py",
+        "tests/test_compute_append.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
     ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
     "ingest/writer.py": [
