@@ -263,7 +263,8 @@ def run_rebuild(
     ``repeat`` pairs of (raw COPY-out of the rows, ``recompute_all``), medians reported."""
     from compute.factors import apply_factors
     from compute.fleet import apply_fleet
-    from compute.recompute import Params, recompute_all
+    from compute.rebuild import recompute_all
+    from compute.recompute import Params
     from ingest.db import drop_database, ensure_database, migrate
     from ops.settings import REPO_ROOT
 

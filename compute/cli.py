@@ -206,7 +206,8 @@ def _bench_rebuild(args: Any) -> int:
 
 
 def _rebuild(_args: Any) -> int:
-    from compute.recompute import Params, recompute_all
+    from compute.rebuild import recompute_all
+    from compute.recompute import Params
 
     settings = Settings()
     with _connect(settings) as conn:

@@ -18,6 +18,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from compute.rebuild import bulk_load, recompute_all
 from compute.recompute import (
     _TAILS,
     CARRIERS,
@@ -36,13 +37,11 @@ from compute.recompute import (
     _Tail,
     _tails_after,
     _unregistered,
-    bulk_load,
     coalesce,
     copy_out,
     from_ms,
     lock_site,
     recompute,
-    recompute_all,
     recompute_set,
     to_ms,
 )
