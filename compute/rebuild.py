@@ -3,9 +3,10 @@ one transaction, e.g. after the factor library or the fleet registry changed.
 
 It shares the incremental path's pieces (``compute.recompute``: the window loader, the kernel call,
 the meter-row COPY, the factor lookup and rollup merge) and differs where a whole table is written:
-the tables are TRUNCATEd and bulk-loaded (``bulk_load``), and the site sums are folded in numba from
-the meter rows still in memory, in the same order the incremental path's SQL sums in, so both paths
-give bit-identical rows.
+meter rows are compared with the stored ones and rewritten only where they differ (a factor change
+leaves them all equal), the rollup tables are TRUNCATEd and bulk-loaded (``bulk_load``), and the
+site sums are folded in numba from the meter rows still in memory, in the same order the incremental
+path's SQL sums in, so both paths give bit-identical rows.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from compute.recompute import (
     Params,
     _compute_windows,
     _Computed,
+    _energy_copy,
     _lap,
     _meters,
     _params,
     _rollup_args,
     _unregistered,
+    copy_out,
 )
 
 # All sites and buckets: location and direct rows are rebuilt; rows of any other method are kept.
@@ -196,14 +199,140 @@ def _rebuild_rollups(
     return cur.rowcount
 
 
+# The stored meter rows with their window (-1: a meter the rebuild has no series for) as
+# fixed-width binary rows (every column is NOT NULL): (window bigint, bucket timestamptz, kwh
+# float8, kwh_estimated float8, measured_ms bigint, flags int4).
+_STORED_ROWS: Final = """
+COPY (SELECT coalesce(w.i, -1), me.bucket, me.kwh, me.kwh_estimated, me.measured_ms, me.flags
+      FROM meter_energy_15m me LEFT JOIN compute_windows w ON w.meter_id = me.meter_id)
+TO STDOUT (FORMAT BINARY)
+"""
+_STORED: Final = np.dtype(
+    [
+        ("n", ">i2"),
+        ("l0", ">i4"),
+        ("i", ">i8"),
+        ("l1", ">i4"),
+        ("b", ">i8"),
+        ("l2", ">i4"),
+        ("k", ">f8"),
+        ("l3", ">i4"),
+        ("e", ">f8"),
+        ("l4", ">i4"),
+        ("ms", ">i8"),
+        ("l5", ">i4"),
+        ("f", ">i4"),
+    ]
+)
+# Above this share of computed rows changed, the table is rewritten whole (TRUNCATE, COPY FREEZE,
+# key built once) instead of deleting and inserting the changed meters' rows under the key.
+_REWRITE_SHARE: Final = 0.25
+
+
+def _stored_rows(cur: psycopg.Cursor[Any]) -> np.ndarray:
+    """Every ``meter_energy_15m`` row, with its window index, by one binary COPY."""
+    data = copy_out(cur, _STORED_ROWS)
+    body = len(data) - len(_COPY_HEADER) - len(_COPY_TRAILER)
+    n = body // _STORED.itemsize
+    if not data.startswith(_COPY_HEADER) or not data.endswith(_COPY_TRAILER) or body != n * _STORED.itemsize:
+        raise RuntimeError("unexpected COPY BINARY framing of meter_energy_15m from PostgreSQL")
+    rows = np.frombuffer(data, dtype=_STORED, count=n, offset=len(_COPY_HEADER))
+    if n and not (rows["n"] == 6).all():
+        raise RuntimeError("meter_energy_15m rows are not the expected six non-NULL columns")
+    return rows
+
+
+def _changed_windows(done: _Computed, stored: np.ndarray, g_n: int) -> tuple[np.ndarray, int]:
+    """Per window: do its stored rows differ from the computed ones (another set of buckets, or
+    any value not bit for bit equal)? And how many stored rows belong to no window (their meter
+    has no series any more): those must go too."""
+    win = stored["i"].astype(np.int64)
+    orphans = int(np.count_nonzero(win < 0))
+    mine = win >= 0
+    # plain native-endian columns first: indexing the structured rows would copy whole records
+    win, b_us = win[mine], stored["b"].astype(np.int64)[mine]
+    kwh = stored["k"].astype(np.float64)[mine].view(np.int64)  # compared bit for bit
+    est = stored["e"].astype(np.float64)[mine].view(np.int64)
+    mms, flags = stored["ms"].astype(np.int64)[mine], stored["f"].astype(np.int64)[mine]
+    if (
+        len(win) > 1 and not ((win[1:] > win[:-1]) | ((win[1:] == win[:-1]) & (b_us[1:] > b_us[:-1]))).all()
+    ):  # physical order: sorted already after a rewrite, not after incremental recomputes
+        by = np.lexsort((b_us, win))
+        win, b_us, kwh, est, mms, flags = win[by], b_us[by], kwh[by], est[by], mms[by], flags[by]
+    same = np.bincount(win, minlength=g_n) == done.written
+    s, c = same[win], same[done.seg]  # windows with as many stored rows as computed: aligned row by row
+    differs = (
+        (b_us[s] != done.starts[c] * 1000 - _PG_EPOCH_US)
+        | (kwh[s] != np.ascontiguousarray(done.kwh[c]).view(np.int64))
+        | (est[s] != np.ascontiguousarray(done.est[c]).view(np.int64))
+        | (mms[s] != done.mms[c])
+        | (flags[s] != done.flags[c])
+    )
+    changed = ~same
+    changed[done.seg[c][differs]] = True
+    return changed, orphans
+
+
+def _write_meter_rows(
+    cur: psycopg.Cursor[Any],
+    meter_ids: list[str],
+    done: _Computed,
+    had_rows: bool,
+    phases: dict[str, float],
+) -> None:
+    """Make ``meter_energy_15m`` hold exactly the computed rows. Meter energy depends on the
+    readings and the meters' counter parameters only, not on factors, so a rebuild after a factor
+    change finds every row already right: the stored rows are read back (one COPY, cheaper than
+    writing them and building their key) and compared bit for bit, and only the rows of meters
+    that differ are replaced. When many differ (or the table is empty) it is rewritten whole:
+    TRUNCATE, COPY FREEZE (PostgreSQL manual, "Populating a Database"; with ``wal_level =
+    minimal`` neither the rows nor the key are WAL-logged) and the key built once."""
+    t = time.perf_counter()
+    changed, orphans = np.ones(len(meter_ids), dtype=bool), 0
+    if had_rows:
+        changed, orphans = _changed_windows(done, _stored_rows(cur), len(meter_ids))
+    _lap(phases, "meter rows (compare)", t)
+    t = time.perf_counter()
+    take = changed[done.seg]
+    if had_rows and np.count_nonzero(take) <= _REWRITE_SHARE * len(take):
+        if orphans:
+            cur.execute(
+                "DELETE FROM meter_energy_15m me"
+                " WHERE NOT EXISTS (SELECT 1 FROM compute_windows w WHERE w.meter_id = me.meter_id)"
+            )
+        if changed.any():
+            cur.execute(
+                "DELETE FROM meter_energy_15m WHERE meter_id = ANY(%s)",
+                ([meter_ids[g] for g in np.flatnonzero(changed)],),
+            )
+            rows = _energy_copy(
+                meter_ids, done.seg[take], done.starts[take], done.kwh[take], done.est[take],
+                done.mms[take], done.flags[take],
+            )  # fmt: skip
+            with cur.copy(_COPY_ENERGY) as copy:
+                copy.write(rows)
+        _lap(phases, "meter rows (COPY in)", t)
+        phases.setdefault("meter rows (primary key)", 0.0)
+        return
+    cur.execute("TRUNCATE meter_energy_15m")
+    with bulk_load(cur, "meter_energy_15m"):
+        with cur.copy(_COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)")) as copy:
+            copy.write(
+                _energy_copy(meter_ids, done.seg, done.starts, done.kwh, done.est, done.mms, done.flags)
+            )
+        _lap(phases, "meter rows (COPY in)", t)
+        t = time.perf_counter()
+    _lap(phases, "meter rows (primary key)", t)
+
+
 def recompute_all(
     conn: psycopg.Connection[Any], params: Params | None = None, *, factor_series: str | None = None
 ) -> RebuildResult:
     """Rebuild both 15-minute tables from every reading, in one transaction (e.g. after the factor
     library or the fleet registry changed). Incremental recomputes wait for it. Set-based like
-    ``recompute_set``: every reading in one binary COPY, one kernel call, one COPY of meter rows,
-    site sums folded in numba and staged by one COPY, one rollup INSERT. ``meter_energy_15m`` is
-    TRUNCATEd (rolled back with the transaction)."""
+    ``recompute_set``: every reading in one binary COPY, one kernel call, the stored meter rows
+    compared with the computed ones and only differing meters replaced (``_write_meter_rows``),
+    site sums folded in numba and staged by one COPY, one rollup INSERT."""
     params = _params(params, factor_series)
     phases: dict[str, float] = {}
     _TAILS.clear()
@@ -227,25 +356,22 @@ def recompute_all(
             ([c[0] for c in chosen], [c[1] for c in chosen]),
         )
         cur.execute("ANALYZE compute_windows")  # else the planner hashes every reading, spilling to disk
-        # Both tables are bulk-loaded (``bulk_load``): meter rows COPYed with FREEZE into the table
-        # truncated in this transaction; all of it rolls back with the transaction.
-        cur.execute("TRUNCATE meter_energy_15m")
         cur.execute("DELETE FROM quarantined_readings")
+        had_rows = cur.execute("SELECT EXISTS (SELECT 1 FROM meter_energy_15m)").fetchone() == (True,)
         _lap(phases, "windows", t)
         g_n = len(chosen)
-        with bulk_load(cur, "meter_energy_15m"):
-            done = _compute_windows(
-                cur,
-                [c[0] for c in chosen],
-                [c[1] for c in chosen],
-                [c[2] for c in chosen],
-                (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
-                phases,
-                _COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)"),
-                whole=True,
-            )
-            t = time.perf_counter()
-        _lap(phases, "meter rows (primary key)", t)
+        meter_ids = [c[0] for c in chosen]
+        done = _compute_windows(
+            cur,
+            meter_ids,
+            [c[1] for c in chosen],
+            [c[2] for c in chosen],
+            (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
+            phases,
+            None,
+            whole=True,
+        )
+        _write_meter_rows(cur, meter_ids, done, had_rows, phases)
         t = time.perf_counter()
         args = _rollup_args(params)
         # Only compute writes location and direct rows; rows of other methods (none are written

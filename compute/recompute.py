@@ -540,14 +540,14 @@ def _compute_windows(
     meters: list[_Meter],
     keep: tuple[np.ndarray, np.ndarray],
     phases: dict[str, float] | None = None,
-    copy_sql: str = _COPY_ENERGY,
+    copy_sql: str | None = _COPY_ENERGY,
     *,
     whole: bool = False,
     seeds: Seeds | None = None,
 ) -> _Computed:
     """Load every reading of the staged windows (one COPY), run ONE kernel call over all of them,
     record their quarantine (two statements) and COPY the meter rows into ``meter_energy_15m``
-    (their windows are deleted already)."""
+    (their windows are deleted already; ``copy_sql=None``: the caller writes them)."""
     t = time.perf_counter()
     raw = _copy_out(cur, _LOAD_WINDOWS)
     _lap(phases, "load (COPY out)", t)
@@ -588,9 +588,10 @@ def _compute_windows(
     record_many(cur, series, ts, value, iflags, whole=whole)
     _lap(phases, "quarantine", t)
     t = time.perf_counter()
-    with cur.copy(copy_sql) as copy:
-        copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
-    _lap(phases, "meter rows (COPY in)", t)
+    if copy_sql is not None:
+        with cur.copy(copy_sql) as copy:
+            copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
+        _lap(phases, "meter rows (COPY in)", t)
     return _Computed(
         np.diff(bounds), np.bincount(seg, minlength=g_n), events, seg, starts, kwh, est, mms, flags, last_us
     )

@@ -78,6 +78,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
     ],
     "compute/rebuild.py": [
+        "tests/test_compute_rebuild.py",
         "tests/test_recompute_mut.py::test_bulk_load_drops_and_restores_keys",
         "tests/test_recompute_mut.py::test_recompute_uses_the_chosen_factor_series",
         "tests/test_recompute_mut.py::test_rebuild_of_nothing_and_of_unregistered_meters_writes_no_rollups",

@@ -381,7 +381,8 @@ def test_rebuild_reports_every_phase(conn: Any) -> None:
     _m1_quarter(conn)
     phases = recompute_all(conn).phases
     assert set(phases) == {
-        "windows", "load (COPY out)", "sort", "kernel", "quarantine", "meter rows (COPY in)",
+        "windows", "load (COPY out)", "sort", "kernel", "quarantine", "meter rows (compare)",
+        "meter rows (COPY in)",
         "meter rows (primary key)", "site rollups (delete)", "site sums (numba, COPY in)",
         "site rollups (stage)", "site rollups (factors)", "site rollups (merge)", "site rollups (keys)",
         "market-based hours", "commit",
