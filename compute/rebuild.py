@@ -11,14 +11,17 @@ path's SQL sums in, so both paths give bit-identical rows.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 import psycopg
+from psycopg import pq
 from psycopg import sql as pgsql
 
 from compute.kernels import BUCKET_MS, EVENT_NAMES, ordered_group_sums
@@ -199,12 +202,14 @@ def _rebuild_rollups(
     return cur.rowcount
 
 
-# The stored meter rows with their window (-1: a meter the rebuild has no series for) as
-# fixed-width binary rows (every column is NOT NULL): (window bigint, bucket timestamptz, kwh
-# float8, kwh_estimated float8, measured_ms bigint, flags int4).
+# The stored meter rows with their window (the meter's index in ``{ids}``; -1: a meter the
+# rebuild has no series for) as fixed-width binary rows (every column is NOT NULL): (window bigint,
+# bucket timestamptz, kwh float8, kwh_estimated float8, measured_ms bigint, flags int4). The
+# windows are a literal, not the temporary table, so another connection can run it.
 _STORED_ROWS: Final = """
-COPY (SELECT coalesce(w.i, -1), me.bucket, me.kwh, me.kwh_estimated, me.measured_ms, me.flags
-      FROM meter_energy_15m me LEFT JOIN compute_windows w ON w.meter_id = me.meter_id)
+COPY (SELECT coalesce(w.i - 1, -1), me.bucket, me.kwh, me.kwh_estimated, me.measured_ms, me.flags
+      FROM meter_energy_15m me LEFT JOIN unnest({ids}::text[]) WITH ORDINALITY AS w(meter_id, i)
+           ON w.meter_id = me.meter_id)
 TO STDOUT (FORMAT BINARY)
 """
 _STORED: Final = np.dtype(
@@ -229,9 +234,10 @@ _STORED: Final = np.dtype(
 _REWRITE_SHARE: Final = 0.25
 
 
-def _stored_rows(cur: psycopg.Cursor[Any]) -> np.ndarray:
+def _stored_rows(cur: psycopg.Cursor[Any], meter_ids: list[str]) -> np.ndarray:
     """Every ``meter_energy_15m`` row, with its window index, by one binary COPY."""
-    data = copy_out(cur, _STORED_ROWS)
+    ids = pgsql.Literal(meter_ids).as_string(cur.connection)
+    data = copy_out(cur, _STORED_ROWS.format(ids=ids))
     body = len(data) - len(_COPY_HEADER) - len(_COPY_TRAILER)
     n = body // _STORED.itemsize
     if not data.startswith(_COPY_HEADER) or not data.endswith(_COPY_TRAILER) or body != n * _STORED.itemsize:
@@ -240,6 +246,17 @@ def _stored_rows(cur: psycopg.Cursor[Any]) -> np.ndarray:
     if n and not (rows["n"] == 6).all():
         raise RuntimeError("meter_energy_15m rows are not the expected six non-NULL columns")
     return rows
+
+
+def _stored_rows_aside(conn: psycopg.Connection[Any], meter_ids: list[str]) -> np.ndarray:
+    """``_stored_rows`` over a second connection to the same database, so that PostgreSQL reads
+    the meter rows on another core while the rebuild's own connection loads the readings and
+    writes the rollups (the client waits in libpq without the GIL). It sees what the rebuild
+    sees only because the rebuild made no change of its own before and holds an EXCLUSIVE lock on
+    ``meter_energy_15m`` (no writer commits in between); ``recompute_all`` reads aside only then."""
+    with psycopg.connect(conn.info.dsn, password=conn.info.password) as aside, aside.cursor() as cur:
+        cur.execute("SET jit = off")
+        return _stored_rows(cur, meter_ids)
 
 
 def _changed_windows(done: _Computed, stored: np.ndarray, g_n: int) -> tuple[np.ndarray, int]:
@@ -277,7 +294,7 @@ def _write_meter_rows(
     cur: psycopg.Cursor[Any],
     meter_ids: list[str],
     done: _Computed,
-    had_rows: bool,
+    stored: Callable[[], np.ndarray] | None,
     phases: dict[str, float],
 ) -> None:
     """Make ``meter_energy_15m`` hold exactly the computed rows. Meter energy depends on the
@@ -286,15 +303,16 @@ def _write_meter_rows(
     writing them and building their key) and compared bit for bit, and only the rows of meters
     that differ are replaced. When many differ (or the table is empty) it is rewritten whole:
     TRUNCATE, COPY FREEZE (PostgreSQL manual, "Populating a Database"; with ``wal_level =
-    minimal`` neither the rows nor the key are WAL-logged) and the key built once."""
+    minimal`` neither the rows nor the key are WAL-logged) and the key built once. ``stored``
+    gives the stored rows (``_stored_rows``); None: the table is empty."""
     t = time.perf_counter()
     changed, orphans = np.ones(len(meter_ids), dtype=bool), 0
-    if had_rows:
-        changed, orphans = _changed_windows(done, _stored_rows(cur), len(meter_ids))
+    if stored is not None:
+        changed, orphans = _changed_windows(done, stored(), len(meter_ids))
     _lap(phases, "meter rows (compare)", t)
     t = time.perf_counter()
     take = changed[done.seg]
-    if had_rows and np.count_nonzero(take) <= _REWRITE_SHARE * len(take):
+    if stored is not None and np.count_nonzero(take) <= _REWRITE_SHARE * len(take):
         if orphans:
             cur.execute(
                 "DELETE FROM meter_energy_15m me"
@@ -337,7 +355,8 @@ def recompute_all(
     phases: dict[str, float] = {}
     _TAILS.clear()
     t = time.perf_counter()
-    with conn.transaction(), conn.cursor() as cur:
+    aside = conn.info.transaction_status == pq.TransactionStatus.IDLE  # no change of its own yet
+    with ThreadPoolExecutor(1) as pool, conn.transaction(), conn.cursor() as cur:
         cur.execute(_TEMP_DDL)
         cur.execute(
             "TRUNCATE compute_windows"
@@ -349,6 +368,13 @@ def recompute_all(
         known = _meters(cur, sorted({p[0] for p in pairs}), params)
         chosen = [(mid, q, known.get(mid) or _unregistered("", params)) for mid, q in pairs]
         chosen = [c for c in chosen if c[2].quantity == c[1]]
+        meter_ids = [c[0] for c in chosen]
+        stored: Callable[[], np.ndarray] | None = None
+        if cur.execute("SELECT EXISTS (SELECT 1 FROM meter_energy_15m)").fetchone() == (True,):
+            if aside:
+                stored = pool.submit(_stored_rows_aside, conn, meter_ids).result
+            else:
+                stored = functools.partial(_stored_rows, cur, meter_ids)
         cur.execute(
             "INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi)"
             " SELECT i - 1, m, q, '-infinity', 'infinity', '-infinity', 'infinity'"
@@ -357,10 +383,8 @@ def recompute_all(
         )
         cur.execute("ANALYZE compute_windows")  # else the planner hashes every reading, spilling to disk
         cur.execute("DELETE FROM quarantined_readings")
-        had_rows = cur.execute("SELECT EXISTS (SELECT 1 FROM meter_energy_15m)").fetchone() == (True,)
         _lap(phases, "windows", t)
         g_n = len(chosen)
-        meter_ids = [c[0] for c in chosen]
         done = _compute_windows(
             cur,
             meter_ids,
@@ -371,7 +395,6 @@ def recompute_all(
             None,
             whole=True,
         )
-        _write_meter_rows(cur, meter_ids, done, had_rows, phases)
         t = time.perf_counter()
         args = _rollup_args(params)
         # Only compute writes location and direct rows; rows of other methods (none are written
@@ -386,6 +409,8 @@ def recompute_all(
         t = time.perf_counter()
         rebuild_market(cur)
         _lap(phases, "market-based hours", t)
+        # last: rollups and market hours come from ``done``, so the rows read aside have had time
+        _write_meter_rows(cur, meter_ids, done, stored, phases)
         t = time.perf_counter()
     _lap(phases, "commit", t)
     events = (

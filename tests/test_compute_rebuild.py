@@ -80,3 +80,19 @@ def test_mostly_differing_rows_are_rewritten_whole(conn: Any) -> None:
     ).fetchall()
     conn.commit()
     assert keys == [("PRIMARY KEY (meter_id, bucket)",)]  # the bulk load added its key back
+
+
+def test_inside_a_callers_transaction_the_rebuild_compares_what_that_transaction_wrote(conn: Any) -> None:
+    """Statements verify by rebuilding inside a transaction they roll back. There the stored rows
+    are read on the rebuild's own connection: another connection would see the committed rows,
+    not the ones changed earlier in the same transaction, and keep a wrong row as unchanged."""
+    insert_rows(conn, generate(6))
+    clean = rebuilt_from_nothing(conn)
+    with conn.transaction():
+        conn.execute("UPDATE meter_energy_15m SET kwh = kwh + 1 WHERE meter_id = 'm4'")
+        recompute_all(conn)
+        inside = conn.execute(
+            "SELECT meter_id, bucket, kwh, kwh_estimated, measured_ms, flags FROM meter_energy_15m"
+            " ORDER BY 1, 2"
+        ).fetchall()
+    assert inside == clean[0]
