@@ -255,7 +255,9 @@ _STORED: Final = np.dtype(
     ]
 )
 # Above this share of computed rows changed, the table is rewritten whole (TRUNCATE, COPY FREEZE,
-# key built once) instead of deleting and inserting the changed meters' rows under the key.
+# key built once) instead of deleting and inserting the changed meters' rows under the key. Near
+# the break-even measured on 3.5 M rows (2 cores, wal_level=minimal): replacing 24 % of them took
+# 2.6 s, rewriting all of them 2.6-3.3 s.
 _REWRITE_SHARE: Final = 0.25
 
 
