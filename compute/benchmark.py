@@ -233,22 +233,50 @@ def copy_out_seconds(conn: psycopg.Connection[Any]) -> tuple[float, int]:
     return time.perf_counter() - started, size
 
 
+def copy_in_seconds(conn: psycopg.Connection[Any]) -> float:
+    """Binary COPY-in of the rebuild's meter rows into a table created in the same transaction (no
+    key; with ``wal_level = minimal`` not WAL-logged, as the rebuild's own COPY): the floor of
+    writing them. Rolled back."""
+    from compute.recompute import copy_out
+
+    with conn.cursor() as cur:
+        data = copy_out(cur, "COPY meter_energy_15m TO STDOUT (FORMAT BINARY)")
+        cur.execute("CREATE TABLE bench_copy_in (LIKE meter_energy_15m)")
+        started = time.perf_counter()
+        with cur.copy("COPY bench_copy_in FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(data)
+        elapsed = time.perf_counter() - started
+    conn.rollback()
+    return elapsed
+
+
 @dataclass(frozen=True)
 class RebuildBench:
     readings: int
-    rebuild_s: list[float]
+    rebuild_s: list[float]  # meter rows unchanged (as after a factor change): compared, not written
+    written_s: list[float]  # into an empty meter table: every meter row written
     copy_out_s: list[float]
+    copy_in_s: list[float]
     buckets: int
     rollups: int
-    phases: dict[str, float]  # of the last rebuild: where its time went
+    phases: dict[str, float]  # of the last rebuild with unchanged meter rows: where its time went
+    written_phases: dict[str, float]  # of the last rebuild that wrote every meter row
 
     @property
     def rebuild_rate(self) -> float:
         return self.readings / statistics.median(self.rebuild_s)
 
     @property
+    def written_rate(self) -> float:
+        return self.readings / statistics.median(self.written_s)
+
+    @property
     def copy_out_rate(self) -> float:
         return self.readings / statistics.median(self.copy_out_s)
+
+    @property
+    def copy_in_rate(self) -> float:
+        return self.readings / statistics.median(self.copy_in_s)
 
 
 def run_rebuild(
@@ -260,10 +288,13 @@ def run_rebuild(
     repeat: int = 3,
 ) -> RebuildBench:
     """A private database with ``sites × meters_per_site`` meters of ``readings`` each; then
-    ``repeat`` pairs of (raw COPY-out of the rows, ``recompute_all``), medians reported."""
+    ``repeat`` rounds of (raw COPY-out of the readings, ``recompute_all`` into an empty meter
+    table, raw COPY-in of its meter rows, ``recompute_all`` again with the meter rows unchanged),
+    medians reported."""
     from compute.factors import apply_factors
     from compute.fleet import apply_fleet
-    from compute.recompute import Params, recompute_all
+    from compute.rebuild import recompute_all
+    from compute.recompute import Params
     from ingest.db import drop_database, ensure_database, migrate
     from ops.settings import REPO_ROOT
 
@@ -279,14 +310,23 @@ def run_rebuild(
             apply_factors(conn, REPO_ROOT / "config" / "factors.toml")
             n = load_year(conn, dsn, sites, meters_per_site, readings)
             params = Params.from_settings(settings.compute)
-            rebuild_s, copy_s = [], []
-            result = None
+            rebuild_s, written_s, copy_s, copy_in_s = [], [], [], []
+            result = written = None
             for _ in range(repeat):
                 copy_s.append(copy_out_seconds(conn)[0])
+                conn.execute("TRUNCATE meter_energy_15m")
+                conn.commit()
+                started = time.perf_counter()
+                written = recompute_all(conn, params)
+                written_s.append(time.perf_counter() - started)
+                copy_in_s.append(copy_in_seconds(conn))
                 started = time.perf_counter()
                 result = recompute_all(conn, params)
                 rebuild_s.append(time.perf_counter() - started)
-            assert result is not None and result.readings == n
-            return RebuildBench(n, rebuild_s, copy_s, result.buckets, result.rollups, result.phases)
+            assert result is not None and written is not None and result.readings == written.readings == n
+            return RebuildBench(
+                n, rebuild_s, written_s, copy_s, copy_in_s, result.buckets, result.rollups, result.phases,
+                written.phases,
+            )  # fmt: skip
     finally:
         drop_database(name, settings.db.admin_dsn)

@@ -309,8 +309,8 @@ def rebuild_market(cur: psycopg.Cursor[Any], sites: Iterable[str] | None = None)
     """Re-allocate ``sites`` (default: all) over everything they have, from scratch, set-based
     (``recompute_market_set``). The caller holds the site locks (or a table lock) inside its
     transaction. All sites (the full rebuild): both tables are emptied by TRUNCATE and bulk-loaded
-    (``compute.recompute.bulk_load``). Returns the hours written."""
-    from compute.recompute import bulk_load  # compute.recompute imports this module
+    (``compute.rebuild.bulk_load``). Returns the hours written."""
+    from compute.rebuild import bulk_load  # compute.rebuild imports this module
 
     whole = sites is None
     chosen = sorted(sites) if sites is not None else []

@@ -49,8 +49,7 @@ import functools
 import logging
 import select
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -59,7 +58,6 @@ import numpy as np
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
-from psycopg import sql as pgsql
 
 from compute.config import SCOPE2_CARRIERS, Carrier
 from compute.fleet import METER_UNITS
@@ -67,13 +65,12 @@ from compute.kernels import (
     BUCKET_MS,
     EVENT_NAMES,
     Seeds,
-    ordered_group_sums,
     window_order,
 )
 from compute.kernels import (
     bucket_energy_many as bucket_energy_many,  # re-exported: tests count its calls here
 )
-from compute.market import rebuild_market, recompute_market_set
+from compute.market import recompute_market_set
 from compute.quarantine import Series, record_many
 from edge.wire import Quantity
 from ingest.events import DirtyRange
@@ -214,10 +211,7 @@ _COPY_ENERGY = (
 _SITE_RANGES = (
     "unnest(%(sr_site)s::text[], %(sr_b0)s::timestamptz[], %(sr_b1)s::timestamptz[]) AS sr(site_id, b0, b1)"
 )
-# All sites and buckets (the rebuild), or only the poll's merged site ranges: each (site, bucket)
-# is deleted and rebuilt once per poll.
-_DELETE_ROLLUPS_ALL = "DELETE FROM site_rollups_15m WHERE method IN ('location', 'direct')"
-_OTHER_ROLLUPS = "SELECT EXISTS (SELECT 1 FROM site_rollups_15m WHERE method NOT IN ('location', 'direct'))"
+# Only the poll's merged site ranges: each (site, bucket) is deleted and rebuilt once per poll.
 _DELETE_ROLLUPS = (
     "DELETE FROM site_rollups_15m r USING " + _SITE_RANGES + " WHERE r.method IN ('location', 'direct')"
     " AND r.site_id = sr.site_id AND r.bucket >= sr.b0 AND r.bucket < sr.b1"
@@ -548,14 +542,14 @@ def _compute_windows(
     meters: list[_Meter],
     keep: tuple[np.ndarray, np.ndarray],
     phases: dict[str, float] | None = None,
-    copy_sql: str = _COPY_ENERGY,
+    copy_sql: str | None = _COPY_ENERGY,
     *,
     whole: bool = False,
     seeds: Seeds | None = None,
 ) -> _Computed:
     """Load every reading of the staged windows (one COPY), run ONE kernel call over all of them,
     record their quarantine (two statements) and COPY the meter rows into ``meter_energy_15m``
-    (their windows are deleted already)."""
+    (their windows are deleted already; ``copy_sql=None``: the caller writes them)."""
     t = time.perf_counter()
     raw = _copy_out(cur, _LOAD_WINDOWS)
     _lap(phases, "load (COPY out)", t)
@@ -596,9 +590,10 @@ def _compute_windows(
     record_many(cur, series, ts, value, iflags, whole=whole)
     _lap(phases, "quarantine", t)
     t = time.perf_counter()
-    with cur.copy(copy_sql) as copy:
-        copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
-    _lap(phases, "meter rows (COPY in)", t)
+    if copy_sql is not None:
+        with cur.copy(copy_sql) as copy:
+            copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
+        _lap(phases, "meter rows (COPY in)", t)
     return _Computed(
         np.diff(bounds), np.bincount(seg, minlength=g_n), events, seg, starts, kwh, est, mms, flags, last_us
     )
@@ -863,223 +858,3 @@ def _tails_after(
             row = (float(done.kwh[j]), float(done.est[j]), int(done.mms[j]), int(done.flags[j]))
         out[key] = _Tail(last_us, _meter_params(m), bucket, row)
     return out
-
-
-@dataclass(frozen=True)
-class RebuildResult:
-    meters: int
-    buckets: int
-    rollups: int
-    events: dict[str, int]
-    readings: int = 0
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per step, for the benchmark
-
-
-_NO_LIMIT: Final = np.iinfo(np.int64)
-# The (meter, counter) series present in ``readings``, by a loose index scan of its primary key:
-# one index descent per series (in every partition) instead of a scan of every reading.
-_SERIES = """
-WITH RECURSIVE p AS (
-    (SELECT meter_id, quantity FROM readings ORDER BY meter_id, quantity LIMIT 1)
-    UNION ALL
-    SELECT n.meter_id, n.quantity FROM p CROSS JOIN LATERAL (
-        SELECT x.meter_id, x.quantity FROM readings x
-        WHERE (x.meter_id, x.quantity) > (p.meter_id, p.quantity)
-        ORDER BY x.meter_id, x.quantity LIMIT 1) n
-)
-SELECT meter_id, quantity FROM p WHERE quantity = ANY(%s)
-"""
-# Each registered meter's activity class (the rollup's grouping, as ``_STAGE_ROLLUPS``).
-_CLASSES = f"""
-SELECT m.meter_id, {_CLASS_KEY}, m.site_id, m.carrier, coalesce(m.activity_unit, r.unit), m.cv_basis,
-       m.reference_conditions, m.fuel_type, r.scope, r.method
-FROM meters m
-JOIN unnest(%(r_carrier)s::text[], %(r_unit)s::text[], %(r_scope)s::int[], %(r_method)s::text[])
-     AS r(carrier, unit, scope, method) ON r.carrier = m.carrier
-"""
-_SUMS_TEMP_DDL: Final = (
-    "CREATE TEMP TABLE IF NOT EXISTS compute_classes (ci int, k text, site_id text, carrier text,"
-    " unit text, cv_basis text, refc text, fuel_type text, scope int, method text) ON COMMIT DELETE ROWS",
-    "CREATE TEMP TABLE IF NOT EXISTS compute_rollup_sums (ci int, bucket timestamptz, kwh float8,"
-    " est float8, measured_ms bigint) ON COMMIT DELETE ROWS",
-)
-_STAGE_SUMS = """
-INSERT INTO compute_rollup_stage
-SELECT c.k, c.site_id, r.bucket, (r.bucket AT TIME ZONE s.timezone)::date, c.carrier, c.unit, c.cv_basis,
-       c.refc, c.fuel_type, c.scope, c.method, r.kwh, r.est, r.measured_ms
-FROM compute_rollup_sums r JOIN compute_classes c USING (ci) JOIN sites s ON s.site_id = c.site_id
-"""
-_SUMS_ROW: Final = np.dtype(
-    [
-        ("n", ">i2"),
-        ("l0", ">i4"),
-        ("c", ">i4"),
-        ("l1", ">i4"),
-        ("b", ">i8"),
-        ("l2", ">i4"),
-        ("k", ">f8"),
-        ("l3", ">i4"),
-        ("e", ">f8"),
-        ("l4", ">i4"),
-        ("ms", ">i8"),
-    ]
-)
-
-
-@contextmanager
-def bulk_load(cur: psycopg.Cursor[Any], table: str) -> Iterator[None]:
-    """A bulk load in the caller's transaction (PostgreSQL manual, "Populating a Database": remove
-    indexes and foreign key constraints): ``table``'s primary key and foreign keys are dropped, and
-    added back with their own definitions afterwards, so the key is built once and the references
-    are validated by one join instead of one index insertion, uniqueness probe and trigger query
-    per row. Takes an ACCESS EXCLUSIVE lock on ``table`` until commit; a violation raises when the
-    constraints are added back, and the transaction rolls back."""
-    constraints = cur.execute(
-        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
-        " WHERE conrelid = %s::regclass AND contype IN ('p', 'f') ORDER BY contype = 'f', conname",
-        (table,),
-    ).fetchall()
-    name_of = pgsql.Identifier(table)
-    for name, _ in reversed(constraints):
-        cur.execute(pgsql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(name_of, pgsql.Identifier(name)))
-    yield
-    for name, definition in constraints:
-        cur.execute(
-            pgsql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(name_of, pgsql.Identifier(name))
-            + pgsql.SQL(definition)
-        )
-
-
-def _rebuild_rollups(
-    cur: psycopg.Cursor[Any],
-    meter_ids: list[str],
-    done: _Computed,
-    args: dict[str, Any],
-    phases: dict[str, float] | None = None,
-) -> int:
-    """Site rollups of the whole rebuild from the meter rows still in memory: summed per (class,
-    bucket) by ``ordered_group_sums`` in ``meter_id`` code-point order (``meter_ids`` are sorted
-    so), the order the incremental path's ``sum(… ORDER BY meter_id COLLATE "C")`` folds in, so
-    both give bit-identical sums; then staged by one COPY and merged as ``_write_rollups`` does."""
-    t = time.perf_counter()
-    classes: dict[str, int] = {}
-    class_rows: list[tuple[Any, ...]] = []
-    cls_of_meter: dict[str, int] = {}
-    for mid, k, *rest in cur.execute(_CLASSES, args).fetchall():
-        if k not in classes:
-            classes[k] = len(classes)
-            class_rows.append((classes[k], k, *rest))
-        cls_of_meter[mid] = classes[k]
-    assert meter_ids == sorted(meter_ids), "the fold order is the meters' code-point order"
-    cls_of_seg = np.array([cls_of_meter.get(m, -1) for m in meter_ids] + [-1], dtype=np.int64)
-    cls = cls_of_seg[done.seg]
-    take = np.flatnonzero(cls >= 0)
-    if len(take) == 0:
-        return 0
-    cls, starts = cls[take], done.starts[take]
-    b0 = int(starts.min())
-    span = (int(starts.max()) - b0) // BUCKET_MS + 1
-    key = cls * span + (starts - b0) // BUCKET_MS
-    by_key = np.argsort(key, kind="stable")  # ties keep segment (= meter_id) order
-    order = take[by_key]
-    first, kwh, est, mms = ordered_group_sums(key[by_key], done.kwh[order], done.est[order], done.mms[order])
-    rows = np.empty(len(first), dtype=_SUMS_ROW)
-    rows["n"], rows["l0"], rows["l1"], rows["l2"], rows["l3"], rows["l4"] = 5, 4, 8, 8, 8, 8
-    rows["c"] = cls_of_seg[done.seg[order[first]]]
-    rows["b"] = done.starts[order[first]] * 1000 - _PG_EPOCH_US
-    rows["k"], rows["e"], rows["ms"] = kwh, est, mms
-    for ddl in (*_ROLLUP_TEMP_DDL, *_SUMS_TEMP_DDL):
-        cur.execute(ddl)
-    cur.execute("TRUNCATE compute_rollup_stage, compute_factor_days, compute_classes, compute_rollup_sums")
-    with cur.copy("COPY compute_classes FROM STDIN") as copy:
-        for r in class_rows:
-            copy.write_row(r)
-    with cur.copy("COPY compute_rollup_sums FROM STDIN (FORMAT BINARY)") as copy:
-        copy.write(_COPY_HEADER + rows.tobytes() + _COPY_TRAILER)
-    _lap(phases, "site sums (numba, COPY in)", t)
-    t = time.perf_counter()
-    cur.execute(_STAGE_SUMS)
-    cur.execute("ANALYZE compute_rollup_stage")
-    _lap(phases, "site rollups (stage)", t)
-    t = time.perf_counter()
-    cur.execute(_STAGE_FACTORS, args)
-    cur.execute("ANALYZE compute_factor_days")
-    _lap(phases, "site rollups (factors)", t)
-    t = time.perf_counter()
-    cur.execute(_MERGE_ROLLUPS, args)
-    _lap(phases, "site rollups (merge)", t)
-    return cur.rowcount
-
-
-def recompute_all(
-    conn: psycopg.Connection[Any], params: Params | None = None, *, factor_series: str | None = None
-) -> RebuildResult:
-    """Rebuild both 15-minute tables from every reading, in one transaction (e.g. after the factor
-    library or the fleet registry changed). Incremental recomputes wait for it. Set-based like
-    ``recompute_set``: every reading in one binary COPY, one kernel call, one COPY of meter rows,
-    site sums folded in numba and staged by one COPY, one rollup INSERT. ``meter_energy_15m`` is
-    TRUNCATEd (rolled back with the transaction)."""
-    params = _params(params, factor_series)
-    phases: dict[str, float] = {}
-    _TAILS.clear()
-    t = time.perf_counter()
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute(_TEMP_DDL)
-        cur.execute(
-            "TRUNCATE compute_windows"
-        )  # a caller's outer transaction may hold rows of an earlier call
-        cur.execute(_NO_JIT)
-        cur.execute("LOCK TABLE meter_energy_15m, site_rollups_15m IN EXCLUSIVE MODE")
-        cur.execute("SET LOCAL maintenance_work_mem = '256MB'")  # the primary keys are built in memory
-        pairs = sorted(cur.execute(_SERIES, (sorted(set(QUANTITY_OF_UNIT.values())),)).fetchall())
-        known = _meters(cur, sorted({p[0] for p in pairs}), params)
-        chosen = [(mid, q, known.get(mid) or _unregistered("", params)) for mid, q in pairs]
-        chosen = [c for c in chosen if c[2].quantity == c[1]]
-        cur.execute(
-            "INSERT INTO compute_windows (i, meter_id, quantity, b0, b1, lo, hi)"
-            " SELECT i - 1, m, q, '-infinity', 'infinity', '-infinity', 'infinity'"
-            " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u(m, q, i)",
-            ([c[0] for c in chosen], [c[1] for c in chosen]),
-        )
-        cur.execute("ANALYZE compute_windows")  # else the planner hashes every reading, spilling to disk
-        # Both tables are bulk-loaded (``bulk_load``): meter rows COPYed with FREEZE into the table
-        # truncated in this transaction; all of it rolls back with the transaction.
-        cur.execute("TRUNCATE meter_energy_15m")
-        cur.execute("DELETE FROM quarantined_readings")
-        _lap(phases, "windows", t)
-        g_n = len(chosen)
-        with bulk_load(cur, "meter_energy_15m"):
-            done = _compute_windows(
-                cur,
-                [c[0] for c in chosen],
-                [c[1] for c in chosen],
-                [c[2] for c in chosen],
-                (np.full(g_n, _NO_LIMIT.min, dtype=np.int64), np.full(g_n, _NO_LIMIT.max, dtype=np.int64)),
-                phases,
-                _COPY_ENERGY.replace("(FORMAT BINARY)", "(FORMAT BINARY, FREEZE)"),
-                whole=True,
-            )
-            t = time.perf_counter()
-        _lap(phases, "meter rows (primary key)", t)
-        t = time.perf_counter()
-        args = _rollup_args(params)
-        # Only compute writes location and direct rows; rows of other methods (none are written
-        # since market-based hours moved to site_market_1h) are kept by a DELETE instead.
-        (foreign,) = cur.execute(_OTHER_ROLLUPS).fetchone() or (True,)
-        cur.execute(_DELETE_ROLLUPS_ALL if foreign else "TRUNCATE site_rollups_15m")
-        with bulk_load(cur, "site_rollups_15m"):
-            _lap(phases, "site rollups (delete)", t)
-            rollups = _rebuild_rollups(cur, [c[0] for c in chosen], done, args, phases)
-            t = time.perf_counter()
-        _lap(phases, "site rollups (keys)", t)
-        t = time.perf_counter()
-        rebuild_market(cur)
-        _lap(phases, "market-based hours", t)
-        t = time.perf_counter()
-    _lap(phases, "commit", t)
-    events = (
-        dict(zip(EVENT_NAMES, (int(v) for v in done.events.sum(axis=0)), strict=True))
-        if g_n
-        else {n: 0 for n in EVENT_NAMES}
-    )
-    return RebuildResult(g_n, int(done.written.sum()), rollups, events, int(done.loaded.sum()), phases)

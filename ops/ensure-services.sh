@@ -37,8 +37,26 @@ fi
 as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -n -u postgres "$@"; fi
 }
+version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+# The local cluster serves this machine only (no standby streams from it), so it keeps the least
+# WAL: with wal_level = minimal, COPY into a table TRUNCATEd in the same transaction and the keys
+# built afterwards are not WAL-logged (PostgreSQL 15 manual, 20.5.1 wal_level and wal_skip_threshold;
+# 14.4.7 "Disable WAL Archival and Streaming Replication"), which is how
+# `scopemeter compute rebuild` rewrites its tables. The price: no streaming replication or WAL
+# archiving from this cluster (delete the file and restart to get them back); a server left at
+# wal_level = replica runs everything the same, only the rebuild's writes are slower.
+wal_conf="/etc/postgresql/$version/main/conf.d/50-scopemeter-wal.conf"
+if [ -n "$version" ] && [ -d "$(dirname "$wal_conf")" ] && [ ! -f "$wal_conf" ]; then
+  if [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
+    echo "writing $wal_conf (wal_level = minimal, max_wal_senders = 0)"
+    printf '%s\n' "# written by scopemeter ops/ensure-services.sh: a local cluster with no standby" \
+      "wal_level = minimal" "max_wal_senders = 0" | \
+      if [ "$(id -u)" = 0 ]; then tee "$wal_conf" >/dev/null; else sudo -n tee "$wal_conf" >/dev/null; fi
+  else
+    echo "note: as root, write wal_level = minimal and max_wal_senders = 0 to $wal_conf (faster rebuilds)" >&2
+  fi
+fi
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
   if [ -z "$version" ]; then
     echo "PostgreSQL is installed but has no cluster; create one with: sudo pg_createcluster --start 15 main" >&2
     exit 1
@@ -54,6 +72,13 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     echo "PostgreSQL is not reachable on 127.0.0.1:5432; start it with: sudo pg_ctlcluster $version main start" >&2
     exit 1
   }
+fi
+# A cluster that was running before the file was written keeps its WAL level until restarted; it
+# is not restarted here (other clients may be connected).
+if [ -f "$wal_conf" ] && [ "$(PGPASSWORD=scopemeter psql -qAt -h 127.0.0.1 -U scopemeter -d postgres \
+      -c 'show wal_level' 2>/dev/null || true)" = replica ]; then
+  echo "note: PostgreSQL runs with wal_level = replica; restart it to apply $wal_conf:" \
+       "sudo pg_ctlcluster $version main restart" >&2
 fi
 # The project's role: created once, idempotently. Skipped when the default DSN already connects
 # (someone configured it by hand) or SCOPEMETER_DB__ADMIN_DSN points elsewhere.

@@ -77,6 +77,16 @@ MODULES: dict[str, list[str]] = {
         "tests/test_recompute_mut.py", "tests/test_recompute_mut_set.py", "tests/test_compute_recompute.py",
         "tests/test_compute_append.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
     ],
+    "compute/rebuild.py": [
+        "tests/test_compute_rebuild.py",
+        "tests/test_recompute_mut.py::test_bulk_load_drops_and_restores_keys",
+        "tests/test_recompute_mut.py::test_recompute_uses_the_chosen_factor_series",
+        "tests/test_recompute_mut.py::test_rebuild_of_nothing_and_of_unregistered_meters_writes_no_rollups",
+        "tests/test_recompute_mut.py::test_rebuild_reports_every_phase",
+        "tests/test_recompute_mut.py::test_rebuild_keeps_three_classes_over_two_buckets_apart",
+        "tests/test_compute_recompute.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
+        "tests/test_compute_market.py::test_incremental_out_of_order_equals_rebuild",
+    ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
     "ingest/writer.py": [
         "tests/test_writer_refused.py", "tests/test_writer_store.py", "tests/test_writer_order.py",

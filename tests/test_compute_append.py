@@ -9,7 +9,8 @@ from typing import Any
 
 import psycopg
 
-from compute.recompute import recompute_all, recompute_set
+from compute.rebuild import recompute_all
+from compute.recompute import recompute_set
 from ingest.writer import dirty_ranges
 from tests.test_compute_recompute import T0, conn
 from tests.test_compute_support import Row, compute_dsn, insert_rows, snapshot

@@ -14,7 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from compute.recompute import recompute, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import recompute
 from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges
 from tests.test_compute_support import REPO, Row, apply_registry, compute_dsn, insert_rows, reset, snapshot

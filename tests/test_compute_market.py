@@ -12,7 +12,8 @@ import pytest
 
 from compute.config import ConfigError
 from compute.market import apply_instruments, load_instruments
-from compute.recompute import recompute, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import recompute
 from ingest.writer import dirty_ranges
 from tests.test_compute_support import Row, apply_registry, compute_dsn, insert_rows, reset
 

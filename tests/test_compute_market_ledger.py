@@ -21,7 +21,8 @@ from compute.config import ConfigError
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from compute.market import apply_instruments, load_instruments
-from compute.recompute import recompute, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import recompute
 from ingest.writer import dirty_ranges
 from ops.cli import main
 from tests.test_compute_support import (

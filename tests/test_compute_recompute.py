@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 import compute.recompute
-from compute.recompute import recompute, recompute_all, recompute_set
+from compute.rebuild import recompute_all
+from compute.recompute import recompute, recompute_set
 from edge.wire import Quality
 from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges

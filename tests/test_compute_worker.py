@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
-from compute.recompute import recompute_all
+from compute.rebuild import recompute_all
 from compute.report import site_totals
 from compute.worker import coalesce, run_worker
 from ingest.events import DirtyBatch, DirtyRange

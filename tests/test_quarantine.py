@@ -27,7 +27,8 @@ from compute.config import ConfigError
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet, load_fleet
 from compute.quarantine import JUMP, NON_FINITE, quarantined, reasons
-from compute.recompute import Params, recompute, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import Params, recompute
 from compute.statements.config import load_statements_config
 from compute.statements.document import keygen
 from compute.statements.issue import issue_month

@@ -18,6 +18,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from compute.rebuild import bulk_load, recompute_all
 from compute.recompute import (
     _TAILS,
     CARRIERS,
@@ -36,13 +37,11 @@ from compute.recompute import (
     _Tail,
     _tails_after,
     _unregistered,
-    bulk_load,
     coalesce,
     copy_out,
     from_ms,
     lock_site,
     recompute,
-    recompute_all,
     recompute_set,
     to_ms,
 )
@@ -382,7 +381,8 @@ def test_rebuild_reports_every_phase(conn: Any) -> None:
     _m1_quarter(conn)
     phases = recompute_all(conn).phases
     assert set(phases) == {
-        "windows", "load (COPY out)", "sort", "kernel", "quarantine", "meter rows (COPY in)",
+        "windows", "load (COPY out)", "sort", "kernel", "quarantine", "meter rows (compare)",
+        "meter rows (COPY in)",
         "meter rows (primary key)", "site rollups (delete)", "site sums (numba, COPY in)",
         "site rollups (stage)", "site rollups (factors)", "site rollups (merge)", "site rollups (keys)",
         "market-based hours", "commit",

@@ -21,7 +21,8 @@ import pytest
 
 import compute.market
 import compute.recompute
-from compute.recompute import _SITE_KEYS, RecomputeResult, _lap, _lock_sites, recompute_all, recompute_set
+from compute.rebuild import recompute_all
+from compute.recompute import _SITE_KEYS, RecomputeResult, _lap, _lock_sites, recompute_set
 from ingest.events import DirtyRange
 from ingest.writer import dirty_ranges
 from tests.test_compute_recompute import conn

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
-from compute.recompute import recompute_all
+from compute.rebuild import recompute_all
 from edge.wire import Batch, Quantity, Reading
 from ingest.db import ensure_database, migrate
 from ingest.events import DirtyRange

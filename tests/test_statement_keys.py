@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
-from compute.recompute import Params, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import Params
 from compute.statements.config import load_statements_config
 from compute.statements.document import (
     check_signature,

@@ -28,7 +28,8 @@ from matplotlib import image
 
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
-from compute.recompute import Params, recompute, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import Params, recompute
 from compute.statements.config import load_statements_config
 from compute.statements.document import fingerprint, keygen, load_public_key, public_key_path
 from compute.statements.figures import month_figures

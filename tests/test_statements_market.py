@@ -24,7 +24,8 @@ from psycopg.conninfo import make_conninfo
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
 from compute.market import apply_instruments
-from compute.recompute import Params, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import Params
 from compute.statements.config import load_statements_config
 from compute.statements.document import keygen, load_public_key, public_key_path
 from compute.statements.figures import month_figures

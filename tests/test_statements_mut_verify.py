@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from compute.factors import apply_factors
 from compute.fleet import apply_fleet
-from compute.recompute import Params, recompute_all
+from compute.rebuild import recompute_all
+from compute.recompute import Params
 from compute.statements import outbox
 from compute.statements.config import Allocation, Production, StatementsConfig
 from compute.statements.document import (
