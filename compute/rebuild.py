@@ -12,9 +12,10 @@ path's SQL sums in, so both paths give bit-identical rows.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -54,6 +55,8 @@ from compute.recompute import (
 # All sites and buckets: location and direct rows are rebuilt; rows of any other method are kept.
 _DELETE_ROLLUPS_ALL = "DELETE FROM site_rollups_15m WHERE method IN ('location', 'direct')"
 _OTHER_ROLLUPS = "SELECT EXISTS (SELECT 1 FROM site_rollups_15m WHERE method NOT IN ('location', 'direct'))"
+
+log = logging.getLogger("scopemeter.compute")
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,17 @@ def _stored_rows_aside(conn: psycopg.Connection[Any], meter_ids: list[str]) -> n
         return _stored_rows(cur, meter_ids)
 
 
+def _aside_or_here(aside: Future[np.ndarray], cur: psycopg.Cursor[Any], meter_ids: list[str]) -> np.ndarray:
+    """The rows read aside; when the second connection failed (the database's or the role's
+    connection limit reached, a pooler refusing, a dropped link) they are read again over the
+    rebuild's own connection: slower, the same rows, and the rebuild goes on."""
+    try:
+        return aside.result()
+    except psycopg.OperationalError as err:
+        log.warning("meter rows read over the rebuild's own connection (a second one failed: %s)", err)
+        return _stored_rows(cur, meter_ids)
+
+
 def _changed_windows(done: _Computed, stored: np.ndarray, g_n: int) -> tuple[np.ndarray, int]:
     """Per window: do its stored rows differ from the computed ones (another set of buckets, or
     any value not bit for bit equal)? And how many stored rows belong to no window (their meter
@@ -399,7 +413,8 @@ def recompute_all(
         stored: Callable[[], np.ndarray] | None = None
         if cur.execute("SELECT EXISTS (SELECT 1 FROM meter_energy_15m)").fetchone() == (True,):
             if aside:
-                stored = pool.submit(_stored_rows_aside, conn, meter_ids).result
+                reading = pool.submit(_stored_rows_aside, conn, meter_ids)
+                stored = functools.partial(_aside_or_here, reading, cur, meter_ids)
             else:
                 stored = functools.partial(_stored_rows, cur, meter_ids)
         cur.execute(

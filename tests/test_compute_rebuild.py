@@ -96,3 +96,26 @@ def test_inside_a_callers_transaction_the_rebuild_compares_what_that_transaction
             " ORDER BY 1, 2"
         ).fetchall()
     assert inside == clean[0]
+
+
+def test_without_a_second_connection_the_rows_are_read_on_the_rebuilds_own(conn: Any, caplog: Any) -> None:
+    """The stored rows are read over a second connection; when PostgreSQL refuses it (here a real
+    refusal: the database's connection limit, reached by the rebuild's own connection), the rebuild
+    reads them over its own connection and still fixes exactly what differs."""
+    insert_rows(conn, generate(7))
+    clean = rebuilt_from_nothing(conn)
+    conn.execute("UPDATE meter_energy_15m SET kwh = kwh + 1 WHERE meter_id = 'm2'")
+    (db,) = conn.execute("SELECT current_database()").fetchone()
+    conn.execute(f'ALTER DATABASE "{db}" CONNECTION LIMIT 1')
+    conn.commit()
+    try:
+        with caplog.at_level("WARNING", logger="scopemeter.compute"):
+            recompute_all(conn)
+    finally:
+        conn.execute(f'ALTER DATABASE "{db}" CONNECTION LIMIT -1')
+        conn.commit()
+    assert snapshot(conn) == clean
+    assert any(
+        "own connection (a second one failed" in r.getMessage() and "too many connections" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
