@@ -201,6 +201,7 @@ def test_copy_out_rows_checks_say_what_is_wrong(cur: psycopg.Cursor[Any]) -> Non
         b"PGCOPY\n\xff\r\n\x01" + bytes(8) + ROW + TRAILER,  # signature garbled
         ROW + TRAILER,  # header missing
     ],
+    ids=["truncated", "trailer-garbled", "signature-garbled", "header-missing"],
 )
 def test_copy_out_refuses_a_stream_with_broken_framing(
     cur: psycopg.Cursor[Any], monkeypatch: pytest.MonkeyPatch, stream: bytes
