@@ -453,9 +453,8 @@ def copy_out(cur: psycopg.Cursor[Any], sql: str) -> bytearray:
                 if n < 0:
                     break
                 extend(data)
-            result = pg.get_result()
-        # With one statement, only an error ending its implicit transaction (autocommit: a deferred
-        # constraint failing at commit) can follow the statement's own result: it replaces it.
+        # Then the statement's end (COMMAND_OK, or the error that stopped it) and, in autocommit, an
+        # error ending its implicit transaction (a deferred constraint): the last one is its outcome.
         while (extra := pg.get_result()) is not None:
             result = extra
     assert result is not None  # libpq returns a result for the statement sent

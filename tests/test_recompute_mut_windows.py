@@ -148,6 +148,16 @@ def test_copy_out_refuses_more_than_one_statement(cur: psycopg.Cursor[Any]) -> N
     assert copy_out(cur, "COPY (SELECT 3) TO STDOUT") == bytearray(b"3\n")  # the connection is fine
 
 
+@pytest.mark.timeout(30)
+def test_copy_out_reads_an_output_larger_than_one_socket_read(cur: psycopg.Cursor[Any]) -> None:
+    """10 MB of rows arrive over many socket reads: each ``PQgetCopyData`` must wait for the next
+    (blocking mode; in async mode it would return 0 forever, nothing reading the socket)."""
+    got = copy_out(cur, "COPY (SELECT repeat('x', 999) || g FROM generate_series(1, 10000) g) TO STDOUT")
+    lines = bytes(got).split(b"\n")
+    assert len(lines) == 10001 and lines[-1] == b""
+    assert all(line == b"x" * 999 + str(g).encode() for g, line in enumerate(lines[:-1], 1))
+
+
 def test_copy_out_names_what_the_statement_ended_with(cur: psycopg.Cursor[Any]) -> None:
     with pytest.raises(psycopg.OperationalError) as raised:
         copy_out(cur, "SELECT 1")
