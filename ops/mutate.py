@@ -76,6 +76,7 @@ MODULES: dict[str, list[str]] = {
     "compute/recompute.py": [
         "tests/test_recompute_mut.py", "tests/test_compute_recompute.py", "tests/test_compute_append.py",
         "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
+        "tests/test_recompute_mut_windows.py",
     ],
     "compute/reference.py": ["tests/test_compute_kernels.py", "tests/test_compute_reference.py"],
     "ingest/writer.py": [
