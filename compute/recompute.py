@@ -427,12 +427,18 @@ def copy_out(cur: psycopg.Cursor[Any], sql: str) -> bytearray:
     3 µs: more than PostgreSQL spends producing it); this loop is ``PQgetCopyData`` (blocking) and
     one ``bytearray.extend`` per row. ``Connection.pgconn`` is psycopg's documented low-level
     handle; the connection lock is held so nothing else uses the connection meanwhile, and the
-    connection is left idle in the caller's transaction (or in error, which raises here)."""
+    connection is left idle in the caller's transaction (or in error, which raises here).
+
+    Sent by the extended protocol, which runs exactly one statement (the server refuses more; by
+    the simple protocol a second COPY would leave libpq repeating its COPY_OUT result forever),
+    in the connection's client encoding (read before: an aborted transaction reverts a SET of it).
+    """
     conn = cur.connection
     pg = conn.pgconn
+    encoding = conn.info.encoding
     buf = bytearray()
     with conn.lock:
-        pg.send_query(sql.encode())
+        pg.send_query_params(sql.encode(encoding), None)
         while pg.flush():  # non-blocking connection: send the rest of the query
             select.select([], [pg.socket], [])
         result = pg.get_result()
@@ -443,13 +449,16 @@ def copy_out(cur: psycopg.Cursor[Any], sql: str) -> bytearray:
                 if n < 0:
                     break
                 extend(data)
-            result = pg.get_result()
+        # Then the statement's end (COMMAND_OK, or the error that stopped it) and, in autocommit, an
+        # error ending its implicit transaction (a deferred constraint): the last one is its outcome.
         while (extra := pg.get_result()) is not None:
-            result = extra if extra.status == pq.ExecStatus.FATAL_ERROR else result
-    if result is None or result.status != pq.ExecStatus.COMMAND_OK:
-        if result is not None and result.status == pq.ExecStatus.FATAL_ERROR:
-            raise pg_errors.error_from_result(result, encoding=conn.info.encoding)
-        raise psycopg.OperationalError(f"COPY TO STDOUT ended with {result and result.status}")
+            result = extra
+    assert result is not None  # libpq returns a result for the statement sent
+    if result.status == pq.ExecStatus.FATAL_ERROR:
+        raise pg_errors.error_from_result(result, encoding=encoding)
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        status = pq.ExecStatus(result.status).name
+        raise psycopg.OperationalError(f"COPY TO STDOUT ended with {status}, not a COPY's COMMAND_OK")
     return buf
 
 

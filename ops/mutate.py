@@ -76,6 +76,7 @@ MODULES: dict[str, list[str]] = {
     "compute/recompute.py": [
         "tests/test_recompute_mut.py", "tests/test_recompute_mut_set.py", "tests/test_compute_recompute.py",
         "tests/test_compute_append.py", "tests/test_compute_fuels.py", "tests/test_compute_fuel_units.py",
+        "tests/test_recompute_mut_windows.py",
     ],
     "compute/rebuild.py": [
         "tests/test_compute_rebuild.py",
