@@ -6,11 +6,17 @@ table whole when most rows differ. Every path ends with the rows a rebuild from 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import psycopg
+import pytest
 
-from compute.rebuild import recompute_all
+import compute.rebuild as rebuild
+from compute.rebuild import _STORED, _changed_windows, _stored_rows, _swap, recompute_all
+from compute.recompute import _COPY_HEADER, _PG_EPOCH_US, _Computed, copy_out
 from tests.test_compute_recompute import conn, generate
 from tests.test_compute_support import compute_dsn, insert_rows, snapshot
 
@@ -108,6 +114,7 @@ def test_without_a_second_connection_the_rows_are_read_on_the_rebuilds_own(conn:
     (db,) = conn.execute("SELECT current_database()").fetchone()
     conn.execute(f'ALTER DATABASE "{db}" CONNECTION LIMIT 1')
     conn.commit()
+    tampered = versions(conn)
     try:
         with caplog.at_level("WARNING", logger="scopemeter.compute"):
             recompute_all(conn)
@@ -115,7 +122,144 @@ def test_without_a_second_connection_the_rows_are_read_on_the_rebuilds_own(conn:
         conn.execute(f'ALTER DATABASE "{db}" CONNECTION LIMIT -1')
         conn.commit()
     assert snapshot(conn) == clean
+    after = versions(conn)  # the rows read over its own connection are matched to their meters
+    assert {m for (m, b), x in after.items() if tampered.get((m, b)) != x} == {"m2"}
     assert any(
-        "own connection (a second one failed" in r.getMessage() and "too many connections" in r.getMessage()
+        r.getMessage().startswith("meter rows read over the rebuild's own connection (a second one failed: ")
+        and "too many connections" in r.getMessage()
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
+
+
+def test_swap_replaces_exactly_one_part_and_refuses_any_other_count() -> None:
+    """The rebuild's queries are the incremental path's with one part swapped: a part that is
+    missing or appears twice (the incremental query changed) is refused, naming part and query."""
+    assert _swap("SELECT a FROM t WHERE b", "FROM t", "FROM u") == "SELECT a FROM u WHERE b"
+    for sql in ("SELECT a FROM s", "SELECT a FROM t UNION SELECT b FROM t"):
+        message = "expected one 'FROM t' in " + repr(sql)
+        with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+            _swap(sql, "FROM t", "FROM u")
+    assert rebuild._SUMS_DAYS in rebuild._FACTORS_OF_SUMS
+    assert "compute_rollup_stage" not in rebuild._MERGE_SUMS
+
+
+def test_stored_rows_carry_their_window_and_a_damaged_copy_stream_is_refused(
+    conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored rows come back with the index of their meter in the list (-1: not in it). The
+    binary COPY framing is checked: PostgreSQL cannot be made to send a damaged stream, so the
+    damage is a fault injected into what ``copy_out`` returned (the test's only fake)."""
+    insert_rows(conn, generate(8))
+    recompute_all(conn)
+    ids = ["m2", "m1"]  # m3, m4, gas1: no window
+    with conn.cursor() as cur:
+        rows = _stored_rows(cur, ids)
+        conn.commit()
+        counts = dict(conn.execute("SELECT meter_id, count(*) FROM meter_energy_15m GROUP BY 1").fetchall())
+        conn.commit()
+        wins, n = np.unique(rows["i"], return_counts=True)
+        assert dict(zip(wins.tolist(), n.tolist(), strict=True)) == {
+            0: counts["m2"],
+            1: counts["m1"],
+            -1: sum(counts.values()) - counts["m1"] - counts["m2"],
+        }
+        assert (rows["n"] == 6).all()
+
+        header, row = len(_COPY_HEADER), _STORED.itemsize
+        damages: dict[str, Callable[[bytearray], bytes]] = {
+            "truncated": lambda d: bytes(d[:-3]),
+            "bad signature": lambda d: b"XGCOPY" + bytes(d[6:]),
+            "partial row": lambda d: bytes(d[:-2]) + b"\x00\x00\x00" + bytes(d[-2:]),
+            "bad trailer": lambda d: bytes(d[:-2]) + b"\x00\x00",
+        }
+        # a row of seven columns: the field count of the second row is changed
+        seven = {
+            "seven columns": lambda d: bytes(d[: header + row]) + b"\x00\x07" + bytes(d[header + row + 2 :])
+        }
+        framing = "unexpected COPY BINARY framing of meter_energy_15m from PostgreSQL"
+        columns = "meter_energy_15m rows are not the expected six non-NULL columns"
+        for message, cases in ((framing, damages), (columns, seven)):
+            for damage in cases.values():
+
+                def damaged(
+                    c: psycopg.Cursor[Any], sql: str, damage: Callable[[bytearray], bytes] = damage
+                ) -> bytes:
+                    return damage(copy_out(c, sql))
+
+                monkeypatch.setattr(rebuild, "copy_out", damaged)
+                with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+                    _stored_rows(cur, ids)
+                conn.commit()
+
+
+def _computed(windows: list[list[int]], year_ms: int = 1_700_000_000_000) -> _Computed:
+    """Computed meter rows of ``len(windows)`` windows; window g has the buckets ``windows[g]``
+    (15-minute bucket numbers from ``year_ms``), each with distinct values."""
+    seg = np.array([g for g, bs in enumerate(windows) for _ in bs], dtype=np.int64)
+    starts = np.array([year_ms + b * 900_000 for bs in windows for b in bs], dtype=np.int64)
+    n = len(seg)
+    return _Computed(
+        loaded=np.zeros(len(windows), dtype=np.int64),
+        written=np.array([len(bs) for bs in windows], dtype=np.int64),
+        events=np.zeros((len(windows), 7), dtype=np.int64),
+        seg=seg,
+        starts=starts,
+        kwh=np.arange(n, dtype=np.float64) + 0.5,
+        est=np.arange(n, dtype=np.float64) / 4,
+        mms=np.full(n, 900_000, dtype=np.int64),
+        flags=np.arange(n, dtype=np.int64) % 3,
+        last_us=np.full(len(windows), -1, dtype=np.int64),
+    )
+
+
+def _stored_like(done: _Computed, extra_windows: list[int] = []) -> np.ndarray:  # noqa: B006
+    """The stored rows equal to ``done`` (in its order), then one row for each of ``extra_windows``."""
+    n = len(done.seg)
+    rows = np.zeros(n + len(extra_windows), dtype=_STORED)
+    rows["i"] = np.concatenate([done.seg, np.array(extra_windows, dtype=np.int64)])
+    rows["b"][:n] = done.starts * 1000 - _PG_EPOCH_US
+    rows["b"][n:] = done.starts[0] * 1000 - _PG_EPOCH_US
+    rows["k"][:n], rows["e"][:n], rows["ms"][:n], rows["f"][:n] = done.kwh, done.est, done.mms, done.flags
+    return rows
+
+
+def test_changed_windows_counts_only_rows_of_no_window_as_orphans() -> None:
+    """Window 0 is the first meter, not an orphan; only rows of window -1 are."""
+    done = _computed([[0, 1], [0]])
+    changed, orphans = _changed_windows(done, _stored_like(done), 2)
+    assert changed.tolist() == [False, False] and orphans == 0
+    changed, orphans = _changed_windows(done, _stored_like(done, [-1, -1]), 2)
+    assert changed.tolist() == [False, False] and orphans == 2
+
+
+def test_changed_windows_sorts_rows_stored_out_of_order() -> None:
+    """After incremental recomputes the table's physical order is not (meter, bucket): equal rows
+    in any order are unchanged, and a row moved by one bucket is still found."""
+    done = _computed([[0, 1, 2], [0, 1], [5]])
+    stored = _stored_like(done)
+    orders = (
+        [2, 1, 0, 4, 3, 5],
+        [3, 4, 0, 1, 2, 5],
+        [5, 0, 1, 2, 3, 4],
+        [0, 1, 2, 4, 3, 5],
+        [3, 1, 0, 2, 4, 5],
+    )
+    for order in orders:
+        changed, orphans = _changed_windows(done, stored[order], 3)
+        assert changed.tolist() == [False, False, False] and orphans == 0, order
+    two = _computed([[1], [0]])  # two rows: the later meter's row first, with the earlier bucket
+    assert not _changed_windows(two, _stored_like(two)[::-1], 2)[0].any()
+    moved = stored.copy()
+    moved["b"][[0, 1]] = moved["b"][[1, 0]]  # window 0's first two values swap buckets
+    assert _changed_windows(done, moved[[2, 1, 0, 3, 4, 5]], 3)[0].tolist() == [True, False, False]
+
+
+def test_changed_windows_finds_a_bucket_one_microsecond_off_in_any_year() -> None:
+    """Buckets are compared as integers: in the year 2400 (beyond 2**53 µs from 2000, where a float
+    would no longer tell them apart) a bucket one microsecond off is still a difference."""
+    done = _computed([[0], [0, 1]], year_ms=13_569_465_600_000)  # 2400-01-01
+    assert (done.starts * 1000 - _PG_EPOCH_US > 2**53).all()
+    stored = _stored_like(done)
+    assert not _changed_windows(done, stored, 2)[0].any()
+    stored["b"][2] += 1
+    assert _changed_windows(done, stored, 2)[0].tolist() == [False, True]
