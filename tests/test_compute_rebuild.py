@@ -243,6 +243,8 @@ def test_changed_windows_sorts_rows_stored_out_of_order() -> None:
         [5, 0, 1, 2, 3, 4],
         [0, 1, 2, 4, 3, 5],
         [3, 1, 0, 2, 4, 5],
+        [0, 3, 1, 2, 4, 5],
+        [0, 2, 1, 3, 4, 5],
     )
     for order in orders:
         changed, orphans = _changed_windows(done, stored[order], 3)
@@ -263,3 +265,16 @@ def test_changed_windows_finds_a_bucket_one_microsecond_off_in_any_year() -> Non
     assert not _changed_windows(done, stored, 2)[0].any()
     stored["b"][2] += 1
     assert _changed_windows(done, stored, 2)[0].tolist() == [False, True]
+
+
+def test_changed_windows_finds_any_one_value_that_differs_and_missing_windows() -> None:
+    """A single differing value of any column marks its window changed, and only it; a window
+    with no stored rows at all (a new meter, here the last one) is changed too."""
+    done = _computed([[0, 1], [0, 1, 2], [3]])
+    for column, value in (("b", 1), ("k", 2.0**-40), ("e", 0.25), ("ms", -1), ("f", 4)):
+        stored = _stored_like(done)
+        stored[column][3] += value  # window 1's second row
+        assert _changed_windows(done, stored, 3)[0].tolist() == [False, True, False], column
+    stored = _stored_like(done)
+    assert _changed_windows(done, stored[:5], 3)[0].tolist() == [False, False, True]
+    assert _changed_windows(done, stored[:0], 3)[0].tolist() == [True, True, True]
