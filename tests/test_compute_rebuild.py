@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,8 @@ import pytest
 
 import compute.rebuild as rebuild
 from compute.rebuild import _STORED, _changed_windows, _stored_rows, _swap, recompute_all
-from compute.recompute import _COPY_HEADER, _PG_EPOCH_US, _Computed, copy_out
+from compute.recompute import _COPY_HEADER, _PG_EPOCH_US, _Computed, copy_out, recompute_set
+from ingest.writer import dirty_ranges
 from tests.test_compute_recompute import conn, generate
 from tests.test_compute_support import compute_dsn, insert_rows, snapshot
 
@@ -78,7 +81,9 @@ def test_mostly_differing_rows_are_rewritten_whole(conn: Any) -> None:
     clean = rebuilt_from_nothing(conn)
     conn.execute("UPDATE meter_energy_15m SET kwh = kwh + 1, flags = flags + 1")
     conn.commit()
-    recompute_all(conn)
+    phases = recompute_all(conn).phases
+    assert {"meter rows (compare)", "meter rows (COPY in)", "meter rows (primary key)"} <= set(phases)
+    assert None not in phases
     assert snapshot(conn) == clean
     keys = conn.execute(
         "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
@@ -278,3 +283,107 @@ def test_changed_windows_finds_any_one_value_that_differs_and_missing_windows() 
     stored = _stored_like(done)
     assert _changed_windows(done, stored[:5], 3)[0].tolist() == [False, False, True]
     assert _changed_windows(done, stored[:0], 3)[0].tolist() == [True, True, True]
+
+
+def filenode(conn: psycopg.Connection[Any], table: str) -> int:
+    """The table's file: a TRUNCATE gives it a new one, DELETE and INSERT keep it."""
+    row = conn.execute("SELECT pg_relation_filenode(%s::regclass)", (table,)).fetchone()
+    conn.commit()
+    assert row is not None
+    return int(row[0])
+
+
+def test_up_to_a_quarter_of_the_rows_differing_is_replaced_above_it_rewritten(conn: Any) -> None:
+    """Four meters with as many buckets each: one differing is exactly 25 % of the rows, replaced
+    under the key (the table keeps its file, the other meters' rows their versions); two is 50 %,
+    and the table is rewritten whole (TRUNCATE: a new file)."""
+    t = datetime(2026, 11, 1, 15, 7, tzinfo=UTC)
+    sites = {"m1": ("s1", "gw1"), "m2": ("s1", "gw1"), "m3": ("s1", "gw1"), "m4": ("s2", "gw2")}
+    insert_rows(
+        conn,
+        [
+            (m, "energy_import_kwh", t + timedelta(minutes=k), 10.0 + k * 0.5, 0, site, gw, 0)
+            for m, (site, gw) in sites.items()
+            for k in range(121)
+        ],
+    )
+    clean = rebuilt_from_nothing(conn)
+    counts = dict(conn.execute("SELECT meter_id, count(*) FROM meter_energy_15m GROUP BY 1").fetchall())
+    conn.commit()
+    assert len(set(counts.values())) == 1 and set(counts) == set(sites), counts
+
+    node, before = filenode(conn, "meter_energy_15m"), versions(conn)
+    unchanged = recompute_all(conn)
+    assert filenode(conn, "meter_energy_15m") == node and versions(conn) == before
+    assert unchanged.phases["meter rows (primary key)"] == 0.0  # no key built
+    assert {"meter rows (compare)", "meter rows (COPY in)"} <= set(unchanged.phases)
+
+    conn.execute("UPDATE meter_energy_15m SET kwh = kwh + 1 WHERE meter_id = 'm1'")
+    conn.commit()
+    tampered = versions(conn)
+    recompute_all(conn)
+    assert snapshot(conn) == clean
+    assert filenode(conn, "meter_energy_15m") == node
+    after = versions(conn)
+    assert {m for (m, b), x in after.items() if tampered[(m, b)] != x} == {"m1"}
+
+    conn.execute("UPDATE meter_energy_15m SET kwh = kwh + 1 WHERE meter_id IN ('m1', 'm2')")
+    conn.commit()
+    recompute_all(conn)
+    assert snapshot(conn) == clean
+    assert filenode(conn, "meter_energy_15m") != node
+
+
+def test_rollup_rows_of_other_methods_are_kept_and_otherwise_the_table_is_truncated(conn: Any) -> None:
+    """The rebuild writes location and direct rows only, as the incremental path does, and keeps
+    any other method's rows (e.g. 'market' rows an older release wrote into site_rollups_15m,
+    which figures now ignore) by deleting its own; without such rows it TRUNCATEs the table."""
+    insert_rows(conn, generate(10))
+    clean = rebuilt_from_nothing(conn)
+    node = filenode(conn, "site_rollups_15m")
+    recompute_all(conn)
+    assert snapshot(conn) == clean
+    assert filenode(conn, "site_rollups_15m") != node  # truncated, not deleted row by row
+    legacy = (
+        "INSERT INTO site_rollups_15m (site_id, bucket, carrier, scope, method, kwh)"
+        " SELECT site_id, bucket, carrier, scope, 'market', kwh FROM site_rollups_15m"
+        " WHERE method = 'location' ORDER BY bucket LIMIT 3"
+    )
+    conn.execute(legacy)
+    conn.commit()
+    market = (
+        "SELECT site_id, bucket, carrier, scope, kwh FROM site_rollups_15m WHERE method = 'market' ORDER BY 2"
+    )
+    kept = conn.execute(market).fetchall()
+    conn.commit()
+    assert len(kept) == 3
+    recompute_all(conn)
+    assert conn.execute(market).fetchall() == kept
+    conn.commit()
+    conn.execute("DELETE FROM site_rollups_15m WHERE method = 'market'")
+    conn.commit()
+    assert snapshot(conn) == clean
+
+
+def test_rebuild_reports_meters_buckets_rollups_readings_and_events_of_the_incremental_path(
+    conn: Any,
+) -> None:
+    """The rebuild's counts are those of the tables it wrote and of the readings it read, and its
+    events (wraps, resets, …) are the incremental path's over the same readings, summed."""
+    rows = generate(11)
+    insert_rows(conn, rows)
+    incremental = recompute_set(conn, dirty_ranges(rows))
+    conn.commit()
+    events: Counter[str] = Counter()
+    for r in incremental:
+        events.update(r.events)
+    result = recompute_all(conn)
+    (buckets,) = conn.execute("SELECT count(*) FROM meter_energy_15m").fetchone()
+    (rollups,) = conn.execute("SELECT count(*) FROM site_rollups_15m").fetchone()
+    (readings,) = conn.execute(
+        "SELECT count(*) FROM readings WHERE quantity IN ('energy_import_kwh', 'gas_m3')"
+    ).fetchone()
+    conn.commit()
+    assert (result.meters, result.buckets, result.rollups, result.readings) == (6, buckets, rollups, readings)
+    assert result.events == {n: events[n] for n in result.events} and sum(events.values()) > 0
+    assert set(events) <= set(result.events)
