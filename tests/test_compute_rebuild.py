@@ -99,6 +99,7 @@ def test_inside_a_callers_transaction_the_rebuild_compares_what_that_transaction
     not the ones changed earlier in the same transaction, and keep a wrong row as unchanged."""
     insert_rows(conn, generate(6))
     clean = rebuilt_from_nothing(conn)
+    before = versions(conn)
     with conn.transaction():
         conn.execute("UPDATE meter_energy_15m SET kwh = kwh + 1 WHERE meter_id = 'm4'")
         recompute_all(conn)
@@ -106,7 +107,10 @@ def test_inside_a_callers_transaction_the_rebuild_compares_what_that_transaction
             "SELECT meter_id, bucket, kwh, kwh_estimated, measured_ms, flags FROM meter_energy_15m"
             " ORDER BY 1, 2"
         ).fetchall()
+        written = conn.execute("SELECT meter_id, bucket, xmin::text FROM meter_energy_15m").fetchall()
     assert inside == clean[0]
+    # compared there too: only m4's rows (changed in the transaction) were written again
+    assert {m for m, b, x in written if before[(m, b)] != x} == {"m4"}
 
 
 def test_without_a_second_connection_the_rows_are_read_on_the_rebuilds_own(conn: Any, caplog: Any) -> None:
