@@ -160,7 +160,7 @@ def test_stored_rows_carry_their_window_and_a_damaged_copy_stream_is_refused(
     damage is a fault injected into what ``copy_out`` returned (the test's only fake)."""
     insert_rows(conn, generate(8))
     recompute_all(conn)
-    ids = ["m2", "m1"]  # m3, m4, gas1: no window
+    ids = ["m2", "m1"]  # every other meter: no window (-1)
     with conn.cursor() as cur:
         rows = _stored_rows(cur, ids)
         conn.commit()
