@@ -391,3 +391,16 @@ def test_rebuild_reports_meters_buckets_rollups_readings_and_events_of_the_incre
     assert (result.meters, result.buckets, result.rollups, result.readings) == (6, buckets, rollups, readings)
     assert result.events == {n: events[n] for n in result.events} and sum(events.values()) > 0
     assert set(events) <= set(result.events)
+
+
+def test_rebuild_lists_a_non_finite_reading_under_its_meter_and_counter(conn: Any) -> None:
+    """A NaN counter reading is held in quarantined_readings by the rebuild too, named by its meter
+    and its counter quantity (here the gas meter's gas_m3, not electricity's)."""
+    rows = generate(12)
+    gas = sorted(r[2] for r in rows if r[0] == "gas1")
+    nan_at = gas[len(gas) // 2] + timedelta(milliseconds=1)
+    insert_rows(conn, [*rows, ("gas1", "gas_m3", nan_at, math.nan, 0, "s1", "gw", 0)])
+    recompute_all(conn)
+    held = conn.execute("SELECT meter_id, quantity, ts, reason FROM quarantined_readings").fetchall()
+    conn.commit()
+    assert held == [("gas1", "gas_m3", nan_at, "non_finite_value")]
