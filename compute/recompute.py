@@ -598,11 +598,9 @@ def _compute_windows(
     ]
     record_many(cur, series, ts, value, iflags, whole=whole)
     _lap(phases, "quarantine", t)
-    t = time.perf_counter()
-    if copy_sql is not None:
+    if copy_sql is not None:  # recompute_set's meter rows (the rebuild writes and times its own)
         with cur.copy(copy_sql) as copy:
             copy.write(_energy_copy(meter_ids, seg, starts, kwh, est, mms, flags))
-        _lap(phases, "meter rows (COPY in)", t)
     return _Computed(
         np.diff(bounds), np.bincount(seg, minlength=g_n), events, seg, starts, kwh, est, mms, flags, last_us
     )
